@@ -1,0 +1,100 @@
+"""Text-to-image latent diffusion: a cross-attention UNet trained in a frozen KL autoencoder's latent space.
+
+Run (after training the first stage named by first_stage.workdir):
+  python -m ldm_jax.train --config=configs/txt2img.py:demo --workdir=runs/demo/txt2img
+  python -m ldm_jax.sample --workdir=runs/demo/txt2img --prompt="a large red circle in the center on a black background"
+Presets:
+  sd (default)  pod scale: 256x256 images, KL-f8 latents (32x32x4), the SD-1.x UNet (860M) and CLIP ViT-L/14-size
+                text encoder trained from scratch, global batch 2048
+  demo          32x32 images, f=4 latents (8x8x4), a small UNet and text encoder; CPU minutes
+  tiny          16x16, for tests
+"""
+
+import ml_collections
+
+from ldm_jax import config_lib
+from ldm_jax.models.text_encoders import TEXT_ENCODER_VARIANTS
+from ldm_jax.models.unet import UNET_VARIANTS
+
+PRESETS = ("sd", "demo", "tiny")
+
+
+def get_config(arg=None):
+    preset = config_lib.parse_preset(arg, PRESETS)
+    c = ml_collections.ConfigDict()
+    c.task = "txt2img"
+    c.preset = preset
+    c.seed = 0
+    c.dtype = "float32"
+    c.init_from = ""  # a workdir whose latest checkpoint initialises params when this workdir has none
+    c.first_stage = ml_collections.ConfigDict(dict(workdir="", weights="ema"))
+    c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
+
+    c.text_encoder = ml_collections.ConfigDict(
+        dict(vocab_size=49408, activation="quick_gelu", output_layer=-1, pad_token="eot", trainable=True)
+    )
+    c.unet = ml_collections.ConfigDict(dict(use_linear_projection=False, dropout=0.0))
+    c.diffusion = ml_collections.ConfigDict(
+        dict(
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="epsilon",
+            cond_drop_prob=0.1,  # captions replaced by "" this often, for classifier-free guidance
+        )
+    )
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            prompts=(
+                "a large red circle in the center on a black background",
+                "a small blue square at the top left on a white background",
+                "a large yellow triangle at the bottom right on a gray background",
+                "a small green circle on the left on a black background",
+            ),
+            num_steps=50,
+            guidance_scale=3.0,
+            eta=0.0,
+            spacing="leading",
+        )
+    )
+    c.mesh = config_lib.mesh_section()
+
+    if preset == "sd":
+        c.first_stage.workdir = "runs/sd/autoencoder_kl"
+        c.data = config_lib.data_section("256px", 256, 2048)
+        c.text_encoder.update(TEXT_ENCODER_VARIANTS["clip_vit_l14"])
+        c.unet.update(UNET_VARIANTS["sd15"])
+        c.optim = config_lib.optim_section(lr=1e-4, warmup_steps=10_000, ema_decay=0.9999)
+        c.train = config_lib.train_section(num_steps=500_000, log_every=100, checkpoint_every=5000, preview_every=5000)
+    elif preset == "demo":
+        c.first_stage.workdir = "runs/demo/autoencoder_kl"
+        c.data = config_lib.data_section("32px", 32, 64)
+        c.text_encoder.update(TEXT_ENCODER_VARIANTS["tiny"])
+        c.unet.update(
+            dict(
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                attention_levels=(True, True),
+                num_heads=(4, 4),
+                head_dim=0,
+                transformer_depth=1,
+                norm_groups=8,
+            )
+        )
+        c.optim = config_lib.optim_section(lr=1e-3, warmup_steps=100, ema_decay=0.995, schedule="cosine")
+        c.optim.final_lr_fraction = 0.1
+        c.train = config_lib.train_section(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=500)
+        c.sample.num_steps = 25
+    else:
+        c.first_stage.workdir = ""  # tests fill this in
+        c.data = config_lib.data_section("tiny", 16, 8)
+        c.text_encoder.update(dict(width=32, layers=1, heads=2, max_length=16))
+        c.unet.update(UNET_VARIANTS["tiny"])
+        c.unet.block_out_channels = (16, 32)
+        c.unet.num_heads = (2, 2)
+        c.unet.norm_groups = 8
+        c.optim = config_lib.optim_section(lr=1e-3, warmup_steps=2, ema_decay=0.9)
+        c.train = config_lib.train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
+        c.sample.num_steps = 4
+    return c

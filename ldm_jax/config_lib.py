@@ -1,0 +1,244 @@
+"""Config sections shared by the files in ``configs/``, preset parsing, and ``validate(config)``.
+
+Every field the code reads is declared here or in the config file; ``validate`` runs before any device work and
+raises ``ValueError`` naming the field, its value and the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import ml_collections
+
+from ldm_jax.diffusion.objectives import PREDICTION_TYPES
+from ldm_jax.diffusion.samplers import SPACINGS
+from ldm_jax.diffusion.schedules import SCHEDULES
+from ldm_jax.training.optim import LR_SCHEDULES
+
+TASKS = ("autoencoder", "txt2img")
+DTYPES = ("float32", "bfloat16")
+DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
+
+
+def parse_preset(arg: str | None, presets: Iterable[str]) -> str:
+    presets = tuple(presets)
+    name = arg or presets[0]
+    if name not in presets:
+        raise ValueError(f"config preset {name!r}: must be one of {presets} (as in --config=configs/x.py:{presets[0]})")
+    return name
+
+
+def data_section(config_name: str, image_size: int, global_batch_size: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name="shapes_captions",
+            config=config_name,
+            data_dir="",  # "" = ~/.cache/ldm_jax/tensorflow_datasets
+            image_size=image_size,
+            global_batch_size=global_batch_size,
+            shuffle_seed=0,
+            worker_count=0,  # grain worker processes; 0 reads in the training process
+        )
+    )
+
+
+def optim_section(
+    lr: float, warmup_steps: int, ema_decay: float, schedule: str = "constant"
+) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            lr=lr,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            final_lr_fraction=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            grad_clip=1.0,
+            ema_decay=ema_decay,
+        )
+    )
+
+
+def train_section(
+    num_steps: int, log_every: int, checkpoint_every: int, preview_every: int
+) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            num_steps=num_steps,
+            log_every=log_every,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=3,
+            async_checkpointing=True,
+            preview_every=preview_every,  # 0 disables preview grids during training
+        )
+    )
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+
+def _fail(field: str, value, rule: str):
+    raise ValueError(f"{field}={value!r}: {rule}")
+
+
+def _check(cond: bool, field: str, value, rule: str) -> None:
+    if not cond:
+        _fail(field, value, rule)
+
+
+def _validate_common(c) -> None:
+    _check(c.task in TASKS, "task", c.task, f"must be one of {TASKS}")
+    _check(c.dtype in DTYPES, "dtype", c.dtype, f"must be one of {DTYPES}")
+    d = c.data
+    _check(d.name == "shapes_captions", "data.name", d.name, "must be 'shapes_captions' (the embedded dataset)")
+    _check(d.config in DATASET_CONFIGS, "data.config", d.config, f"must be one of {DATASET_CONFIGS}")
+    _check(d.global_batch_size >= 1, "data.global_batch_size", d.global_batch_size, "must be >= 1")
+    _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
+    o = c.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(o.schedule in LR_SCHEDULES, "optim.schedule", o.schedule, f"must be one of {LR_SCHEDULES}")
+    _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _check(0.0 <= o.final_lr_fraction <= 1.0, "optim.final_lr_fraction", o.final_lr_fraction, "must be in [0, 1]")
+    t = c.train
+    _check(t.num_steps >= 1, "train.num_steps", t.num_steps, "must be >= 1")
+    for name in ("log_every", "checkpoint_every"):
+        _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
+    _check(t.preview_every >= 0, "train.preview_every", t.preview_every, "must be >= 0")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    for name in ("data", "fsdp"):
+        v = c.mesh[name]
+        _check(v == -1 or v >= 1, f"mesh.{name}", v, "must be -1 (fill) or >= 1")
+
+
+def _validate_channels(prefix: str, chans, groups: int) -> None:
+    _check(len(chans) >= 1, f"{prefix}.block_out_channels", chans, "must name at least one level")
+    for ch in chans:
+        _check(
+            ch % groups == 0,
+            f"{prefix}.block_out_channels",
+            chans,
+            f"every entry must be divisible by norm_groups={groups}",
+        )
+
+
+def validate_autoencoder_model(m, image_size: int, prefix: str = "model") -> None:
+    _validate_channels(prefix, m.block_out_channels, m.norm_groups)
+    f = 2 ** (len(m.block_out_channels) - 1)
+    _check(image_size % f == 0, "data.image_size", image_size, f"must be divisible by the autoencoder's factor f={f}")
+    _check(m.latent_channels >= 1, f"{prefix}.latent_channels", m.latent_channels, "must be >= 1")
+    _check(m.layers_per_block >= 1, f"{prefix}.layers_per_block", m.layers_per_block, "must be >= 1")
+
+
+def validate(c) -> None:
+    """Checks a config before any device work; raises ValueError naming the first bad field."""
+    _validate_common(c)
+    if c.task == "autoencoder":
+        validate_autoencoder_model(c.model, c.data.image_size)
+        _check(c.loss.kl_weight >= 0, "loss.kl_weight", c.loss.kl_weight, "must be >= 0")
+        _check(c.loss.l1_weight >= 0, "loss.l1_weight", c.loss.l1_weight, "must be >= 0")
+        _check(c.loss.l2_weight >= 0, "loss.l2_weight", c.loss.l2_weight, "must be >= 0")
+        _check(
+            c.loss.l1_weight + c.loss.l2_weight > 0,
+            "loss.l1_weight",
+            c.loss.l1_weight,
+            "l1_weight + l2_weight must be > 0",
+        )
+        return
+    _check(
+        bool(c.first_stage.workdir),
+        "first_stage.workdir",
+        c.first_stage.workdir,
+        "must name a trained autoencoder workdir",
+    )
+    _check(
+        c.first_stage.weights in ("ema", "params"),
+        "first_stage.weights",
+        c.first_stage.weights,
+        "must be 'ema' or 'params'",
+    )
+    _check(c.latent_scale >= 0, "latent_scale", c.latent_scale, "must be >= 0 (0 = 1/std of training latents)")
+    u = c.unet
+    _validate_channels("unet", u.block_out_channels, u.norm_groups)
+    n = len(u.block_out_channels)
+    _check(
+        len(u.attention_levels) == n,
+        "unet.attention_levels",
+        u.attention_levels,
+        f"must have {n} entries, one per level",
+    )
+    _check(len(u.num_heads) == n, "unet.num_heads", u.num_heads, f"must have {n} entries, one per level")
+    for lev, ch in enumerate(u.block_out_channels):
+        if u.head_dim > 0:
+            _check(
+                ch % u.head_dim == 0,
+                "unet.head_dim",
+                u.head_dim,
+                f"must divide every level's channels {tuple(u.block_out_channels)}",
+            )
+        else:
+            _check(
+                u.num_heads[lev] >= 1 and ch % u.num_heads[lev] == 0,
+                "unet.num_heads",
+                tuple(u.num_heads),
+                f"entry {lev} must be >= 1 and divide {ch} channels",
+            )
+    _check(0.0 <= u.dropout < 1.0, "unet.dropout", u.dropout, "must be in [0, 1)")
+    te = c.text_encoder
+    _check(te.max_length >= 2, "text_encoder.max_length", te.max_length, "must be >= 2")
+    _check(te.width % te.heads == 0, "text_encoder.heads", te.heads, f"must divide text_encoder.width={te.width}")
+    _check(
+        te.output_layer in (-1, -2),
+        "text_encoder.output_layer",
+        te.output_layer,
+        "must be -1 (last) or -2 (penultimate)",
+    )
+    _check(te.pad_token in ("eot", "zero"), "text_encoder.pad_token", te.pad_token, "must be 'eot' or 'zero'")
+    _check(
+        te.activation in ("quick_gelu", "gelu"),
+        "text_encoder.activation",
+        te.activation,
+        "must be 'quick_gelu' or 'gelu'",
+    )
+    df = c.diffusion
+    _check(df.beta_schedule in SCHEDULES, "diffusion.beta_schedule", df.beta_schedule, f"must be one of {SCHEDULES}")
+    _check(
+        df.prediction_type in PREDICTION_TYPES,
+        "diffusion.prediction_type",
+        df.prediction_type,
+        f"must be one of {PREDICTION_TYPES}",
+    )
+    _check(df.num_train_timesteps >= 2, "diffusion.num_train_timesteps", df.num_train_timesteps, "must be >= 2")
+    _check(0.0 <= df.cond_drop_prob < 1.0, "diffusion.cond_drop_prob", df.cond_drop_prob, "must be in [0, 1)")
+    s = c.sample
+    _check(
+        1 <= s.num_steps <= df.num_train_timesteps,
+        "sample.num_steps",
+        s.num_steps,
+        f"must be in [1, {df.num_train_timesteps}]",
+    )
+    _check(s.spacing in SPACINGS, "sample.spacing", s.spacing, f"must be one of {SPACINGS}")
+    _check(s.eta >= 0, "sample.eta", s.eta, "must be >= 0")
+    _check(len(s.prompts) >= 1, "sample.prompts", s.prompts, "must hold at least one prompt for preview grids")
+
+
+def save_config(config, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """Reads a config written by ``save_config`` (e.g. ``<workdir>/config.json``)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no config.json; is this a workdir written by ldm_jax.train?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,75 @@
+"""Input pipeline: grain over the TFDS data source -> per-host numpy batches -> global ``jax.Array`` batches.
+
+Each process reads only its shard of the records (``ShardOptions(process_index, process_count)``); shuffling is a
+deterministic function of ``data.shuffle_seed``; the iterator's position is checkpointable (see
+``training/checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grain.python as grain
+import jax
+import numpy as np
+
+from ldm_jax.data import shapes
+from ldm_jax.data.tokenizer import CLIPTokenizer
+
+
+class Preprocess(grain.MapTransform):
+    """uint8 image -> float32 in [-1, 1]; caption -> token ids (when a tokenizer is given)."""
+
+    def __init__(self, tokenizer: Optional[CLIPTokenizer]):
+        self.tokenizer = tokenizer
+
+    def map(self, example: dict) -> dict:
+        out = {"image": example["image"].astype(np.float32) / 127.5 - 1.0}
+        if self.tokenizer is not None:
+            text = example["caption"]
+            text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+            out["tokens"] = self.tokenizer(text)[0]
+        return out
+
+
+def data_source(data_config, split: str):
+    builder = shapes.get_builder(data_config.config, data_config.data_dir)
+    size = builder.builder_config.image_size
+    if size != data_config.image_size:
+        raise ValueError(
+            f"data.image_size={data_config.image_size}: dataset config {data_config.config!r} has {size}x{size} images"
+        )
+    return builder.as_data_source(split=split)
+
+
+def make_loader(
+    data_config,
+    split: str,
+    global_batch_size: int,
+    tokenizer: Optional[CLIPTokenizer] = None,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+) -> grain.DataLoader:
+    """A grain loader yielding this process's share (global_batch_size / process_count) of every batch."""
+    source = data_source(data_config, split)
+    local = global_batch_size // jax.process_count()
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.ShardOptions(
+            shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True
+        ),
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=data_config.shuffle_seed,
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[Preprocess(tokenizer), grain.Batch(local, drop_remainder=True)],
+        worker_count=data_config.worker_count,
+    )
+
+
+def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
+    """Assembles process-local numpy batches into global arrays split over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

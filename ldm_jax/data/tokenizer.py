@@ -1,0 +1,128 @@
+"""The CLIP byte-pair-encoding tokenizer, offline, from the vocabulary file shipped in ``data/assets``.
+
+Gives the same ids as openai/clip-vit-large-patch14 ("a photo of a cat" -> 49406 320 1125 539 320 2368 49407).
+Text is lower-cased and whitespace-normalised as CLIP does; ftfy's mojibake repair is not applied (captions here
+are clean text).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import regex
+
+VOCAB_PATH = os.path.join(os.path.dirname(__file__), "assets", "bpe_simple_vocab_16e6.txt.gz")
+# Merges used by CLIP: lines 1 .. 48894 of the vocabulary file (line 0 is a header).
+_NUM_MERGES = 49152 - 256 - 2
+SOT = "<|startoftext|>"
+EOT = "<|endoftext|>"
+
+_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """Reversible map from bytes to printable unicode characters (the GPT-2 / CLIP scheme)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+class CLIPTokenizer:
+    """Byte-level BPE tokenizer.
+
+    Args:
+      max_length: length of every encoded row, start and end tokens included (77 for Stable Diffusion).
+      pad_token: "eot" pads with <|endoftext|> (SD 1.x), "zero" pads with id 0 (SD 2.x / OpenCLIP).
+    """
+
+    def __init__(self, max_length: int = 77, pad_token: str = "eot", vocab_path: str = VOCAB_PATH):
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: must be >= 2 to hold the start and end tokens")
+        if pad_token not in ("eot", "zero"):
+            raise ValueError(f"pad_token={pad_token!r}: must be 'eot' or 'zero'")
+        with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1 : _NUM_MERGES + 1]
+        merges = [tuple(line.split()) for line in lines]
+        byte_chars = list(_bytes_to_unicode().values())
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT, EOT]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        self.max_length = max_length
+        self.sot_id = self.encoder[SOT]
+        self.eot_id = self.encoder[EOT]
+        self.pad_id = self.eot_id if pad_token == "eot" else 0
+        self.vocab_size = len(vocab)
+        self._cache: dict[str, list[str]] = {}
+
+    def _bpe(self, token: str) -> list[str]:
+        if token in self._cache:
+            return self._cache[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        self._cache[token] = word
+        return word
+
+    def tokenize(self, text: str) -> list[int]:
+        """Ids of ``text`` without start/end tokens or padding."""
+        text = " ".join(html.unescape(html.unescape(text)).split()).lower()
+        ids = []
+        for piece in _PATTERN.findall(text):
+            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self._bpe(piece))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        specials = {self.sot_id, self.eot_id}
+        raw = bytearray()
+        for i in ids:
+            if i in specials or i not in self.decoder:
+                continue
+            tok = self.decoder[i]
+            end = tok.endswith("</w>")
+            raw.extend(self.byte_decoder[c] for c in (tok[:-4] if end else tok))
+            if end:
+                raw.extend(b" ")
+        return raw.decode("utf-8", errors="replace").strip()
+
+    def __call__(self, texts: Sequence[str] | str) -> np.ndarray:
+        """Encode to a padded int32 array [N, max_length]; over-long texts are truncated, keeping the end token."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = np.full((len(texts), self.max_length), self.pad_id, dtype=np.int32)
+        for row, text in enumerate(texts):
+            ids = [self.sot_id] + self.tokenize(text)[: self.max_length - 2] + [self.eot_id]
+            out[row, : len(ids)] = ids
+        return out

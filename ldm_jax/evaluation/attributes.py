@@ -1,0 +1,88 @@
+"""Checks generated images against the attributes named in their prompt, from pixels alone.
+
+For one image of the shapes dataset: the background is the median colour; object pixels are those far from it;
+their mean colour gives the object colour (nearest palette entry), their centroid the 3x3 position, their area the
+size, and how much of their bounding box they fill the shape (square ~1, circle ~0.79, triangle ~0.5).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ldm_jax.data import shapes
+
+ATTRIBUTES = ("color", "position", "size", "shape", "background")
+_CAPTION = re.compile(
+    r"^a (?P<size>\w+) (?P<color>\w+) (?P<shape>\w+) (?P<position>.+) on a (?P<background>\w+) background$"
+)
+
+
+def parse_caption(text: str) -> dict[str, int]:
+    """Attribute indices from a caption of the shapes dataset; ValueError if it is not one."""
+    m = _CAPTION.match(text.strip())
+    tables = {
+        "size": shapes.SIZES,
+        "color": shapes.COLOR_NAMES,
+        "shape": shapes.SHAPES,
+        "position": shapes.POSITIONS,
+        "background": shapes.BACKGROUND_NAMES,
+    }
+    if not m or any(m[k] not in v for k, v in tables.items()):
+        raise ValueError(
+            f"prompt {text!r} is not a shapes-dataset caption ('a <size> <color> <shape> <position> on a <bg> background')"
+        )
+    return {k: tables[k].index(m[k]) for k in tables}
+
+
+def predict_attributes(image: np.ndarray) -> dict[str, int] | None:
+    """Attribute indices read off a uint8 image [H, W, 3]; None when no object is found."""
+    img = image.astype(np.float32)
+    h, w, _ = img.shape
+    bg = np.median(img.reshape(-1, 3), axis=0)
+    dist = np.linalg.norm(img - bg, axis=-1)
+    mask = dist > 60.0
+    if mask.sum() < max(2, h * w // 400):
+        return None
+    ys, xs = np.nonzero(mask)
+    # Weight the colour by how far each pixel is from the background: anti-aliased edges count less.
+    wts = dist[mask]
+    mean = (img[mask] * wts[:, None]).sum(0) / wts.sum()
+    palette = np.array([shapes.COLORS[c] for c in shapes.COLOR_NAMES], np.float32)
+    color = int(np.argmin(np.linalg.norm(palette - mean, axis=-1)))
+    backgrounds = np.array([shapes.BACKGROUNDS[c] for c in shapes.BACKGROUND_NAMES], np.float32)
+    background = int(np.argmin(np.linalg.norm(backgrounds - bg, axis=-1)))
+    col = min(int(xs.mean() / w * 3), 2)
+    row = min(int(ys.mean() / h * 3), 2)
+    area = mask.sum() / (h * w)
+    # Threshold halfway (in radius) between the two sizes' circle areas.
+    r_mid = 0.5 * (shapes.SIZE_RADIUS["small"] + shapes.SIZE_RADIUS["large"])
+    size = int(area > np.pi * r_mid**2)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = mask.sum() / box
+    shape = shapes.SHAPES.index("square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle")
+    return {"color": color, "position": 3 * row + col, "size": size, "shape": shape, "background": background}
+
+
+def score(images: Iterable[np.ndarray], prompts: Sequence[str]) -> dict[str, float]:
+    """Per-attribute accuracy of ``images`` against their ``prompts`` plus the share with no object found."""
+    hits = {a: 0 for a in ATTRIBUTES}
+    missing = 0
+    n = 0
+    for img, prompt in zip(images, prompts, strict=True):
+        want = parse_caption(prompt)
+        got = predict_attributes(np.asarray(img))
+        n += 1
+        if got is None:
+            missing += 1
+            continue
+        for a in ATTRIBUTES:
+            hits[a] += int(got[a] == want[a])
+    if n == 0:
+        raise ValueError("score() got no images")
+    out = {f"accuracy/{a}": hits[a] / n for a in ATTRIBUTES}
+    out["no_object_rate"] = missing / n
+    out["count"] = float(n)
+    return out

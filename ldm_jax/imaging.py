@@ -1,0 +1,46 @@
+"""Image files: conversion to uint8, grids, and PNG writes that never leave a half-written file."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+    """[..., H, W, 3] floats in [-1, 1] -> uint8 in [0, 255]."""
+    x = np.asarray(images, dtype=np.float32)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tiles uint8 [N, H, W, C] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] image."""
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = img
+    return grid
+
+
+def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
+    """Writes uint8 [H, W, 3] to ``path`` atomically (temporary file in the same folder, then rename)."""
+    img = Image.fromarray(image)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

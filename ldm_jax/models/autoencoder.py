@@ -1,0 +1,167 @@
+"""KL-regularised convolutional autoencoder (the LDM first stage).
+
+``encode`` maps images [B, H, W, 3] in [-1, 1] to a diagonal Gaussian over latents [B, H/f, W/f, z]; ``decode``
+maps latents back. The downsampling factor is ``f = 2 ** (len(block_out_channels) - 1)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models.layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
+
+Dtype = Any
+
+# Named first-stage sizes. "kl_f8" is the LDM paper's / Stable Diffusion's KL-f8 autoencoder.
+AUTOENCODER_VARIANTS = {
+    "tiny_f4": dict(
+        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8, init_logvar=0.0
+    ),
+    "tiny_f8": dict(
+        block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8, init_logvar=0.0
+    ),
+    "kl_f4": dict(
+        block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=3, norm_groups=32, init_logvar=0.0
+    ),
+    "kl_f8": dict(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_groups=32, init_logvar=0.0
+    ),
+}
+
+
+class DiagonalGaussian(NamedTuple):
+    """Posterior q(z|x) with per-element mean and log-variance, both [B, h, w, z]."""
+
+    mean: jax.Array
+    logvar: jax.Array
+
+    def sample(self, rng: jax.Array) -> jax.Array:
+        return self.mean + jnp.exp(0.5 * self.logvar) * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
+
+    def mode(self) -> jax.Array:
+        return self.mean
+
+    def kl(self) -> jax.Array:
+        """KL(q || N(0, I)) summed over latent elements: [B]."""
+        kl = 0.5 * (jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar)
+        return jnp.sum(kl, axis=(1, 2, 3))
+
+
+class Encoder(nn.Module):
+    block_out_channels: Sequence[int]
+    layers_per_block: int
+    out_channels: int
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(groups=self.norm_groups, eps=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.Conv(self.block_out_channels[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(
+            x
+        )
+        for lev, ch in enumerate(self.block_out_channels):
+            for j in range(self.layers_per_block):
+                h = ResnetBlock(ch, name=f"down_blocks_{lev}_resnets_{j}", **kw)(h)
+            if lev != len(self.block_out_channels) - 1:
+                h = Downsample(
+                    ch,
+                    asymmetric_pad=True,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"down_blocks_{lev}_downsamplers_0",
+                )(h)
+        ch = self.block_out_channels[-1]
+        h = ResnetBlock(ch, name="mid_block_resnets_0", **kw)(h)
+        h = SpatialSelfAttention(
+            self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
+        )(h)
+        h = ResnetBlock(ch, name="mid_block_resnets_1", **kw)(h)
+        h = nn.GroupNorm(
+            self.norm_groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
+        )(h)
+        h = nn.silu(h)
+        return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(h)
+
+
+class Decoder(nn.Module):
+    block_out_channels: Sequence[int]
+    layers_per_block: int
+    out_channels: int = 3
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        kw = dict(groups=self.norm_groups, eps=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
+        chans = list(reversed(self.block_out_channels))
+        h = nn.Conv(chans[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(z)
+        h = ResnetBlock(chans[0], name="mid_block_resnets_0", **kw)(h)
+        h = SpatialSelfAttention(
+            self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
+        )(h)
+        h = ResnetBlock(chans[0], name="mid_block_resnets_1", **kw)(h)
+        for i, ch in enumerate(chans):
+            for j in range(self.layers_per_block + 1):
+                h = ResnetBlock(ch, name=f"up_blocks_{i}_resnets_{j}", **kw)(h)
+            if i != len(chans) - 1:
+                h = Upsample(ch, dtype=self.dtype, param_dtype=self.param_dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
+        h = nn.GroupNorm(
+            self.norm_groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
+        )(h)
+        h = nn.silu(h)
+        return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(h)
+
+
+class AutoencoderKL(nn.Module):
+    """KL autoencoder with ``encode`` / ``decode`` methods; ``__call__`` reconstructs (used for init and training)."""
+
+    block_out_channels: Sequence[int] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    in_channels: int = 3
+    norm_groups: int = 32
+    # Initial log-variance of the posterior (bias of quant_conv's log-variance half). 0 is the reference init;
+    # a negative value starts training with little posterior noise, which short runs need to reconstruct at all.
+    init_logvar: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def setup(self):
+        kw = dict(norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(self.block_out_channels, self.layers_per_block, 2 * self.latent_channels, **kw)
+        self.decoder = Decoder(self.block_out_channels, self.layers_per_block, self.in_channels, **kw)
+        one = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
+        z = self.latent_channels
+
+        def quant_bias_init(key, shape, dtype=jnp.float32):
+            return jnp.concatenate([jnp.zeros((z,), dtype), jnp.full((z,), self.init_logvar, dtype)])
+
+        self.quant_conv = nn.Conv(2 * z, bias_init=quant_bias_init, **one)
+        self.post_quant_conv = nn.Conv(self.latent_channels, **one)
+
+    def encode(self, x: jax.Array) -> DiagonalGaussian:
+        """x: [B, H, W, 3] in [-1, 1] -> posterior over [B, H/f, W/f, latent_channels]."""
+        moments = self.quant_conv(self.encoder(x.astype(self.dtype))).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        # Clipping the log-variance as the reference does keeps exp() finite early in training.
+        return DiagonalGaussian(mean, jnp.clip(logvar, -30.0, 20.0))
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """z: [B, h, w, latent_channels] -> images [B, h*f, w*f, 3] (unclipped)."""
+        return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, rng: jax.Array, sample_posterior: bool = True):
+        posterior = self.encode(x)
+        z = posterior.sample(rng) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior

@@ -1,0 +1,278 @@
+"""Building blocks shared by the UNet and the autoencoders.
+
+All tensors are NHWC. Submodule names follow the diffusers layout (``norm1``, ``conv1``, ``time_emb_proj``,
+``to_q`` ...) so that weight converters map names one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 10000.0
+) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps.
+
+    Args:
+      timesteps: [B] float or int.
+    Returns:
+      [B, dim] float32. ``flip_sin_to_cos=True, freq_shift=0`` is the Stable Diffusion convention.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP applied to the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: jax.Array) -> jax.Array:
+        emb = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(emb)
+        emb = nn.silu(emb)
+        return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(emb)
+
+
+def _conv(features, kernel, name, dtype, param_dtype, strides=1, padding="SAME", zero_init=False):
+    kwargs = {}
+    if zero_init:
+        kwargs = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        **kwargs,
+    )
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with an optional timestep shift and a 1x1 shortcut when channels change.
+
+    ``zero_init_last`` zero-initialises ``conv2`` so the block starts as the identity (the CompVis UNet does this;
+    the autoencoder does not).
+    """
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    dropout: float = 0.0
+    zero_init_last: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm1")(x)
+        h = nn.silu(h)
+        h = _conv(self.out_channels, 3, "conv1", self.dtype, self.param_dtype)(h)
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="time_emb_proj")(
+                nn.silu(temb)
+            )
+            h = h + t[:, None, None, :]
+        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm2")(h)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = _conv(self.out_channels, 3, "conv2", self.dtype, self.param_dtype, zero_init=self.zero_init_last)(h)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, "conv_shortcut", self.dtype, self.param_dtype, padding="VALID")(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution. ``asymmetric_pad`` pads only bottom/right, as the CompVis autoencoder does."""
+
+    channels: int
+    asymmetric_pad: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.asymmetric_pad else ((1, 1), (1, 1))
+        return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype, strides=2, padding=padding)(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = jax.image.resize(x, (b, h * 2, w * 2, c), method="nearest")
+        return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Multi-head scaled dot-product attention.
+
+    Args:
+      q: [B, Tq, D]; k, v: [B, Tk, D]; mask: broadcastable to [B, heads, Tq, Tk], True = attend.
+    Returns:
+      [B, Tq, D].
+    """
+    b, tq, d = q.shape
+    tk = k.shape[1]
+    head_dim = d // heads
+    q = q.reshape(b, tq, heads, head_dim)
+    k = k.reshape(b, tk, heads, head_dim)
+    v = v.reshape(b, tk, heads, head_dim)
+    # jax.nn.dot_product_attention picks the fused cuDNN kernel on GPU when asked; XLA's version elsewhere.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return out.reshape(b, tq, d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (self-attention when ``context`` is None)."""
+
+    heads: int
+    head_dim: int
+    out_bias: bool = True
+    qkv_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+        inner = self.heads * self.head_dim
+        context = x if context is None else context
+        dense = lambda n, bias: nn.Dense(  # noqa: E731
+            inner, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=n
+        )
+        q = dense("to_q", self.qkv_bias)(x)
+        k = dense("to_k", self.qkv_bias)(context)
+        v = dense("to_v", self.qkv_bias)(context)
+        out = attention(q, k, v, self.heads)
+        return nn.Dense(
+            x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="to_out_0"
+        )(out)
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over all pixels with a GroupNorm in front (autoencoder mid block)."""
+
+    groups: int = 32
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        y = nn.GroupNorm(
+            self.groups, epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="group_norm"
+        )(x)
+        y = y.reshape(b, h * w, c)
+        y = Attention(1, c, qkv_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(y)
+        return x + y.reshape(b, h, w, c)
+
+
+class GEGLUFeedForward(nn.Module):
+    """Gated-GELU feed-forward of the Stable Diffusion transformer block (``ff.net.0.proj`` / ``ff.net.2``)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        inner = dim * self.mult
+        h = nn.Dense(inner * 2, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_in")(x)
+        h, gate = jnp.split(h, 2, axis=-1)
+        h = h * nn.gelu(gate, approximate=False)
+        return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_out")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to ``context``, and GEGLU feed-forward, each residual."""
+
+    heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        ln = lambda n: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name=n)  # noqa: E731
+        attn = lambda n: Attention(  # noqa: E731
+            self.heads, self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=n
+        )
+        x = x + attn("attn1")(ln("norm1")(x))
+        x = x + attn("attn2")(ln("norm2")(x), context)
+        x = x + GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(ln("norm3")(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Cross-attention transformer over the pixels of a feature map (the LDM ``SpatialTransformer``).
+
+    ``proj_out`` is zero-initialised so that a freshly initialised block is the identity, as in the LDM code.
+    ``use_linear_projection`` selects dense (SD 2.x) rather than 1x1-conv (SD 1.x) projections.
+    """
+
+    heads: int
+    head_dim: int
+    depth: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.head_dim
+        y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+        if self.use_linear_projection:
+            y = y.reshape(b, h * w, c)
+            y = nn.Dense(inner, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_in")(y)
+        else:
+            y = _conv(inner, 1, "proj_in", self.dtype, self.param_dtype, padding="VALID")(y)
+            y = y.reshape(b, h * w, inner)
+        for i in range(self.depth):
+            y = BasicTransformerBlock(
+                self.heads,
+                self.head_dim,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"transformer_blocks_{i}",
+            )(y, context)
+        if self.use_linear_projection:
+            y = nn.Dense(
+                c,
+                kernel_init=nn.initializers.zeros,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="proj_out",
+            )(y)
+            y = y.reshape(b, h, w, c)
+        else:
+            y = y.reshape(b, h, w, inner)
+            y = _conv(c, 1, "proj_out", self.dtype, self.param_dtype, padding="VALID", zero_init=True)(y)
+        return x + y

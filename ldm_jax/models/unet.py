@@ -1,0 +1,162 @@
+"""Conditional UNet with cross-attention (the LDM / Stable Diffusion denoiser).
+
+The network maps ``(x_t [B, H, W, C_in], t [B], context [B, T, D]) -> prediction [B, H, W, C_out]`` and knows
+nothing about noise schedules or targets (see ``ldm_jax.diffusion``). Variants are tables of field values
+(``UNET_VARIANTS``), not subclasses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models.layers import (
+    Downsample,
+    ResnetBlock,
+    SpatialTransformer,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
+
+Dtype = Any
+
+# Field values of named UNet sizes. "sd15" is the Stable Diffusion 1.x UNet (860M parameters).
+UNET_VARIANTS = {
+    "tiny": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        num_heads=(2, 4),
+        head_dim=0,
+        transformer_depth=1,
+        norm_groups=8,
+    ),
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_levels=(True, True, True, False),
+        num_heads=(8, 8, 8, 8),
+        head_dim=0,
+        transformer_depth=1,
+        norm_groups=32,
+    ),
+}
+
+
+class UNet(nn.Module):
+    """Denoising UNet.
+
+    Attributes:
+      block_out_channels: channels per resolution level; each level but the last halves the resolution.
+      layers_per_block: ResNet blocks per level on the way down (one more on the way up).
+      attention_levels: whether each level has a SpatialTransformer after every ResNet block.
+      num_heads / head_dim: heads per level; when ``head_dim > 0`` it wins and heads = channels // head_dim.
+      context_dim: width of the conditioning sequence (text encoder output).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_levels: Sequence[bool] = (True, True, True, False)
+    num_heads: Sequence[int] = (8, 8, 8, 8)
+    head_dim: int = 0
+    transformer_depth: int = 1
+    context_dim: int = 768
+    norm_groups: int = 32
+    use_linear_projection: bool = False
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _heads(self, level: int) -> tuple[int, int]:
+        ch = self.block_out_channels[level]
+        if self.head_dim > 0:
+            return ch // self.head_dim, self.head_dim
+        heads = self.num_heads[level]
+        return heads, ch // heads
+
+    def _resnet(self, ch: int, name: str) -> ResnetBlock:
+        return ResnetBlock(
+            ch,
+            groups=self.norm_groups,
+            eps=1e-5,
+            dropout=self.dropout,
+            zero_init_last=True,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _transformer(self, level: int, name: str) -> SpatialTransformer:
+        heads, head_dim = self._heads(level)
+        return SpatialTransformer(
+            heads,
+            head_dim,
+            depth=self.transformer_depth,
+            groups=self.norm_groups,
+            use_linear_projection=self.use_linear_projection,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
+        det = not train
+        chans = self.block_out_channels
+        nlev = len(chans)
+        temb = timestep_embedding(t, chans[0])
+        temb = TimestepEmbedding(chans[0] * 4, dtype=self.dtype, param_dtype=self.param_dtype, name="time_embedding")(
+            temb.astype(self.dtype)
+        )
+        context = context.astype(self.dtype)
+
+        h = nn.Conv(chans[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(
+            x.astype(self.dtype)
+        )
+        skips = [h]
+        for lev, ch in enumerate(chans):
+            for j in range(self.layers_per_block):
+                h = self._resnet(ch, f"down_blocks_{lev}_resnets_{j}")(h, temb, det)
+                if self.attention_levels[lev]:
+                    h = self._transformer(lev, f"down_blocks_{lev}_attentions_{j}")(h, context)
+                skips.append(h)
+            if lev != nlev - 1:
+                h = Downsample(
+                    ch, dtype=self.dtype, param_dtype=self.param_dtype, name=f"down_blocks_{lev}_downsamplers_0"
+                )(h)
+                skips.append(h)
+
+        h = self._resnet(chans[-1], "mid_block_resnets_0")(h, temb, det)
+        h = self._transformer(nlev - 1, "mid_block_attentions_0")(h, context)
+        h = self._resnet(chans[-1], "mid_block_resnets_1")(h, temb, det)
+
+        for i, lev in enumerate(reversed(range(nlev))):
+            ch = chans[lev]
+            for j in range(self.layers_per_block + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = self._resnet(ch, f"up_blocks_{i}_resnets_{j}")(h, temb, det)
+                if self.attention_levels[lev]:
+                    h = self._transformer(lev, f"up_blocks_{i}_attentions_{j}")(h, context)
+            if lev != 0:
+                h = Upsample(ch, dtype=self.dtype, param_dtype=self.param_dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
+
+        h = nn.GroupNorm(
+            self.norm_groups, epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
+        )(h)
+        h = nn.silu(h)
+        # Zero-initialised output convolution: the untrained model predicts exactly zero (LDM's zero_module).
+        h = nn.Conv(
+            self.out_channels,
+            (3, 3),
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv_out",
+        )(h)
+        return h.astype(jnp.float32)

@@ -1,0 +1,266 @@
+"""Text-to-image latent diffusion task: loss on first-stage latents, and guided generation.
+
+The first stage (a trained KL autoencoder, named by ``first_stage.workdir``) is frozen and passed to the step as
+``frozen``; so is the text encoder unless ``text_encoder.trainable``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ldm_jax import config_lib
+from ldm_jax.data import pipeline
+from ldm_jax.data.tokenizer import CLIPTokenizer
+from ldm_jax.diffusion import objectives, samplers
+from ldm_jax.diffusion.schedules import make_schedule
+from ldm_jax.imaging import make_grid, to_uint8
+from ldm_jax.models.text_encoders import CLIPTextTransformer
+from ldm_jax.models.unet import UNet
+from ldm_jax.tasks.autoencoder import build_autoencoder
+from ldm_jax.training import checkpoint
+from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated
+from ldm_jax.training.steps import LossFn
+
+# Training images used to estimate the latent scale (1 / std of latents), as LDM's scale_by_std does.
+SCALE_EXAMPLES = 256
+
+
+def load_first_stage(config):
+    """(autoencoder module, its config) of the run named by ``config.first_stage.workdir``."""
+    workdir = config.first_stage.workdir
+    fs_config = config_lib.load_config(os.path.join(workdir, "config.json"))
+    if fs_config.task != "autoencoder":
+        raise ValueError(f"first_stage.workdir={workdir!r}: holds a {fs_config.task!r} run, not an autoencoder")
+    return build_autoencoder(fs_config.model, config.dtype), fs_config
+
+
+class Txt2ImgTask:
+    uses_tokens = True
+
+    def __init__(self, config):
+        self.config = config
+        dtype = jnp.dtype(config.dtype)
+        self.first_stage, fs_config = load_first_stage(config)
+        f = self.first_stage.downsampling_factor
+        if config.data.image_size % f:
+            raise ValueError(f"data.image_size={config.data.image_size}: must be divisible by the first stage's f={f}")
+        self.latent_shape = (config.data.image_size // f, config.data.image_size // f, fs_config.model.latent_channels)
+        levels = len(config.unet.block_out_channels)
+        if self.latent_shape[0] % 2 ** (levels - 1):
+            raise ValueError(
+                f"unet.block_out_channels={tuple(config.unet.block_out_channels)}: {levels} levels need latents divisible "
+                f"by {2 ** (levels - 1)}, got {self.latent_shape[0]}x{self.latent_shape[1]}"
+            )
+        te = config.text_encoder
+        self.tokenizer = CLIPTokenizer(te.max_length, te.pad_token)
+        self.text_encoder = CLIPTextTransformer(
+            vocab_size=te.vocab_size,
+            max_length=te.max_length,
+            width=te.width,
+            layers=te.layers,
+            heads=te.heads,
+            activation=te.activation,
+            output_layer=te.output_layer,
+            dtype=dtype,
+        )
+        u = config.unet
+        self.unet = UNet(
+            in_channels=self.latent_shape[-1],
+            out_channels=self.latent_shape[-1],
+            block_out_channels=tuple(u.block_out_channels),
+            layers_per_block=u.layers_per_block,
+            attention_levels=tuple(u.attention_levels),
+            num_heads=tuple(u.num_heads),
+            head_dim=u.head_dim,
+            transformer_depth=u.transformer_depth,
+            context_dim=te.width,
+            norm_groups=u.norm_groups,
+            use_linear_projection=u.use_linear_projection,
+            dropout=u.dropout,
+            dtype=dtype,
+        )
+        d = config.diffusion
+        self.schedule = make_schedule(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
+        self.null_tokens = jnp.asarray(self.tokenizer([""])[0])
+        self._generate_cache = {}
+
+    # ---- parameters -------------------------------------------------------------------------------------
+    def init_params(self, rng: jax.Array):
+        k_unet, k_text = jax.random.split(rng)
+        h, w, c = self.latent_shape
+        tokens = jnp.zeros((1, self.config.text_encoder.max_length), jnp.int32)
+        params = {}
+        text_params = self.text_encoder.init({"params": k_text}, tokens)["params"]
+        context = self.text_encoder.apply({"params": text_params}, tokens)
+        params["unet"] = self.unet.init(
+            {"params": k_unet}, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32), context
+        )["params"]
+        if self.config.text_encoder.trainable:
+            params["text"] = text_params
+        return params
+
+    def setup(self, meta: dict) -> tuple[dict, dict]:
+        """Loads the frozen first stage (and text encoder) and fixes the latent scale; returns (frozen, meta)."""
+        fs_params, _, fs_step = checkpoint.load_trained_params(
+            self.config.first_stage.workdir, self.config.first_stage.weights
+        )
+        logging.info("first stage: %s at step %d", self.config.first_stage.workdir, fs_step)
+        frozen = {"first_stage": fs_params}
+        if not self.config.text_encoder.trainable:
+            if not self.config.init_from:
+                raise ValueError(
+                    "text_encoder.trainable=False: a frozen text encoder needs trained weights; set init_from to a "
+                    "txt2img workdir whose text encoder to freeze"
+                )
+            src, _, _ = checkpoint.load_trained_params(self.config.init_from, "ema")
+            frozen["text"] = src["text"]
+        if "latent_scale" in meta:
+            scale = float(meta["latent_scale"])
+        elif self.config.latent_scale > 0:
+            scale = float(self.config.latent_scale)
+        else:
+            scale = self._estimate_latent_scale(fs_params)
+        logging.info("latent scale: %.5f", scale)
+        frozen["latent_scale"] = jnp.asarray(scale, jnp.float32)
+        return frozen, {"latent_scale": scale}
+
+    def _estimate_latent_scale(self, fs_params) -> float:
+        source = pipeline.data_source(self.config.data, "train")
+        n = min(SCALE_EXAMPLES, len(source))
+        images = np.stack([source[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+        post = jax.jit(lambda p, x: self.first_stage.apply({"params": p}, x, method="encode"))(fs_params, images)
+        z = post.sample(jax.random.key(0))
+        return float(1.0 / jnp.std(z))
+
+    def _text_params(self, params, frozen):
+        return params["text"] if self.config.text_encoder.trainable else frozen["text"]
+
+    # ---- training ------------------------------------------------------------------------------------------
+    @property
+    def loss_fn(self) -> LossFn:
+        cfg = self.config.diffusion
+        first_stage, text_encoder, unet, schedule = self.first_stage, self.text_encoder, self.unet, self.schedule
+        null_tokens = self.null_tokens
+
+        def loss_fn(params, frozen, batch, rng):
+            k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
+            images, tokens = batch["image"], batch["tokens"]
+            b = images.shape[0]
+            posterior = first_stage.apply({"params": frozen["first_stage"]}, images, method="encode")
+            z0 = jax.lax.stop_gradient(posterior.sample(k_post) * frozen["latent_scale"])
+            # Condition dropout: the empty caption stands in for "no condition" (classifier-free guidance).
+            drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
+            tokens = jnp.where(drop[:, None], null_tokens[None, :], tokens)
+            context = text_encoder.apply({"params": self._text_params(params, frozen)}, tokens)
+            t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+            noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
+            x_t = objectives.add_noise(schedule, z0, noise, t)
+            out = unet.apply({"params": params["unet"]}, x_t, t, context, train=True, rngs={"dropout": k_dropout})
+            target = objectives.training_target(cfg.prediction_type, schedule, z0, noise, t)
+            loss = objectives.diffusion_loss(out, target)
+            return loss, {"cond_dropped": jnp.mean(drop.astype(jnp.float32))}
+
+        return loss_fn
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def generate_fn(self, num_steps: int, eta: float, spacing: str):
+        """Pure ``fn(params, frozen, tokens [B, T], keys [B], guidance_scale) -> images [B, H, W, 3] in [-1, 1]``.
+
+        Image i starts from noise drawn with ``keys[i]`` alone, so with ``eta=0`` it depends only on its own key
+        and prompt, not on which batch it was generated in.
+        """
+        first_stage, text_encoder, unet, schedule = self.first_stage, self.text_encoder, self.unet, self.schedule
+        pred = self.config.diffusion.prediction_type
+        null_tokens, latent_shape = self.null_tokens, self.latent_shape
+
+        def generate(params, frozen, tokens, keys, guidance_scale):
+            text_params = self._text_params(params, frozen)
+            cond = text_encoder.apply({"params": text_params}, tokens)
+            uncond = text_encoder.apply({"params": text_params}, jnp.broadcast_to(null_tokens, tokens.shape))
+            apply = lambda x, t, ctx: unet.apply({"params": params["unet"]}, x, t, ctx)  # noqa: E731
+            model_fn = samplers.classifier_free_guidance(apply, cond, uncond, guidance_scale)
+            x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
+            step_rng = jax.random.fold_in(keys[0], 1)
+            z0 = samplers.ddim_sample(
+                model_fn, schedule, x_T, num_steps, step_rng, eta=eta, prediction_type=pred, spacing=spacing
+            )
+            images = first_stage.apply({"params": frozen["first_stage"]}, z0 / frozen["latent_scale"], method="decode")
+            return jnp.clip(images, -1.0, 1.0)
+
+        return generate
+
+    def compiled_generate(self, mesh, num_steps: int, eta: float, spacing: str):
+        """``generate_fn`` jitted over ``mesh`` (batch split over every device); cached per sampler settings."""
+        key = (id(mesh), num_steps, float(eta), spacing)
+        if key not in self._generate_cache:
+            repl, batch = replicated(mesh), batch_sharding(mesh)
+            self._generate_cache[key] = jax.jit(
+                self.generate_fn(num_steps, eta, spacing),
+                in_shardings=(repl, repl, batch, batch, repl),
+                out_shardings=batch,
+            )
+        return self._generate_cache[key]
+
+    def generate_images(
+        self,
+        params,
+        frozen,
+        mesh,
+        prompts: list[str],
+        seeds: list[int],
+        guidance_scale: float,
+        num_steps: int,
+        eta: float = 0.0,
+        spacing: str = "leading",
+        batch_size: int = 0,
+    ) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for ``prompts[i]`` with ``seeds[i]``, in batches spread over every device.
+
+        ``batch_size`` (0 = one per device) is rounded up to a multiple of the device count; the last batch is
+        padded with repeats whose outputs are dropped, so every call compiles one program.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: need one seed per prompt")
+        per_call = max(batch_size, 1)
+        per_call = -(-per_call // mesh.size) * mesh.size
+        fn = self.compiled_generate(mesh, num_steps, eta, spacing)
+        out = []
+        for start in range(0, len(prompts), per_call):
+            chunk_p = list(prompts[start : start + per_call])
+            chunk_s = list(seeds[start : start + per_call])
+            n = len(chunk_p)
+            chunk_p += [chunk_p[-1]] * (per_call - n)
+            chunk_s += [chunk_s[-1]] * (per_call - n)
+            keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_s, jnp.uint32))
+            images = fn(params, frozen, self.tokenizer(chunk_p), keys, jnp.float32(guidance_scale))
+            out.append(to_uint8(jax.device_get(images))[:n])
+        return np.concatenate(out, axis=0)
+
+    def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
+        """A grid of samples for ``sample.prompts`` with fixed seeds."""
+        s = self.config.sample
+        prompts = list(s.prompts)
+        seeds = [self.config.seed + i for i in range(len(prompts))]
+        images = self.generate_images(
+            params, frozen, mesh, prompts, seeds, s.guidance_scale, s.num_steps, s.eta, s.spacing, len(prompts)
+        )
+        return {"samples": make_grid(images, ncol=len(prompts))}, {}
+
+
+def load_for_sampling(workdir: str, weights: str = "ema"):
+    """(task, params, frozen, mesh) of a trained txt2img workdir, ready for ``task.generate_images``."""
+    config = config_lib.load_config(os.path.join(workdir, "config.json"))
+    if config.task != "txt2img":
+        raise ValueError(f"workdir {workdir!r}: holds a {config.task!r} run; sampling needs a txt2img run")
+    mesh = make_mesh(-1, 1)
+    task = Txt2ImgTask(config)
+    params, meta, step = checkpoint.load_trained_params(workdir, weights)
+    frozen, _ = task.setup(meta)
+    params, frozen = jax.device_put((params, frozen), replicated(mesh))
+    logging.info("loaded %s weights of %s at step %d; %d devices", weights, workdir, step, mesh.size)
+    return task, params, frozen, mesh, step

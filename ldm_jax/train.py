@@ -1,0 +1,30 @@
+"""Training entry point.
+
+  python -m ldm_jax.train --config=configs/txt2img.py:demo --workdir=runs/demo/txt2img [--config.optim.lr=3e-5]
+
+Trains ``config.task`` (see ``configs/``) in ``--workdir``, resuming from its latest checkpoint when present.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, previews and config.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ldm_jax.training.loop import train_and_evaluate
+    from ldm_jax.training.reporting import quiet_library_logs
+
+    logging.set_verbosity(logging.INFO)
+    quiet_library_logs()
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,99 @@
+"""Orbax checkpoints of a run: train state, data-iterator position and JSON metadata, saved together.
+
+Layout: ``<workdir>/checkpoints/<step>/{state,data,meta}``. Saves are asynchronous; Orbax writes each step into a
+temporary directory and renames it when complete, so an interrupted save never leaves a checkpoint that restores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import grain.checkpoint as grain_ckpt
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, max_to_keep: int, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def save(self, step: int, state: Any, meta: dict, data_iterator=None, force: bool = False) -> bool:
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if data_iterator is not None:
+            items["data"] = grain_ckpt.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
+        """Restores onto the shardings carried by ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct``)."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], out["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tuple[Any, dict, int]:
+    """Parameters of the latest checkpoint of another run: ``(params, meta, step)``.
+
+    ``which`` is "ema" or "params". The tree is restored with the shapes recorded in the checkpoint onto
+    ``sharding`` (default: the first local device), whatever device count wrote it.
+    """
+    if which not in ("ema", "params"):
+        raise ValueError(f"which={which!r}: must be 'ema' or 'params'")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train that run first")
+    # The PyTree handler reads StandardSave's files and, unlike the Standard one, restores a subtree.
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+            "data": grain_ckpt.CheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no finished checkpoint in {directory}")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    key = "ema_params" if which == "ema" else "params"
+    meta_tree = manager.item_metadata(step)["state"][key]
+    # Partial restore: only the requested subtree is read, not the optimizer state.
+    target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta_tree)}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    manager.close()
+    return restored["state"][key], restored["meta"], step

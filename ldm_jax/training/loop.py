@@ -1,0 +1,153 @@
+"""The training loop shared by every task: mesh, sharded init or resume, one compiled step, logging, checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from ldm_jax import config_lib
+from ldm_jax.data import pipeline
+from ldm_jax.imaging import save_png
+from ldm_jax.tasks import build_task
+from ldm_jax.training import checkpoint as ckpt_lib
+from ldm_jax.training.optim import make_optimizer
+from ldm_jax.training.reporting import MetricWriter, Progress
+from ldm_jax.training.sharding import batch_sharding, check_batch_size, make_mesh, replicated, tree_shardings
+from ldm_jax.training.state import TrainState
+from ldm_jax.training.steps import train_step
+
+
+def _log_compiled(compiled, seconds: float) -> None:
+    logging.info("train step compiled in %.1f s", seconds)
+    try:
+        mem = compiled.memory_analysis()
+    except Exception as e:  # some backends do not implement it; the run goes on without the numbers
+        logging.info("memory analysis unavailable: %s", e)
+        return
+    if mem is not None:
+        logging.info(
+            "per-device memory: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB, generated code %.1f MiB",
+            mem.argument_size_in_bytes / 2**20,
+            mem.output_size_in_bytes / 2**20,
+            mem.temp_size_in_bytes / 2**20,
+            mem.generated_code_size_in_bytes / 2**20,
+        )
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite training metrics at step {step}: {bad}")
+
+
+def make_train_step(config, task, mesh):
+    """(init_state(rng), jitted step, state shardings, abstract state) for ``task`` on ``mesh``.
+
+    The step is ``train_step`` with the task's loss and the optimizer bound by ``functools.partial``; the state is
+    donated and stays sharded as ``tree_shardings`` says, batches are split over every device.
+    """
+    tx, lr_schedule = make_optimizer(config.optim, config.train.num_steps)
+
+    def init_state(rng):
+        return TrainState.create(task.init_params(rng), tx)
+
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    state_shardings = tree_shardings(abstract, mesh)
+    repl = replicated(mesh)
+    step_fn = jax.jit(
+        functools.partial(
+            train_step, loss_fn=task.loss_fn, tx=tx, lr_schedule=lr_schedule, ema_decay=config.optim.ema_decay
+        ),
+        in_shardings=(state_shardings, repl, batch_sharding(mesh), repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
+    return init_state, step_fn, state_shardings, abstract
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one."""
+    config_lib.validate(config)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_batch_size(config.data.global_batch_size, mesh)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    task = build_task(config)
+    train_cfg = config.train
+
+    ckpt = ckpt_lib.Checkpointer(workdir, train_cfg.keep_checkpoints, train_cfg.async_checkpointing)
+    latest = ckpt.latest_step()
+    meta = ckpt.restore_meta(latest) if latest is not None else {}
+    frozen, task_meta = task.setup(meta)
+    repl = replicated(mesh)
+    frozen = jax.device_put(frozen, repl)
+
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    init_state, step_fn, state_shardings, abstract = make_train_step(config, task, mesh)
+
+    loader = pipeline.make_loader(
+        config.data, "train", config.data.global_batch_size, task.tokenizer if task.uses_tokens else None
+    )
+    data_iter = iter(loader)
+    if latest is not None:
+        logging.info("resuming from %s step %d", ckpt.directory, latest)
+        state, _ = ckpt.restore(latest, ckpt_lib.abstract_with_shardings(abstract, state_shardings), data_iter)
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        if config.init_from:
+            params, _, src_step = ckpt_lib.load_trained_params(config.init_from, "ema")
+            params = jax.device_put(params, state_shardings.params)
+            state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
+            logging.info("initialised params from %s step %d", config.init_from, src_step)
+
+    bsharding = batch_sharding(mesh)
+    step = int(jax.device_get(state.step))
+    first_batch = pipeline.to_global(next(data_iter), bsharding) if step < train_cfg.num_steps else None
+    if first_batch is not None:
+        t0 = time.perf_counter()
+        # Ahead-of-time compile: every step runs this one executable; a batch of another shape is an error.
+        compiled = step_fn.lower(state, frozen, first_batch, train_rng).compile()
+        _log_compiled(compiled, time.perf_counter() - t0)
+
+    meta_out = {"task": config.task, **task_meta}
+    if jax.process_index() == 0:
+        config_lib.save_config(config, os.path.join(workdir, "config.json"))
+    writer = MetricWriter(workdir)
+    progress = Progress(step, train_cfg.num_steps)
+    batch = first_batch
+    try:
+        while step < train_cfg.num_steps:
+            if batch is None:
+                batch = pipeline.to_global(next(data_iter), bsharding)
+            state, metrics = compiled(state, frozen, batch, train_rng)
+            batch = None
+            step += 1
+            if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(values, step)
+                values["train/steps_per_sec"] = progress.report(step, values)
+                writer.scalars(step, values)
+            if train_cfg.preview_every and (step % train_cfg.preview_every == 0 or step == train_cfg.num_steps):
+                images, eval_metrics = task.preview(state.ema_params, frozen, mesh)
+                writer.scalars(step, eval_metrics)
+                for name, img in images.items():
+                    writer.image(step, f"preview/{name}", img)
+                    if jax.process_index() == 0:
+                        save_png(os.path.join(workdir, "previews", f"{name}_{step:07d}.png"), img, upscale=2)
+                if eval_metrics:
+                    logging.info("step %d eval: %s", step, eval_metrics)
+            preempted = ckpt.reached_preemption(step)
+            if step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps or preempted:
+                ckpt.save(step, state, meta_out, data_iter, force=True)
+            if preempted:
+                logging.warning("preemption signal at step %d: checkpoint saved, stopping", step)
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return state

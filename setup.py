@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm_jax",
+    version="0.1.0",
+    description="Latent diffusion models (Rombach et al. 2022) in JAX/Flax: train, sample, convert.",
+    packages=find_packages(include=["ldm_jax", "ldm_jax.*"]),
+    package_data={"ldm_jax.data": ["assets/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12.0",
+        "ml-collections>=1.0",
+        "tensorflow-datasets>=4.9.9",
+        "importlib_resources>=6.0",  # tensorflow-datasets imports it to locate builder code
+        "grain>=0.2.12",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "regex>=2023.0",
+    ],
+    extras_require={"test": ["pytest>=8.0", "ruff>=0.6"]},
+)

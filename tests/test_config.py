@@ -1,0 +1,81 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import autoencoder_kl, txt2img
+from ldm_jax import config_lib
+from ldm_jax.training.sharding import check_batch_size, make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("module, presets", [(autoencoder_kl, autoencoder_kl.PRESETS), (txt2img, txt2img.PRESETS)])
+def test_every_preset_validates(module, presets):
+    for p in presets:
+        c = module.get_config(p)
+        if c.task == "txt2img" and not c.first_stage.workdir:
+            c.first_stage.workdir = "somewhere"
+        config_lib.validate(c)
+
+
+def test_pod_scale_txt2img_describes_the_paper_setup():
+    c = txt2img.get_config()
+    assert c.data.image_size == 256 and tuple(c.unet.block_out_channels) == (320, 640, 1280, 1280)
+    assert c.text_encoder.width == 768 and c.text_encoder.max_length == 77
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("optim.lr", -1.0, "optim.lr=-1.0"),
+        ("diffusion.prediction_type", "noise", "diffusion.prediction_type='noise'"),
+        ("unet.num_heads", (3, 4), "unet.num_heads"),
+        ("data.global_batch_size", 0, "data.global_batch_size=0"),
+        ("sample.num_steps", 5000, "sample.num_steps=5000"),
+        ("first_stage.workdir", "", "first_stage.workdir"),
+    ],
+)
+def test_validate_names_the_bad_field(field, value, match):
+    c = txt2img.get_config("tiny")
+    c.first_stage.workdir = "x"
+    section, key = field.split(".")
+    c[section][key] = value
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.validate(c)
+
+
+def test_unknown_preset_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="'huge'.*demo"):
+        txt2img.get_config("huge")
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    mesh = make_mesh(-1, 1)
+    assert mesh.size == 8
+    with pytest.raises(ValueError, match="data.global_batch_size=12: must be divisible by the device count 8"):
+        check_batch_size(12, mesh)
+    with pytest.raises(ValueError, match="mesh.fsdp=3"):
+        make_mesh(-1, 3)
+
+
+def _run_train(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "ldm_jax.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_rejects_unknown_and_invalid_fields_before_device_work(tmp_path):
+    workdir = str(tmp_path / "w")
+    unknown = _run_train(
+        "--config=configs/autoencoder_kl.py:tiny", "--config.optim.learning_rate=1", f"--workdir={workdir}"
+    )
+    assert unknown.returncode != 0 and "learning_rate" in unknown.stderr
+    bad = _run_train("--config=configs/autoencoder_kl.py:tiny", "--config.optim.ema_decay=1.5", f"--workdir={workdir}")
+    assert bad.returncode != 0 and "optim.ema_decay=1.5: must be in [0, 1)" in bad.stderr
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))

@@ -82,7 +82,9 @@ class AutoencoderTask:
             self._eval_images = np.stack([source[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
         x = jnp.asarray(self._eval_images)
         # Chunks keep evaluation memory bounded at pod-scale image sizes.
-        rec = jnp.concatenate([self._reconstruct(params, x[i : i + EVAL_CHUNK]) for i in range(0, x.shape[0], EVAL_CHUNK)])
+        rec = jnp.concatenate(
+            [self._reconstruct(params, x[i : i + EVAL_CHUNK]) for i in range(0, x.shape[0], EVAL_CHUNK)]
+        )
         metrics = {"eval/psnr": float(psnr(rec, x)), "eval/l1": float(jnp.mean(jnp.abs(rec - x)))}
         k = min(PREVIEW_EXAMPLES, x.shape[0])
         pairs = np.stack([to_uint8(x[:k]), to_uint8(rec[:k])], axis=1).reshape(2 * k, *x.shape[1:])

@@ -49,7 +49,7 @@ case "$mode" in
     "$PY" -m pip install -q -e '.[test]'
     "$PY" -m ruff format --check ldm_jax configs tests
     # pytest exits 5 when it collects no test; that fails this script like any other non-zero code.
-    "$PY" -m pytest -q tests
+    "$PY" -m pytest -q --durations=10 tests
     ;;
   *)
     echo "usage: $0 demo|test" >&2

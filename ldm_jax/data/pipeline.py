@@ -17,6 +17,11 @@ from ldm_jax.data import shapes
 from ldm_jax.data.tokenizer import CLIPTokenizer
 
 
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 in [-1, 1], the range every model here takes."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
 class Preprocess(grain.MapTransform):
     """uint8 image -> float32 in [-1, 1]; caption -> token ids (when a tokenizer is given)."""
 
@@ -24,7 +29,7 @@ class Preprocess(grain.MapTransform):
         self.tokenizer = tokenizer
 
     def map(self, example: dict) -> dict:
-        out = {"image": example["image"].astype(np.float32) / 127.5 - 1.0}
+        out = {"image": to_model_range(example["image"])}
         if self.tokenizer is not None:
             text = example["caption"]
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
@@ -40,6 +45,13 @@ def data_source(data_config, split: str):
             f"data.image_size={data_config.image_size}: dataset config {data_config.config!r} has {size}x{size} images"
         )
     return builder.as_data_source(split=split)
+
+
+def first_images(data_config, split: str, count: int) -> np.ndarray:
+    """The first ``count`` images of ``split`` in record order (no shuffle), as float32 [N, H, W, 3] in [-1, 1]."""
+    source = data_source(data_config, split)
+    n = min(count, len(source))
+    return to_model_range(np.stack([source[i]["image"] for i in range(n)]))
 
 
 def make_loader(

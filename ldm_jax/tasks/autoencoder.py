@@ -77,9 +77,7 @@ class AutoencoderTask:
     def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
         """Reconstructions of fixed validation images (posterior mode) and their PSNR."""
         if self._eval_images is None:
-            source = pipeline.data_source(self.config.data, "validation")
-            n = min(EVAL_EXAMPLES, len(source))
-            self._eval_images = np.stack([source[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+            self._eval_images = pipeline.first_images(self.config.data, "validation", EVAL_EXAMPLES)
         x = jnp.asarray(self._eval_images)
         # Chunks keep evaluation memory bounded at pod-scale image sizes.
         rec = jnp.concatenate(

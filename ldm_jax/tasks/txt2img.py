@@ -130,9 +130,7 @@ class Txt2ImgTask:
         return frozen, {"latent_scale": scale}
 
     def _estimate_latent_scale(self, fs_params) -> float:
-        source = pipeline.data_source(self.config.data, "train")
-        n = min(SCALE_EXAMPLES, len(source))
-        images = np.stack([source[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+        images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
         post = jax.jit(lambda p, x: self.first_stage.apply({"params": p}, x, method="encode"))(fs_params, images)
         z = post.sample(jax.random.key(0))
         return float(1.0 / jnp.std(z))

@@ -56,6 +56,7 @@ def get_config(arg=None):
             guidance_scale=3.0,
             eta=0.0,
             spacing="leading",
+            steps_offset=1,  # added to "leading" timesteps, as Stable Diffusion's scheduler configs do
         )
     )
     c.mesh = config_lib.mesh_section()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up plus one job on this machine, CPU or single GPU host.
 #   bash launch/local.sh demo   # install, train the KL autoencoder, then txt2img, sample prompts, evaluate
-#   bash launch/local.sh test   # install with test extras, check formatting, run the test suite
+#   bash launch/local.sh test   # install with test extras (+ the PyTorch reference env .venv-ref), check
+#                               # formatting, run the test suite
 # The virtual environment lives in .venv (override with VENV=...). Python 3.12 is preferred (faster jax on CPU);
 # 3.11 works.
 set -euo pipefail
@@ -9,20 +10,24 @@ cd "$(dirname "$0")/.."
 mode="${1:-demo}"
 VENV="${VENV:-.venv}"
 
+# find_python CHECK CANDIDATES...: the first candidate interpreter for which the Python expression CHECK is true.
 find_python() {
-  local c
-  for c in python3.12 "$(pyenv root 2>/dev/null)/versions/3.12"*/bin/python3.12 python3.11 python3; do
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  local check="$1" c
+  shift
+  for c in "$@"; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import sys; sys.exit(not ($check))" 2>/dev/null; then
       echo "$c"
       return
     fi
   done
-  echo "no Python >= 3.11 found" >&2
+  echo "no Python with $check found among: $*" >&2
   exit 1
 }
+PYENV_ROOT_DIR="$(pyenv root 2>/dev/null || echo /nonexistent)"
 
 if [ ! -x "$VENV/bin/python" ]; then
-  "$(find_python)" -m venv "$VENV"
+  "$(find_python 'sys.version_info >= (3, 11)' python3.12 "$PYENV_ROOT_DIR"/versions/3.12*/bin/python3.12 python3.11 python3)" \
+    -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 PY="$VENV/bin/python"
@@ -47,7 +52,16 @@ case "$mode" in
     ;;
   test)
     "$PY" -m pip install -q -e '.[test]'
-    "$PY" -m ruff format --check ldm_jax configs tests
+    REF_VENV="${REF_VENV:-.venv-ref}"
+    if [ ! -x "$REF_VENV/bin/python" ]; then
+      # The parity tests' PyTorch reference (torch, diffusers, transformers) lives in its own Python 3.11
+      # environment: torch 2.13.0 is a local CPU wheel for 3.11, and the package itself never imports torch.
+      "$(find_python 'sys.version_info[:2] == (3, 11)' python3.11 "$PYENV_ROOT_DIR"/versions/3.11*/bin/python3.11 python3)" \
+        -m venv "$REF_VENV"
+    fi
+    "$REF_VENV/bin/python" -m pip install -q -r tests/reference/requirements.txt
+    export LDM_JAX_REFERENCE_PYTHON="$PWD/$REF_VENV/bin/python"
+    "$PY" -m ruff format --check ldm_jax configs tests benchmarks
     # pytest exits 5 when it collects no test; that fails this script like any other non-zero code.
     "$PY" -m pytest -q --durations=10 tests
     ;;

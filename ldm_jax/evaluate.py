@@ -36,9 +36,11 @@ def main(argv):
     from ldm_jax.evaluation import attributes
     from ldm_jax.imaging import make_grid, save_png
     from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax import jax_setup
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
+    jax_setup.configure()
     task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value)
     source = pipeline.data_source(task.config.data, _SPLIT.value)
     n = min(_NUM.value, len(source))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from absl import app, flags, logging
 
@@ -27,6 +28,9 @@ _BATCH = flags.DEFINE_integer(
     "batch_size", 0, "Images per device call, rounded up to the device count (0: 8 per device)."
 )
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Which weights of the checkpoint to use.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 0, "Output height and width in pixels (0: the run's data.image_size); a multiple of the latent grid."
+)
 _OUTDIR = flags.DEFINE_string("outdir", "", "Output folder (default: <workdir>/samples).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -45,15 +49,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ldm_jax.imaging import make_grid, save_png
+    from ldm_jax import jax_setup
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
+    jax_setup.configure()
     prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
     if _NUM_PER_PROMPT.value < 1:
         raise app.UsageError(f"--num_per_prompt={_NUM_PER_PROMPT.value}: must be >= 1")
     from ldm_jax.tasks.txt2img import load_for_sampling
 
-    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value)
+    if _IMAGE_SIZE.value < 0:
+        raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: must be > 0, or 0 for the run's data.image_size")
+    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, _IMAGE_SIZE.value)
     s = task.config.sample
     guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
     steps = s.num_steps if _STEPS.value is None else _STEPS.value
@@ -71,7 +79,10 @@ def main(argv):
     all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
     seeds = [_SEED.value + i for i in range(len(all_prompts))]
     batch = _BATCH.value or 8 * mesh.size
+    t0 = time.perf_counter()
     images = task.generate_images(params, frozen, mesh, all_prompts, seeds, guidance, steps, eta, s.spacing, batch)
+    seconds = time.perf_counter() - t0
+    logging.info("%d images in %.1f s (compile included)", len(images), seconds)
 
     outdir = _OUTDIR.value or os.path.join(_WORKDIR.value, "samples")
     os.makedirs(outdir, exist_ok=True)
@@ -89,7 +100,11 @@ def main(argv):
         name = f"{i:05d}.png"
         save_png(os.path.join(outdir, name), img)
         lines.append(json.dumps(dict(file=name, prompt=prompt, seed=seed, truncated=prompt in truncated, **settings)))
-    save_png(os.path.join(outdir, "grid.png"), make_grid(images, ncol=_NUM_PER_PROMPT.value), upscale=4)
+    save_png(
+        os.path.join(outdir, "grid.png"),
+        make_grid(images, ncol=_NUM_PER_PROMPT.value),
+        upscale=4 if images.shape[1] <= 64 else 1,
+    )
     tmp = os.path.join(outdir, "manifest.jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

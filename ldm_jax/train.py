@@ -19,10 +19,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ldm_jax.training.loop import train_and_evaluate
+    from ldm_jax import jax_setup
     from ldm_jax.training.reporting import quiet_library_logs
 
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
+    jax_setup.configure()
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

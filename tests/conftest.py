@@ -5,7 +5,22 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests compile the same programs many times (every train_and_evaluate of a resume test, every CLI subprocess):
+# XLA's persistent compilation cache turns the repeats into cache hits. One fresh directory per session keeps
+# runs hermetic.
+_CACHE_DIR = tempfile.mkdtemp(prefix="ldm_jax_test_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR  # inherited by CLI subprocesses
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from ldm_jax import jax_setup  # noqa: E402
+
+jax_setup.configure()
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +53,17 @@ def txt2img_config(data_dir, first_stage_workdir):
     config.data.data_dir = data_dir
     config.first_stage.workdir = first_stage_workdir
     return config
+
+
+@pytest.fixture(scope="session")
+def txt2img_workdir(tmp_path_factory, data_dir, first_stage_workdir):
+    from configs import txt2img
+    from ldm_jax.training.loop import train_and_evaluate
+
+    config = txt2img.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.first_stage.workdir = first_stage_workdir
+    config.train.preview_every = 4  # exercises the preview grid path during training
+    workdir = str(tmp_path_factory.mktemp("txt2img"))
+    train_and_evaluate(config, workdir)
+    return workdir

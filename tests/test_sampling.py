@@ -7,22 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax.training.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def txt2img_workdir(tmp_path_factory, data_dir, first_stage_workdir):
-    from configs import txt2img
-
-    config = txt2img.get_config("tiny")
-    config.data.data_dir = data_dir
-    config.first_stage.workdir = first_stage_workdir
-    config.train.preview_every = 4  # exercises the preview grid path during training
-    workdir = str(tmp_path_factory.mktemp("txt2img"))
-    train_and_evaluate(config, workdir)
-    return workdir
 
 
 def test_training_wrote_logs_previews_and_config(txt2img_workdir):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -64,6 +65,7 @@ class CLIPTokenizer:
         vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT, EOT]
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
         self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.merges = merges
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.byte_encoder = _bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
@@ -73,6 +75,70 @@ class CLIPTokenizer:
         self.pad_id = self.eot_id if pad_token == "eot" else 0
         self.vocab_size = len(vocab)
         self._cache: dict[str, list[str]] = {}
+
+    def save_hf_files(self, folder: str) -> None:
+        """Writes the Hugging Face ``CLIPTokenizer`` files (vocab.json, merges.txt, configs) for this vocabulary."""
+        os.makedirs(folder, exist_ok=True)
+        pad = EOT if self.pad_id == self.eot_id else self.decoder[0]
+        files = {
+            "vocab.json": json.dumps(self.encoder, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),
+            "special_tokens_map.json": json.dumps(
+                {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": pad}, indent=2
+            ),
+            "tokenizer_config.json": json.dumps(
+                {
+                    "tokenizer_class": "CLIPTokenizer",
+                    "model_max_length": self.max_length,
+                    "bos_token": SOT,
+                    "eos_token": EOT,
+                    "unk_token": EOT,
+                    "pad_token": pad,
+                    "do_lower_case": True,
+                },
+                indent=2,
+            ),
+        }
+        for name, text in files.items():
+            tmp = os.path.join(folder, f"{name}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(folder, name))
+
+    def check_hf_files(self, folder: str) -> str:
+        """Checks that a Hugging Face tokenizer folder holds this vocabulary; returns its pad token ("eot"/"zero")."""
+        # vocab.json + merges.txt (transformers 4 and the hub's SD folders), or only tokenizer.json (transformers 5).
+        vocab_path, fast_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "tokenizer.json")
+        if os.path.isfile(vocab_path):
+            with open(vocab_path, encoding="utf-8") as f:
+                vocab = json.load(f)
+        elif os.path.isfile(fast_path):
+            with open(fast_path, encoding="utf-8") as f:
+                vocab = json.load(f).get("model", {}).get("vocab", {})
+        else:
+            raise FileNotFoundError(f"{folder}: neither vocab.json nor tokenizer.json found")
+        if vocab != self.encoder:
+            diff = sorted(set(vocab.items()) ^ set(self.encoder.items()))[:5]
+            raise ValueError(
+                f"{folder}/vocab.json: differs from the CLIP BPE vocabulary ldm_jax ships ({len(vocab)} vs "
+                f"{len(self.encoder)} entries; first differences {diff}); only the CLIP vocabulary is supported"
+            )
+        pad = EOT
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    entry = json.load(f).get("pad_token")
+                if entry is not None:
+                    pad = entry.get("content", pad) if isinstance(entry, dict) else entry
+                    break
+        if pad == EOT:
+            return "eot"
+        if self.encoder.get(pad) == 0:
+            return "zero"
+        raise ValueError(
+            f"{folder}: pad_token={pad!r}; supported: {EOT!r} (SD 1.x) or {self.decoder[0]!r} (id 0, SD 2.x)"
+        )
 
     def _bpe(self, token: str) -> list[str]:
         if token in self._cache:

@@ -19,16 +19,40 @@ Dtype = Any
 # Named first-stage sizes. "kl_f8" is the LDM paper's / Stable Diffusion's KL-f8 autoencoder.
 AUTOENCODER_VARIANTS = {
     "tiny_f4": dict(
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8, init_logvar=0.0
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_groups=8,
+        init_logvar=0.0,
+        kind="kl",
+        mid_attention=True,
     ),
     "tiny_f8": dict(
-        block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8, init_logvar=0.0
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_groups=8,
+        init_logvar=0.0,
+        kind="kl",
+        mid_attention=True,
     ),
     "kl_f4": dict(
-        block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=3, norm_groups=32, init_logvar=0.0
+        block_out_channels=(128, 256, 512),
+        layers_per_block=2,
+        latent_channels=3,
+        norm_groups=32,
+        init_logvar=0.0,
+        kind="kl",
+        mid_attention=True,
     ),
     "kl_f8": dict(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_groups=32, init_logvar=0.0
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_groups=32,
+        init_logvar=0.0,
+        kind="kl",
+        mid_attention=True,
     ),
 }
 
@@ -56,6 +80,7 @@ class Encoder(nn.Module):
     layers_per_block: int
     out_channels: int
     norm_groups: int = 32
+    mid_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -78,9 +103,10 @@ class Encoder(nn.Module):
                 )(h)
         ch = self.block_out_channels[-1]
         h = ResnetBlock(ch, name="mid_block_resnets_0", **kw)(h)
-        h = SpatialSelfAttention(
-            self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
-        )(h)
+        if self.mid_attention:
+            h = SpatialSelfAttention(
+                self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
+            )(h)
         h = ResnetBlock(ch, name="mid_block_resnets_1", **kw)(h)
         h = nn.GroupNorm(
             self.norm_groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
@@ -94,6 +120,7 @@ class Decoder(nn.Module):
     layers_per_block: int
     out_channels: int = 3
     norm_groups: int = 32
+    mid_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -103,9 +130,10 @@ class Decoder(nn.Module):
         chans = list(reversed(self.block_out_channels))
         h = nn.Conv(chans[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(z)
         h = ResnetBlock(chans[0], name="mid_block_resnets_0", **kw)(h)
-        h = SpatialSelfAttention(
-            self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
-        )(h)
+        if self.mid_attention:
+            h = SpatialSelfAttention(
+                self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
+            )(h)
         h = ResnetBlock(chans[0], name="mid_block_resnets_1", **kw)(h)
         for i, ch in enumerate(chans):
             for j in range(self.layers_per_block + 1):
@@ -130,6 +158,7 @@ class AutoencoderKL(nn.Module):
     # Initial log-variance of the posterior (bias of quant_conv's log-variance half). 0 is the reference init;
     # a negative value starts training with little posterior noise, which short runs need to reconstruct at all.
     init_logvar: float = 0.0
+    mid_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -138,7 +167,12 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self):
-        kw = dict(norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(
+            norm_groups=self.norm_groups,
+            mid_attention=self.mid_attention,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         self.encoder = Encoder(self.block_out_channels, self.layers_per_block, 2 * self.latent_channels, **kw)
         self.decoder = Decoder(self.block_out_channels, self.layers_per_block, self.in_channels, **kw)
         one = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)

@@ -9,6 +9,7 @@ import numpy as np
 from ldm_jax.data import pipeline
 from ldm_jax.imaging import make_grid, to_uint8
 from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.vq import VQModel
 from ldm_jax.training.steps import LossFn
 
 PREVIEW_EXAMPLES = 16
@@ -16,15 +17,23 @@ EVAL_EXAMPLES = 256
 EVAL_CHUNK = 32
 
 
-def build_autoencoder(model_config, dtype: str = "float32") -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=tuple(model_config.block_out_channels),
-        layers_per_block=model_config.layers_per_block,
-        latent_channels=model_config.latent_channels,
-        norm_groups=model_config.norm_groups,
-        init_logvar=model_config.init_logvar,
+def build_autoencoder(model_config, dtype: str = "float32"):
+    """The first-stage module of a config's ``model`` section: ``AutoencoderKL`` or (``kind="vq"``) ``VQModel``."""
+    m = dict(model_config)
+    common = dict(
+        block_out_channels=tuple(m["block_out_channels"]),
+        layers_per_block=m["layers_per_block"],
+        latent_channels=m["latent_channels"],
+        norm_groups=m["norm_groups"],
+        mid_attention=m.get("mid_attention", True),
         dtype=jnp.dtype(dtype),
     )
+    kind = m.get("kind", "kl")
+    if kind == "vq":
+        return VQModel(embed_dim=m["embed_dim"], num_codes=m["num_codes"], **common)
+    if kind != "kl":
+        raise ValueError(f"model.kind={kind!r}: must be 'kl' or 'vq'")
+    return AutoencoderKL(init_logvar=m.get("init_logvar", 0.0), **common)
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -38,6 +47,9 @@ class AutoencoderTask:
 
     def __init__(self, config):
         self.config = config
+        if config.model.get("kind", "kl") != "kl":
+            # VQ models convert, sample and serve as a txt2img first stage; their trainer is not written yet.
+            raise NotImplementedError(f"model.kind={config.model.kind!r}: only KL autoencoders can be trained so far")
         self.model = build_autoencoder(config.model, config.dtype)
         self._eval_images = None
         self._eval_fn = None

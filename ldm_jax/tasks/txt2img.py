@@ -49,7 +49,9 @@ class Txt2ImgTask:
         f = self.first_stage.downsampling_factor
         if config.data.image_size % f:
             raise ValueError(f"data.image_size={config.data.image_size}: must be divisible by the first stage's f={f}")
-        self.latent_shape = (config.data.image_size // f, config.data.image_size // f, fs_config.model.latent_channels)
+        self.first_stage_is_vq = fs_config.model.get("kind", "kl") == "vq"
+        z = fs_config.model.embed_dim if self.first_stage_is_vq else fs_config.model.latent_channels
+        self.latent_shape = (config.data.image_size // f, config.data.image_size // f, z)
         levels = len(config.unet.block_out_channels)
         if self.latent_shape[0] % 2 ** (levels - 1):
             raise ValueError(
@@ -131,9 +133,13 @@ class Txt2ImgTask:
 
     def _estimate_latent_scale(self, fs_params) -> float:
         images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
-        post = jax.jit(lambda p, x: self.first_stage.apply({"params": p}, x, method="encode"))(fs_params, images)
-        z = post.sample(jax.random.key(0))
+        z = jax.jit(self._encode)(fs_params, images, jax.random.key(0))
         return float(1.0 / jnp.std(z))
+
+    def _encode(self, fs_params, images, rng):
+        """Unscaled first-stage latents: a posterior sample (KL) or the continuous pre-quantisation latents (VQ)."""
+        out = self.first_stage.apply({"params": fs_params}, images, method="encode")
+        return out if self.first_stage_is_vq else out.sample(rng)
 
     def _text_params(self, params, frozen):
         return params["text"] if self.config.text_encoder.trainable else frozen["text"]
@@ -149,8 +155,7 @@ class Txt2ImgTask:
             k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
             images, tokens = batch["image"], batch["tokens"]
             b = images.shape[0]
-            posterior = first_stage.apply({"params": frozen["first_stage"]}, images, method="encode")
-            z0 = jax.lax.stop_gradient(posterior.sample(k_post) * frozen["latent_scale"])
+            z0 = jax.lax.stop_gradient(self._encode(frozen["first_stage"], images, k_post) * frozen["latent_scale"])
             # Condition dropout: the empty caption stands in for "no condition" (classifier-free guidance).
             drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
             tokens = jnp.where(drop[:, None], null_tokens[None, :], tokens)
@@ -174,6 +179,7 @@ class Txt2ImgTask:
         """
         first_stage, text_encoder, unet, schedule = self.first_stage, self.text_encoder, self.unet, self.schedule
         pred = self.config.diffusion.prediction_type
+        steps_offset = self.config.sample.get("steps_offset", 1)
         null_tokens, latent_shape = self.null_tokens, self.latent_shape
 
         def generate(params, frozen, tokens, keys, guidance_scale):
@@ -185,7 +191,15 @@ class Txt2ImgTask:
             x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
             step_rng = jax.random.fold_in(keys[0], 1)
             z0 = samplers.ddim_sample(
-                model_fn, schedule, x_T, num_steps, step_rng, eta=eta, prediction_type=pred, spacing=spacing
+                model_fn,
+                schedule,
+                x_T,
+                num_steps,
+                step_rng,
+                eta=eta,
+                prediction_type=pred,
+                spacing=spacing,
+                steps_offset=steps_offset,
             )
             images = first_stage.apply({"params": frozen["first_stage"]}, z0 / frozen["latent_scale"], method="decode")
             return jnp.clip(images, -1.0, 1.0)
@@ -250,9 +264,14 @@ class Txt2ImgTask:
         return {"samples": make_grid(images, ncol=len(prompts))}, {}
 
 
-def load_for_sampling(workdir: str, weights: str = "ema"):
-    """(task, params, frozen, mesh) of a trained txt2img workdir, ready for ``task.generate_images``."""
+def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0):
+    """(task, params, frozen, mesh, step) of a txt2img workdir, ready for ``task.generate_images``.
+
+    ``image_size`` > 0 samples at another resolution than the run's ``data.image_size`` (the UNet is convolutional).
+    """
     config = config_lib.load_config(os.path.join(workdir, "config.json"))
+    if image_size:
+        config.data.image_size = int(image_size)
     if config.task != "txt2img":
         raise ValueError(f"workdir {workdir!r}: holds a {config.task!r} run; sampling needs a txt2img run")
     mesh = make_mesh(-1, 1)

@@ -61,7 +61,8 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tuple[Any, dict, int]:
     """Parameters of the latest checkpoint of another run: ``(params, meta, step)``.
 
-    ``which`` is "ema" or "params". The tree is restored with the shapes recorded in the checkpoint onto
+    ``which`` is "ema" or "params" (a checkpoint without EMA weights, such as an imported one, gives its params for
+    both). The tree is restored with the shapes recorded in the checkpoint onto
     ``sharding`` (default: the first local device), whatever device count wrote it.
     """
     if which not in ("ema", "params"):
@@ -84,7 +85,11 @@ def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tupl
         raise FileNotFoundError(f"{workdir}: no finished checkpoint in {directory}")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     key = "ema_params" if which == "ema" else "params"
-    meta_tree = manager.item_metadata(step)["state"][key]
+    state_meta = manager.item_metadata(step)["state"]
+    if key not in state_meta and "params" in state_meta:
+        # Imported weights (ldm_jax.convert) are stored once, as "params": there is no separate EMA.
+        key = "params"
+    meta_tree = state_meta[key]
     # Partial restore: only the requested subtree is read, not the optimizer state.
     target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta_tree)}
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=sharding), target)

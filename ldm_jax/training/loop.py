@@ -70,6 +70,32 @@ def make_train_step(config, task, mesh):
     return init_state, step_fn, state_shardings, abstract
 
 
+def _match_init_params(src, target, source_name: str):
+    """The part of ``src`` that this run trains (e.g. no "text" when the text encoder is frozen), checked to have
+    exactly the target's structure and shapes, so a config that does not describe the source model fails here."""
+    missing = [k for k in target if k not in src]
+    if missing:
+        raise ValueError(f"init_from={source_name!r}: has no {missing} parameters (it holds {sorted(src)})")
+    src = {k: src[k] for k in target}
+    flat_src = dict(jax.tree_util.tree_leaves_with_path(src))
+    problems = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+        got = flat_src.pop(path, None)
+        name = jax.tree_util.keystr(path)
+        if got is None:
+            problems.append(f"{name} missing")
+        elif tuple(got.shape) != tuple(leaf.shape):
+            problems.append(f"{name} {tuple(got.shape)} vs {tuple(leaf.shape)} here")
+    problems += [f"{jax.tree_util.keystr(p)} unexpected" for p in flat_src]
+    if problems:
+        raise ValueError(
+            f"init_from={source_name!r}: its parameters do not fit this config's model ({len(problems)} differences: "
+            + "; ".join(problems[:10])
+            + "); use the same model fields as the source run (its config.json)"
+        )
+    return src
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one."""
     config_lib.validate(config)
@@ -100,6 +126,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
         if config.init_from:
             params, _, src_step = ckpt_lib.load_trained_params(config.init_from, "ema")
+            params = _match_init_params(params, state.params, config.init_from)
             params = jax.device_put(params, state_shardings.params)
             state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
             logging.info("initialised params from %s step %d", config.init_from, src_step)

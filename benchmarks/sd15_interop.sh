@@ -25,7 +25,8 @@ task, params, frozen, mesh, _ = load_for_sampling(workdir, image_size=size)
 times = []
 for _ in range(2):
     t0 = time.perf_counter()
-    task.generate_images(params, frozen, mesh, ["a photo of a cat"], [0], 7.5, steps, batch_size=1)
+    options = task.sampler_options(name="ddim", num_steps=steps)
+    task.generate_images(params, frozen, mesh, ["a photo of a cat"], [0], options, 7.5, batch_size=1)
     times.append(time.perf_counter() - t0)
 print(json.dumps({"ldm_jax": "jax CPU", "size": size, "steps": steps, "first_call_s": round(times[0], 2),
                   "second_call_s": round(times[1], 2), "compile_s_approx": round(times[0] - times[1], 2)}))

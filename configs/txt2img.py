@@ -34,30 +34,15 @@ def get_config(arg=None):
         dict(vocab_size=49408, activation="quick_gelu", output_layer=-1, pad_token="eot", trainable=True)
     )
     c.unet = ml_collections.ConfigDict(dict(use_linear_projection=False, dropout=0.0))
-    c.diffusion = ml_collections.ConfigDict(
-        dict(
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="epsilon",
-            cond_drop_prob=0.1,  # captions replaced by "" this often, for classifier-free guidance
-        )
-    )
-    c.sample = ml_collections.ConfigDict(
-        dict(
-            prompts=(
-                "a large red circle in the center on a black background",
-                "a small blue square at the top left on a white background",
-                "a large yellow triangle at the bottom right on a gray background",
-                "a small green circle on the left on a black background",
-            ),
-            num_steps=50,
-            guidance_scale=3.0,
-            eta=0.0,
-            spacing="leading",
-            steps_offset=1,  # added to "leading" timesteps, as Stable Diffusion's scheduler configs do
-        )
+    c.diffusion = config_lib.diffusion_section()
+    c.sample = config_lib.sample_section(
+        (
+            "a large red circle in the center on a black background",
+            "a small blue square at the top left on a white background",
+            "a large yellow triangle at the bottom right on a gray background",
+            "a small green circle on the left on a black background",
+        ),
+        num_steps=50,
     )
     c.mesh = config_lib.mesh_section()
 

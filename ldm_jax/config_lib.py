@@ -12,8 +12,8 @@ from typing import Iterable
 
 import ml_collections
 
-from ldm_jax.diffusion.objectives import PREDICTION_TYPES
-from ldm_jax.diffusion.samplers import SPACINGS
+from ldm_jax.diffusion.objectives import LOSS_WEIGHTINGS, PREDICTION_TYPES
+from ldm_jax.diffusion.samplers import SamplerOptions
 from ldm_jax.diffusion.schedules import SCHEDULES
 from ldm_jax.training.optim import LR_SCHEDULES
 
@@ -76,6 +76,37 @@ def train_section(
             preview_every=preview_every,  # 0 disables preview grids during training
         )
     )
+
+
+def diffusion_section(**overrides) -> ml_collections.ConfigDict:
+    """Training schedule and objective (Stable Diffusion's by default)."""
+    d = dict(
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=False,  # zero terminal SNR (Lin et al. 2024); pair with v_prediction
+        prediction_type="epsilon",
+        loss_weighting="simple",  # or "min_snr" (Hang et al. 2023)
+        min_snr_gamma=5.0,
+        offset_noise=0.0,  # std of a per-channel constant added to the training noise; 0 disables
+        cond_drop_prob=0.1,  # conditions replaced by the null condition this often, for classifier-free guidance
+    )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def sample_section(prompts, **overrides) -> ml_collections.ConfigDict:
+    """Sampling settings: the sampler and every option of it (see ldm_jax.diffusion.samplers.SamplerOptions)."""
+    d = SamplerOptions().to_config()  # sampler, num_steps, spacing, steps_offset, eta, karras_sigmas, ...
+    d.update(
+        prompts=tuple(prompts),  # preview grids during training
+        guidance_scale=3.0,
+        guidance_rescale=0.0,  # 0.7 with zero-terminal-SNR models (Lin et al. 2024)
+        negative_prompt="",  # the unconditional side of guidance; "" is the null condition used in training
+    )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
 
 
 def mesh_section() -> ml_collections.ConfigDict:
@@ -206,6 +237,11 @@ def validate(c) -> None:
         te.activation,
         "must be 'quick_gelu' or 'gelu'",
     )
+    validate_diffusion(c)
+
+
+def validate_diffusion(c) -> None:
+    """The ``diffusion`` and ``sample`` sections of any diffusion task."""
     df = c.diffusion
     _check(df.beta_schedule in SCHEDULES, "diffusion.beta_schedule", df.beta_schedule, f"must be one of {SCHEDULES}")
     _check(
@@ -216,15 +252,24 @@ def validate(c) -> None:
     )
     _check(df.num_train_timesteps >= 2, "diffusion.num_train_timesteps", df.num_train_timesteps, "must be >= 2")
     _check(0.0 <= df.cond_drop_prob < 1.0, "diffusion.cond_drop_prob", df.cond_drop_prob, "must be in [0, 1)")
-    s = c.sample
     _check(
-        1 <= s.num_steps <= df.num_train_timesteps,
-        "sample.num_steps",
-        s.num_steps,
-        f"must be in [1, {df.num_train_timesteps}]",
+        df.loss_weighting in LOSS_WEIGHTINGS,
+        "diffusion.loss_weighting",
+        df.loss_weighting,
+        f"must be one of {LOSS_WEIGHTINGS}",
     )
-    _check(s.spacing in SPACINGS, "sample.spacing", s.spacing, f"must be one of {SPACINGS}")
-    _check(s.eta >= 0, "sample.eta", s.eta, "must be >= 0")
+    _check(df.min_snr_gamma > 0, "diffusion.min_snr_gamma", df.min_snr_gamma, "must be > 0")
+    _check(df.offset_noise >= 0, "diffusion.offset_noise", df.offset_noise, "must be >= 0")
+    _check(
+        not (df.rescale_betas_zero_snr and df.prediction_type == "epsilon"),
+        "diffusion.rescale_betas_zero_snr",
+        df.rescale_betas_zero_snr,
+        "needs prediction_type 'v_prediction' or 'sample': at zero SNR an epsilon model cannot recover x0",
+    )
+    s = c.sample
+    SamplerOptions.from_config(s, df.prediction_type).validate(df.num_train_timesteps, "sample")
+    _check(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale, "must be >= 0")
+    _check(0.0 <= s.guidance_rescale <= 1.0, "sample.guidance_rescale", s.guidance_rescale, "must be in [0, 1]")
     _check(len(s.prompts) >= 1, "sample.prompts", s.prompts, "must hold at least one prompt for preview grids")
 
 
@@ -241,4 +286,17 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no config.json; is this a workdir written by ldm_jax.train?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(json.load(f))
+    return _fill_new_fields(config)
+
+
+def _fill_new_fields(config) -> ml_collections.ConfigDict:
+    """Adds fields introduced after a workdir was written, with the defaults that reproduce its old behaviour."""
+    if config.get("task") != "txt2img":
+        return config
+    for name, defaults in (("diffusion", diffusion_section()), ("sample", sample_section(("",)))):
+        section = config[name]
+        for key, value in defaults.items():
+            if key not in section:
+                section[key] = value
+    return config

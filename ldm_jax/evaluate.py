@@ -21,7 +21,8 @@ _SPLIT = flags.DEFINE_enum(
 )
 _NUM = flags.DEFINE_integer("num_examples", 256, "Captions to generate for.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Guidance scale (default: config.sample).")
-_STEPS = flags.DEFINE_integer("num_steps", None, "DDIM steps (default: config.sample).")
+_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.sample).")
+_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler (default: config.sample.sampler).")
 _SEED = flags.DEFINE_integer("seed", 1234, "Image i uses seed + i.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per device call.")
 flags.mark_flags_as_required(["workdir"])
@@ -50,7 +51,12 @@ def main(argv):
     prompts = [e["caption"].decode("utf-8") if isinstance(e["caption"], bytes) else str(e["caption"]) for e in examples]
     s = task.config.sample
     guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
-    steps = s.num_steps if _STEPS.value is None else _STEPS.value
+    overrides = {"num_steps": _STEPS.value, "name": _SAMPLER.value}
+    try:
+        options = task.sampler_options(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    steps = options.num_steps
     t0 = time.perf_counter()
     images = task.generate_images(
         params,
@@ -58,10 +64,10 @@ def main(argv):
         mesh,
         prompts,
         [_SEED.value + i for i in range(n)],
+        options,
         guidance,
-        steps,
-        0.0,
-        s.spacing,
+        s.guidance_rescale,
+        s.negative_prompt,
         _BATCH.value,
     )
     seconds = time.perf_counter() - t0
@@ -70,6 +76,7 @@ def main(argv):
     result = dict(
         split=_SPLIT.value,
         checkpoint_step=step,
+        sampler=options.name,
         num_steps=steps,
         guidance_scale=guidance,
         generated=generated,

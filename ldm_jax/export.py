@@ -4,8 +4,8 @@
   # then, in a PyTorch environment:
   #   StableDiffusionPipeline.from_pretrained("exported/demo")
 
-Writes unet/, vae/ (from the run's first stage), text_encoder/, tokenizer/ and scheduler/ (DDIM with the run's
-training schedule) as safetensors + config.json, EMA weights by default. The folder appears only when complete.
+Writes unet/, vae/ (from the run's first stage), text_encoder/, tokenizer/ and scheduler/ (the diffusers
+scheduler matching the run's ``sample.sampler`` and training schedule) as safetensors + config.json, EMA weights by default. The folder appears only when complete.
 """
 
 from __future__ import annotations

@@ -44,3 +44,29 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def load_image(path: str, size: int, what: str = "--init_image") -> np.ndarray:
+    """An RGB image file as float32 [size, size, 3] in [-1, 1] (resized with Lanczos when its size differs)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}={path!r}: no such file")
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.LANCZOS)
+        return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def load_mask(path: str, size: int, what: str = "--mask_image") -> np.ndarray:
+    """A mask file as float32 [size, size, 1]: 1 where the image is to be repainted (white), 0 where kept (black).
+
+    Resized with nearest-neighbour and thresholded at mid-grey, so every latent cell is either kept or repainted.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}={path!r}: no such file")
+    with Image.open(path) as im:
+        im = im.convert("L").resize((size, size), Image.NEAREST)
+        mask = (np.asarray(im, np.float32) >= 128).astype(np.float32)[..., None]
+    if not mask.any():
+        raise ValueError(f"{what}={path!r}: the mask is all black at {size}x{size}: nothing to repaint")
+    return mask

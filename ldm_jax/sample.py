@@ -2,6 +2,11 @@
 
   python -m ldm_jax.sample --workdir=runs/demo/txt2img \\
       --prompt="a large red circle in the center on a black background" --num_per_prompt=4 --guidance_scale=3
+  # another sampler, a negative prompt:
+  ... --sampler=dpmpp_2m --num_steps=20 --karras_sigmas --negative_prompt="white background"
+  # image-to-image, and inpainting with any txt2img model (white in the mask = repaint):
+  ... --init_image=photo.png --strength=0.7
+  ... --init_image=photo.png --mask_image=mask.png
 
 Writes ``<outdir>/<index>.png`` per image, ``grid.png`` (one row per prompt) and ``manifest.jsonl`` (prompt, seed
 and sampler settings per image). Relative paths in the run's config (the first-stage workdir) are resolved from
@@ -21,8 +26,17 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "A text file with one prompt per line.")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: config.sample).")
-_STEPS = flags.DEFINE_integer("num_steps", None, "DDIM steps (default: config.sample).")
+_RESCALE = flags.DEFINE_float("guidance_rescale", None, "Guidance rescale in [0, 1] (default: config.sample).")
+_NEGATIVE = flags.DEFINE_string(
+    "negative_prompt", None, "Prompt for the unconditional side of guidance (default: config.sample, '' = null)."
+)
+_SAMPLER = flags.DEFINE_string(
+    "sampler", None, "ddpm, ddim, pndm, dpmpp_2m, euler or euler_ancestral (default: config.sample.sampler)."
+)
+_STEPS = flags.DEFINE_integer("num_steps", None, "Sampler steps (default: config.sample).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta; 0 is deterministic (default: config.sample).")
+_SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing: leading, trailing or linspace.")
+_KARRAS = flags.DEFINE_bool("karras_sigmas", None, "Karras sigma spacing (dpmpp_2m, euler).")
 _SEED = flags.DEFINE_integer("seed", 0, "Image i of the run uses seed + i.")
 _BATCH = flags.DEFINE_integer(
     "batch_size", 0, "Images per device call, rounded up to the device count (0: 8 per device)."
@@ -30,6 +44,15 @@ _BATCH = flags.DEFINE_integer(
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Which weights of the checkpoint to use.")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 0, "Output height and width in pixels (0: the run's data.image_size); a multiple of the latent grid."
+)
+_INIT_IMAGE = flags.DEFINE_string(
+    "init_image", "", "Image-to-image: start from this image (resized to the output size) instead of noise."
+)
+_MASK_IMAGE = flags.DEFINE_string(
+    "mask_image", "", "Inpainting (with --init_image): white = repaint, black = keep; works with any txt2img model."
+)
+_STRENGTH = flags.DEFINE_float(
+    "strength", None, "How much of the schedule to run from --init_image, in (0, 1] (default 0.8; 1.0 to inpaint)."
 )
 _OUTDIR = flags.DEFINE_string("outdir", "", "Output folder (default: <workdir>/samples).")
 flags.mark_flags_as_required(["workdir"])
@@ -64,13 +87,43 @@ def main(argv):
     task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, _IMAGE_SIZE.value)
     s = task.config.sample
     guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
-    steps = s.num_steps if _STEPS.value is None else _STEPS.value
-    eta = s.eta if _ETA.value is None else _ETA.value
-    n_train = task.config.diffusion.num_train_timesteps
-    if not 1 <= steps <= n_train:
-        raise app.UsageError(f"--num_steps={steps}: must be in [1, {n_train}]")
-    if eta < 0:
-        raise app.UsageError(f"--eta={eta}: must be >= 0")
+    rescale = s.guidance_rescale if _RESCALE.value is None else _RESCALE.value
+    negative = s.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
+    if guidance < 0 or not 0 <= rescale <= 1:
+        raise app.UsageError(f"--guidance_scale={guidance} must be >= 0 and --guidance_rescale={rescale} in [0, 1]")
+    overrides = {
+        "name": _SAMPLER.value,
+        "num_steps": _STEPS.value,
+        "eta": _ETA.value,
+        "spacing": _SPACING.value,
+        "karras_sigmas": _KARRAS.value,
+    }
+    try:
+        options = task.sampler_options(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:  # names the field and what is allowed
+        raise app.UsageError(str(e).replace("sample.sampler", "--sampler").replace("sample.", "--")) from e
+    init_image = mask = None
+    strength = _STRENGTH.value
+    if _MASK_IMAGE.value and not _INIT_IMAGE.value:
+        raise app.UsageError("--mask_image needs --init_image (the image whose unmasked region is kept)")
+    if _INIT_IMAGE.value:
+        from ldm_jax.imaging import load_image, load_mask
+
+        size = task.config.data.image_size
+        try:
+            init_image = load_image(_INIT_IMAGE.value, size)
+            if _MASK_IMAGE.value:
+                mask = load_mask(_MASK_IMAGE.value, task.latent_shape[0])
+        except (OSError, ValueError) as e:
+            raise app.UsageError(str(e)) from e
+        if strength is None:
+            strength = 1.0 if mask is not None else 0.8
+        try:
+            task.first_step(options, strength)
+        except ValueError as e:
+            raise app.UsageError(f"--{e}") from e
+    elif strength is not None:
+        raise app.UsageError("--strength applies only with --init_image")
     limit = task.tokenizer.max_length - 2
     truncated = [p for p in prompts if len(task.tokenizer.tokenize(p)) > limit]
     if truncated:
@@ -80,18 +133,34 @@ def main(argv):
     seeds = [_SEED.value + i for i in range(len(all_prompts))]
     batch = _BATCH.value or 8 * mesh.size
     t0 = time.perf_counter()
-    images = task.generate_images(params, frozen, mesh, all_prompts, seeds, guidance, steps, eta, s.spacing, batch)
+    images = task.generate_images(
+        params,
+        frozen,
+        mesh,
+        all_prompts,
+        seeds,
+        options,
+        guidance,
+        rescale,
+        negative,
+        batch,
+        init_image=init_image,
+        mask=mask,
+        strength=1.0 if strength is None else strength,
+    )
     seconds = time.perf_counter() - t0
     logging.info("%d images in %.1f s (compile included)", len(images), seconds)
 
     outdir = _OUTDIR.value or os.path.join(_WORKDIR.value, "samples")
     os.makedirs(outdir, exist_ok=True)
     settings = dict(
-        sampler="ddim",
-        num_steps=steps,
-        eta=eta,
+        options.to_config(),
         guidance_scale=guidance,
-        spacing=s.spacing,
+        guidance_rescale=rescale,
+        negative_prompt=negative,
+        init_image=_INIT_IMAGE.value,
+        mask_image=_MASK_IMAGE.value,
+        strength=strength,
         weights=_WEIGHTS.value,
         checkpoint_step=step,
     )

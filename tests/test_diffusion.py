@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.diffusion import objectives, samplers
+from ldm_jax.diffusion import guidance, objectives, samplers
 from ldm_jax.diffusion.schedules import make_schedule
 
 
@@ -38,33 +38,89 @@ def test_targets_and_conversions_are_inverse(pred):
 
 def test_leading_timesteps_match_diffusers():
     # DDIMScheduler(steps_offset=1).set_timesteps(10) with 1000 training steps.
-    ts = samplers.inference_timesteps(1000, 10, "leading", 1)
+    ts = samplers.spaced_timesteps(1000, 10, "leading", 1)
     assert ts.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
-    assert samplers.inference_timesteps(1000, 4, "trailing", 0).tolist() == [999, 749, 499, 249]
+    assert samplers.spaced_timesteps(1000, 4, "trailing", 0).tolist() == [999, 749, 499, 249]
 
 
-def test_ddim_with_oracle_recovers_x0_and_is_one_scan():
+def _oracle_for(schedule, x0):
+    """The exact epsilon for data concentrated at x0 (t may be fractional: interpolate alpha_bar)."""
+
+    def oracle(x, t):
+        abar = jnp.interp(t, jnp.arange(schedule.num_train_timesteps), schedule.alphas_cumprod)[:, None, None, None]
+        return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+
+    return oracle
+
+
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_every_sampler_is_one_scan_and_lands_on_the_data_with_an_exact_model(name):
     s = make_schedule()
     x0 = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
     traces = []
+    oracle = _oracle_for(s, x0)
 
-    def oracle(x, t):
-        # The exact epsilon for data concentrated at x0: DDIM(eta=0) must land on x0.
+    def model(x, t):
         traces.append(1)
-        abar = s.alphas_cumprod[t][:, None, None, None]
-        return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+        return oracle(x, t)
 
+    sampler = samplers.make_sampler(samplers.SamplerOptions(name=name, num_steps=20, set_alpha_to_one=True), s)
     x_T = jax.random.normal(jax.random.key(1), x0.shape)
-    run = jax.jit(lambda x: samplers.ddim_sample(oracle, s, x, 20, jax.random.key(2), set_alpha_to_one=True))
-    out = run(x_T)
-    np.testing.assert_allclose(out, x0, atol=1e-4)
-    # The model function is traced once for 20 steps: the loop is a lax.scan, not unrolled Python.
+    run = jax.jit(lambda x, k: samplers.sample(sampler, model, x, rng=k, return_intermediates=True))
+    out, inter = run(x_T, jax.random.split(jax.random.key(2), 2))
+    # The model function is traced once for every step: the loop is a lax.scan, not unrolled Python.
     assert len(traces) == 1
-    jaxpr = jax.make_jaxpr(lambda x: samplers.ddim_sample(oracle, s, x, 20, jax.random.key(2)))(x_T)
+    jaxpr = jax.make_jaxpr(lambda x: samplers.sample(sampler, model, x, rng=jax.random.key(2)))(x_T)
     assert any(eqn.primitive.name == "scan" for eqn in jaxpr.jaxpr.eqns)
-    final, inter = samplers.ddim_sample(oracle, s, x_T, 5, jax.random.key(2), return_intermediates=True)
-    assert inter.shape == (5, *x0.shape)
-    np.testing.assert_array_equal(inter[-1], final)
+    assert inter.shape == (sampler.num_evals, *x0.shape)
+    np.testing.assert_array_equal(inter[-1], out)
+    # With the exact denoiser every sampler ends at the data (stochastic ones too: their noise is scaled away).
+    np.testing.assert_allclose(out, x0, atol=2e-3 if name in ("ddpm", "euler_ancestral") else 5e-4)
+
+
+def test_stochastic_samplers_need_noise_and_deterministic_ones_ignore_it():
+    s = make_schedule()
+    x = jnp.ones((1, 2, 2, 1))
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    with pytest.raises(ValueError, match="stochastic"):
+        samplers.sample(samplers.make_sampler(samplers.SamplerOptions(name="ddpm", num_steps=3), s), model, x)
+    ddim = samplers.make_sampler(samplers.SamplerOptions(name="ddim", num_steps=3), s)
+    assert not ddim.stochastic
+    np.testing.assert_array_equal(
+        samplers.sample(ddim, model, x), samplers.sample(ddim, model, x, rng=jax.random.key(3))
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("name", "heun", "sample.sampler='heun': must be one of"),
+        ("num_steps", 0, "sample.num_steps=0: must be in"),
+        ("spacing", "uniform", "sample.spacing='uniform'"),
+        ("solver_order", 3, "sample.solver_order=3: must be 1 or 2"),
+        ("final_sigmas_type", "max", "sample.final_sigmas_type='max'"),
+    ],
+)
+def test_sampler_options_name_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        samplers.SamplerOptions(**{field: value}).validate(1000)
+    with pytest.raises(ValueError, match="karras_sigmas=True: supported by dpmpp_2m and euler"):
+        samplers.SamplerOptions(name="euler_ancestral", karras_sigmas=True).validate(1000)
+
+
+def test_starting_part_way_noises_the_image_to_the_first_steps_level():
+    s = make_schedule()
+    x0 = jnp.full((1, 2, 2, 1), 0.5)
+    noise = jnp.zeros_like(x0)
+    for name in ("ddim", "dpmpp_2m", "euler"):
+        sampler = samplers.make_sampler(samplers.SamplerOptions(name=name, num_steps=10), s, first_step=6)
+        assert sampler.num_evals == 4
+        start = sampler.start(noise, x0)["x"]
+        t = int(round(float(sampler.timesteps[0])))
+        expect = 0.5 * (1.0 if name == "euler" else float(np.sqrt(s.alphas_cumprod[t])))
+        np.testing.assert_allclose(start, expect, rtol=2e-3)
+    with pytest.raises(ValueError, match="pndm"):
+        samplers.make_sampler(samplers.SamplerOptions(name="pndm", num_steps=10), s, first_step=3)
 
 
 def test_classifier_free_guidance_combines_one_batched_call():
@@ -77,6 +133,67 @@ def test_classifier_free_guidance_combines_one_batched_call():
     x = jnp.ones((3, 2, 2, 1))
     cond = jnp.full((3, 1, 1), 2.0)
     uncond = jnp.full((3, 1, 1), 0.5)
-    out = samplers.classifier_free_guidance(apply, cond, uncond, 4.0)(x, jnp.zeros((3,), jnp.int32))
+    out = guidance.classifier_free_guidance(apply, cond, uncond, 4.0)(x, jnp.zeros((3,), jnp.int32))
     np.testing.assert_allclose(out, 0.5 + 4.0 * (2.0 - 0.5))
     assert calls == [6]
+
+
+def test_guidance_rescale_matches_its_formula():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    cond = np.asarray(jax.random.normal(k1, (2, 4, 4, 3)))
+    uncond = np.asarray(0.5 * jax.random.normal(k2, (2, 4, 4, 3)))
+    guided = uncond + 7.5 * (cond - uncond)
+    # diffusers' rescale_noise_cfg, in numpy with the unbiased std it uses.
+    std_c = cond.reshape(2, -1).std(axis=1, ddof=1)[:, None, None, None]
+    std_g = guided.reshape(2, -1).std(axis=1, ddof=1)[:, None, None, None]
+    want = 0.7 * guided * (std_c / std_g) + 0.3 * guided
+    np.testing.assert_allclose(guidance.rescale_guided(jnp.asarray(guided), jnp.asarray(cond), 0.7), want, rtol=1e-5)
+    np.testing.assert_array_equal(guidance.rescale_guided(jnp.asarray(guided), jnp.asarray(cond), 0.0), guided)
+
+
+@pytest.mark.parametrize("pred", objectives.PREDICTION_TYPES)
+def test_min_snr_weights_match_the_formula(pred):
+    s = make_schedule()
+    t = jnp.array([0, 100, 500, 999])
+    abar = np.asarray(s.alphas_cumprod, np.float64)[np.asarray(t)]
+    snr = abar / (1 - abar)
+    want = {"epsilon": np.minimum(snr, 5.0) / snr, "v_prediction": np.minimum(snr, 5.0) / (snr + 1)}.get(
+        pred, np.minimum(snr, 5.0)
+    )
+    np.testing.assert_allclose(objectives.loss_weights("min_snr", pred, s, t, 5.0), want, rtol=1e-5)
+    np.testing.assert_array_equal(objectives.loss_weights("simple", pred, s, t), 1.0)
+    # Zero terminal SNR: the epsilon weight takes its limit instead of 0/0.
+    z = make_schedule(rescale_betas_zero_snr=True)
+    w = objectives.loss_weights("min_snr", pred, z, jnp.array([999]))
+    assert bool(jnp.all(jnp.isfinite(w)))
+
+
+def test_offset_noise_adds_one_constant_per_example_and_channel():
+    key = jax.random.key(0)
+    plain = objectives.sample_noise(key, (64, 8, 8, 4))
+    np.testing.assert_array_equal(plain, jax.random.normal(key, (64, 8, 8, 4)))
+    shifted = objectives.sample_noise(key, (64, 8, 8, 4), offset=0.1)
+    diff = np.asarray(shifted - plain)
+    np.testing.assert_allclose(diff, diff[:, :1, :1, :].repeat(8, 1).repeat(8, 2), atol=1e-6)
+    assert 0.05 < diff[:, 0, 0, :].std() < 0.2
+
+
+def test_zero_terminal_snr_schedule_ends_at_zero_and_keeps_the_first_step():
+    base, z = make_schedule(), make_schedule(rescale_betas_zero_snr=True)
+    assert float(z.alphas_cumprod[-1]) == 0.0
+    np.testing.assert_allclose(z.alphas_cumprod[0], base.alphas_cumprod[0], rtol=1e-6)
+    assert bool(jnp.all(jnp.diff(z.alphas_cumprod) <= 0))
+
+
+def test_latent_inpainting_keeps_the_known_region_exactly():
+    s = make_schedule()
+    x0 = jax.random.normal(jax.random.key(0), (1, 4, 4, 2))
+    noise = jax.random.normal(jax.random.key(1), x0.shape)
+    mask = jnp.zeros((1, 4, 4, 1)).at[:, :, :2].set(1.0)  # repaint the left half
+    model = lambda x, t: jnp.tanh(x)  # noqa: E731
+    for name in ("ddim", "pndm", "euler", "dpmpp_2m"):
+        sampler = samplers.make_sampler(samplers.SamplerOptions(name=name, num_steps=5), s)
+        blend = lambda x, i: mask * x + (1 - mask) * sampler.noised(x0, noise, i + 1)  # noqa: E731
+        out = samplers.sample(sampler, model, noise, blend=blend)
+        np.testing.assert_array_equal(out[:, :, 2:], x0[:, :, 2:])
+        assert float(jnp.abs(out[:, :, :2] - x0[:, :, :2]).max()) > 0.1

@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_env import ROOT, run_reference
 
 from ldm_jax.interop import stable_diffusion
 from ldm_jax.interop import files as wfiles
 from ldm_jax.interop.state_dict import ConversionError, params_from_state_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORACLE = os.path.join(ROOT, "tests", "reference", "oracle.py")
 TOL = 1e-4  # max abs error, float32
 
@@ -94,24 +94,11 @@ SCHEDULER = dict(
 PROMPTS = ["a large red circle in the center on a black background", "a photo of a cat"]
 
 
-def reference_python():
-    exe = os.environ.get("LDM_JAX_REFERENCE_PYTHON", "")
-    if not exe or not os.path.exists(exe):
-        pytest.fail(
-            "parity tests need the PyTorch reference environment: run `bash launch/local.sh test`, or set "
-            f"LDM_JAX_REFERENCE_PYTHON to a Python with tests/reference/requirements.txt installed (got {exe!r})"
-        )
-    return exe
-
-
 def run_oracle(jobs, workdir):
     spec = os.path.join(workdir, f"spec_{len(os.listdir(workdir))}.json")
     with open(spec, "w") as f:
         json.dump({"jobs": jobs}, f)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([reference_python(), ORACLE, spec], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_reference(ORACLE, spec)
     return {job["name"]: dict(np.load(job["outputs"])) for job in jobs}
 
 
@@ -299,21 +286,14 @@ def converted_pipeline(reference, tmp_path_factory):
 
 def _sampling_inputs(task, params, frozen, x_T, cond, uncond, num_steps, guidance):
     from ldm_jax.diffusion import samplers
+    from ldm_jax.diffusion.guidance import classifier_free_guidance
 
     apply = lambda x, t, ctx: task.unet.apply({"params": params["unet"]}, x, t, ctx)  # noqa: E731
-    model_fn = samplers.classifier_free_guidance(apply, jnp.asarray(cond), jnp.asarray(uncond), guidance)
-    s = task.config.sample
-    return samplers.ddim_sample(
-        model_fn,
-        task.schedule,
-        jnp.asarray(x_T),
-        num_steps,
-        jax.random.key(0),
-        eta=0.0,
-        prediction_type=task.config.diffusion.prediction_type,
-        spacing=s.spacing,
-        steps_offset=s.steps_offset,
-    )
+    model_fn = classifier_free_guidance(apply, jnp.asarray(cond), jnp.asarray(uncond), guidance)
+    # The imported config names the folder's DDIMScheduler settings; the reference ran DDIM with them.
+    options = task.sampler_options(num_steps=num_steps)
+    assert options.name == "ddim"
+    return samplers.sample(samplers.make_sampler(options, task.schedule), model_fn, jnp.asarray(x_T))
 
 
 @pytest.mark.parametrize("name", ["pipeline", "pipeline_sd2"])
@@ -376,7 +356,7 @@ def test_single_file_checkpoint_converts_to_the_same_params(reference, name, tmp
     assert "alphas_cumprod" in single.ignored
     assert single.text == from_folder.text and single.scheduler == from_folder.scheduler
     if name == "pipeline_sd2":
-        assert single.text["pad_token"] == "zero" and single.scheduler["prediction_type"] == "v_prediction"
+        assert single.text["pad_token"] == "zero" and single.scheduler["diffusion"]["prediction_type"] == "v_prediction"
         # The OpenCLIP layer after the penultimate one is recorded as not converted.
         assert any(".resblocks.2." in k for k in single.ignored)
 
@@ -438,12 +418,8 @@ def test_penultimate_layer_text_encoder_exports_as_shorter_clip():
 
 def test_compvis_layout_matches_diffusers_reference_converter():
     """Our CompVis <-> diffusers key mapping agrees with diffusers' own single-file converters (both directions)."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
-    script = os.path.join(ROOT, "tests", "reference", "check_compvis_mapping.py")
-    proc = subprocess.run([reference_python(), script], capture_output=True, text=True, env=env)
+    proc = run_reference(os.path.join(ROOT, "tests", "reference", "check_compvis_mapping.py"))
     print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_export_round_trip_through_diffusers(txt2img_workdir, tmp_path):

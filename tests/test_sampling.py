@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,26 +21,69 @@ def test_training_wrote_logs_previews_and_config(txt2img_workdir):
     assert previews == ["samples_0000004.png", "samples_0000008.png"]
 
 
-def test_generation_does_not_recompile_across_prompts_seeds_and_guidance(txt2img_workdir):
+def test_generation_compiles_once_per_sampler_across_prompts_seeds_and_guidance(txt2img_workdir):
     from ldm_jax.tasks.txt2img import load_for_sampling
 
     task, params, frozen, mesh, step = load_for_sampling(txt2img_workdir)
     assert step == 8 and mesh.size == 8
-    kw = dict(num_steps=3, eta=0.0, spacing="leading", batch_size=8)
-    a = task.generate_images(
-        params, frozen, mesh, ["a small red circle in the center on a black background"] * 3, [0, 1, 2], 2.0, **kw
-    )
-    b = task.generate_images(
-        params, frozen, mesh, ["a large blue square at the top on a white background"] * 3, [5, 6, 7], 7.5, **kw
-    )
-    c = task.generate_images(
-        params, frozen, mesh, ["a large blue square at the top on a white background"], [6], 7.5, **kw
-    )
-    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
-    fn = task.compiled_generate(mesh, 3, 0.0, "leading")
-    assert fn._cache_size() == 1
-    # An image depends on its own seed and prompt, not on the batch it was generated in.
-    np.testing.assert_array_equal(b[1], c[0])
+    traces = []
+    make = task.generate_fn
+
+    def counting_generate_fn(options, *args):
+        fn = make(options, *args)
+
+        def traced(*args):
+            traces.append(options.name)  # runs only when jax traces (i.e. compiles) the function
+            return fn(*args)
+
+        return traced
+
+    task.generate_fn = counting_generate_fn
+    red = "a small red circle in the center on a black background"
+    blue = "a large blue square at the top on a white background"
+    for name in ("ddim", "dpmpp_2m", "euler_ancestral"):
+        options = task.sampler_options(name=name, num_steps=3)
+        a = task.generate_images(params, frozen, mesh, [red] * 3, [0, 1, 2], options, 2.0, batch_size=8)
+        b = task.generate_images(params, frozen, mesh, [blue] * 3, [5, 6, 7], options, 7.5, 0.7, "red", batch_size=8)
+        c = task.generate_images(params, frozen, mesh, [blue], [6], options, 7.5, 0.7, "red", batch_size=8)
+        d = task.generate_images(params, frozen, mesh, [blue], [6], options, 7.5, 0.7, "", batch_size=8)
+        assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
+        # An image depends on its own seed and prompts, not on the batch it was generated in (stochastic samplers
+        # included: per-step noise comes from the image's own key).
+        np.testing.assert_array_equal(b[1], c[0])
+        # The negative prompt is used: the same seed and prompt without it differ.
+        assert np.abs(c.astype(int) - d.astype(int)).max() > 0
+    # Prompts, seeds, guidance scale, rescale and negative prompt changed; each sampler compiled once.
+    assert traces == ["ddim", "dpmpp_2m", "euler_ancestral"]
+
+
+def test_img2img_keeps_the_init_image_at_low_strength_and_inpainting_runs(txt2img_workdir):
+    from ldm_jax.tasks.txt2img import load_for_sampling
+
+    task, params, frozen, mesh, _ = load_for_sampling(txt2img_workdir)
+    size = task.config.data.image_size
+    yy, xx = np.mgrid[:size, :size] / size
+    init = np.stack([xx, yy, 1 - xx], -1).astype(np.float32) * 2 - 1  # a smooth colour ramp in [-1, 1]
+    prompt, seeds = ["a small red circle in the center on a black background"] * 2, [0, 1]
+    # What img2img starts from: the posterior sample each image's key draws, decoded.
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    z = task.encode_images(frozen["first_stage"], np.stack([init, init]), keys)
+    recon = task.first_stage.apply({"params": frozen["first_stage"]}, z, method="decode")
+    recon = np.clip(np.round((np.asarray(recon) + 1) * 127.5), 0, 255).astype(np.float32)
+    options = task.sampler_options(name="ddim", num_steps=4)
+    free = task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, batch_size=8)
+    low = task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, strength=0.25)
+    err = lambda imgs: float(np.abs(imgs.astype(np.float32) - recon).mean())  # noqa: E731
+    # One DDIM step from t = 1 ends at (almost) the encoded image; from noise the model draws something else.
+    assert err(low) < 0.25 * err(free), (err(low), err(free))
+    mask = np.zeros(task.latent_shape[:2] + (1,), np.float32)
+    mask[:, : mask.shape[1] // 2] = 1.0
+    painted = task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, mask=mask)
+    assert painted.shape == (2, size, size, 3)
+    with pytest.raises(ValueError, match="strength=0.1: with num_steps=4 no step would run"):
+        task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, strength=0.1)
+    with pytest.raises(ValueError, match="mask shape"):
+        task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, mask=mask[:2])
 
 
 def test_sample_cli_writes_pngs_grid_and_manifest(txt2img_workdir, tmp_path):
@@ -58,6 +103,8 @@ def test_sample_cli_writes_pngs_grid_and_manifest(txt2img_workdir, tmp_path):
             "--prompt=a small green triangle on the left on a gray background",
             "--num_per_prompt=2",
             "--num_steps=3",
+            "--sampler=dpmpp_2m",
+            "--negative_prompt=gray",
             "--guidance_scale=4",
             "--seed=10",
             f"--outdir={outdir}",
@@ -74,10 +121,56 @@ def test_sample_cli_writes_pngs_grid_and_manifest(txt2img_workdir, tmp_path):
     assert [x["seed"] for x in lines] == list(range(10, 16))
     assert lines[0]["prompt"] == "a small green triangle on the left on a gray background"
     assert {x["guidance_scale"] for x in lines} == {4.0} and {x["num_steps"] for x in lines} == {3}
+    assert {x["sampler"] for x in lines} == {"dpmpp_2m"} and {x["negative_prompt"] for x in lines} == {"gray"}
     for x in lines:
         assert Image.open(outdir / x["file"]).size == (16, 16)
     assert Image.open(outdir / "grid.png").size[0] > 16
     assert not [f for f in os.listdir(outdir) if f.endswith(".tmp")]
+
+
+def test_sample_cli_inpaints_from_files_and_rejects_an_empty_mask(txt2img_workdir, tmp_path):
+    init, mask, empty = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "empty.png"
+    Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(init)  # resized to the run's 16x16
+    m = np.zeros((16, 16), np.uint8)
+    m[:, :8] = 255
+    Image.fromarray(m).save(mask)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(empty)
+    base = [sys.executable, "-m", "ldm_jax.sample", f"--workdir={txt2img_workdir}", "--prompt=a red circle"]
+    base += ["--num_steps=4", f"--init_image={init}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    outdir = tmp_path / "out"
+    proc = subprocess.run(
+        base + [f"--mask_image={mask}", f"--outdir={outdir}"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads((outdir / "manifest.jsonl").read_text().splitlines()[0])
+    assert line["strength"] == 1.0 and line["mask_image"] == str(mask) and line["init_image"] == str(init)
+    bad = tmp_path / "bad"
+    proc = subprocess.run(
+        base + [f"--mask_image={empty}", f"--outdir={bad}"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "the mask is all black" in proc.stderr and not bad.exists()
+
+
+def test_sample_cli_names_a_bad_sampler_and_writes_nothing(txt2img_workdir, tmp_path):
+    outdir = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ldm_jax.sample",
+            f"--workdir={txt2img_workdir}",
+            "--prompt=x",
+            "--sampler=heun",
+            f"--outdir={outdir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "--sampler='heun': must be one of" in proc.stderr
+    assert not outdir.exists()
 
 
 def test_sample_cli_rejects_a_non_txt2img_workdir(first_stage_workdir):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_WEIGHTINGS = ("simple", "min_snr")
 
 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
@@ -55,3 +56,45 @@ def diffusion_loss(model_out: jax.Array, target: jax.Array, weights: jax.Array |
     if weights is not None:
         per_example = per_example * weights
     return jnp.mean(per_example)
+
+
+def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t [B]."""
+    abar = schedule.alphas_cumprod[t]
+    return abar / (1.0 - abar)
+
+
+def loss_weights(weighting: str, prediction_type: str, schedule: NoiseSchedule, t: jax.Array, gamma: float = 5.0):
+    """Per-example MSE weights [B].
+
+    ``simple``: 1 (Ho et al.). ``min_snr``: Hang et al. 2023's min(SNR, gamma) weight on the x0 error, expressed for
+    the target actually regressed: / SNR for epsilon, / (SNR + 1) for v, as is for x0. At SNR = 0 (a zero-terminal-
+    SNR schedule's last step) the epsilon weight takes its limit 1.
+    """
+    if weighting == "simple":
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting != "min_snr":
+        raise ValueError(f"loss_weighting={weighting!r}: must be one of {LOSS_WEIGHTINGS}")
+    s = snr(schedule, t)
+    clipped = jnp.minimum(s, gamma)
+    if prediction_type == "epsilon":
+        return jnp.where(s > 0, clipped / jnp.where(s > 0, s, 1.0), 1.0)
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1.0)
+    if prediction_type == "sample":
+        return clipped
+    raise ValueError(f"prediction_type={prediction_type!r}: must be one of {PREDICTION_TYPES}")
+
+
+def sample_noise(rng: jax.Array, shape: tuple, offset: float = 0.0, dtype=jnp.float32) -> jax.Array:
+    """Training noise; ``offset`` > 0 adds a per-example, per-channel constant (Guttenberg's offset noise).
+
+    The constant shift lets the model learn to change an image's mean brightness, which plain noise at the final
+    timesteps almost never asks of it.
+    """
+    noise = jax.random.normal(rng, shape, dtype)
+    if offset:
+        b, c = shape[0], shape[-1]
+        shift = jax.random.normal(jax.random.fold_in(rng, 1), (b,) + (1,) * (len(shape) - 2) + (c,), dtype)
+        noise = noise + offset * shift
+    return noise

@@ -39,12 +39,39 @@ def _betas(kind: str, num_train_timesteps: int, beta_start: float, beta_end: flo
     raise ValueError(f"beta_schedule={kind!r}: must be one of {SCHEDULES}")
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024 (Algorithm 1): shift and scale sqrt(abar) so the last timestep has zero SNR.
+
+    The first timestep keeps its value; the model then sees pure noise at t = T - 1, which only v- or x0-prediction
+    can handle (epsilon has no signal to predict x0 from there).
+    """
+    abar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=betas.dtype))
+    first, last = abar_sqrt[0].copy(), abar_sqrt[-1].copy()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return (1.0 - alphas).astype(betas.dtype)
+
+
 def make_schedule(
-    kind: str = "scaled_linear", num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    kind: str = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    rescale_betas_zero_snr: bool = False,
 ) -> NoiseSchedule:
-    """Builds the schedule table (computed in float64 on the host, stored as float32 like diffusers)."""
+    """Builds the schedule table (betas computed in float64 on the host, stored as float32 like diffusers)."""
     if num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps={num_train_timesteps}: must be >= 2")
-    betas = _betas(kind, num_train_timesteps, beta_start, beta_end).astype(np.float32)
+    betas = _betas(kind, num_train_timesteps, beta_start, beta_end)
+    if rescale_betas_zero_snr:
+        # In float64: the rescale differences nearby square roots, which float32 (diffusers) resolves to ~1e-3.
+        betas = rescale_zero_terminal_snr(betas)
+    betas = betas.astype(np.float32)
     alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
     return NoiseSchedule(jnp.asarray(betas), jnp.asarray(alphas_cumprod))
+
+
+def schedule_from_config(d) -> NoiseSchedule:
+    """The schedule a ``config.diffusion`` block names."""
+    return make_schedule(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end, d.rescale_betas_zero_snr)

@@ -266,44 +266,111 @@ def clip_to_transformers(te: dict, pad_id: int) -> dict:
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
+# Our sampler name <-> diffusers scheduler class, and the option fields each class carries (same names on both sides
+# except where mapped below).
+SCHEDULER_CLASSES = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+}
+_SCHEDULER_FIELDS = {
+    "ddpm": ("clip_sample", "clip_sample_range", "variance_type"),
+    "ddim": ("clip_sample", "clip_sample_range", "set_alpha_to_one"),
+    "pndm": ("skip_prk_steps", "set_alpha_to_one"),
+    "dpmpp_2m": (
+        "solver_order",
+        "solver_type",
+        "lower_order_final",
+        "euler_at_final",
+        "karras_sigmas",
+        "final_sigmas_type",
+    ),
+    "euler": ("karras_sigmas", "final_sigmas_type"),
+    "euler_ancestral": (),
+}
+_RENAMED = {"karras_sigmas": "use_karras_sigmas", "spacing": "timestep_spacing"}
+# diffusers' own defaults for the fields above, per class: a config that omits a field means this value.
+_CLASS_DEFAULTS = {
+    "ddpm": dict(clip_sample=True, clip_sample_range=1.0, variance_type="fixed_small", spacing="leading"),
+    "ddim": dict(clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, spacing="leading"),
+    "pndm": dict(skip_prk_steps=False, set_alpha_to_one=False, spacing="leading"),
+    "dpmpp_2m": dict(
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        euler_at_final=False,
+        karras_sigmas=False,
+        final_sigmas_type="zero",
+        spacing="linspace",
+    ),
+    "euler": dict(karras_sigmas=False, final_sigmas_type="zero", spacing="linspace"),
+    "euler_ancestral": dict(spacing="linspace"),
+}
+
 
 def scheduler_from_diffusers(cfg: dict, what: str = "scheduler/scheduler_config.json") -> dict[str, Any]:
-    """Training-schedule fields of any diffusers scheduler config (the sampler itself is chosen at sampling)."""
+    """Training-schedule fields (``diffusion``) and sampler fields (``sample``) of a diffusers scheduler config.
+
+    The sampler defaults to the scheduler class the folder names, with its settings, when we implement it (else
+    DDIM with the same spacing).
+    """
     schedule = cfg.get("beta_schedule", "linear")
     if schedule not in _BETA_SCHEDULES:
         raise ValueError(f"{what}: beta_schedule={schedule!r}; supported: {_BETA_SCHEDULES}")
     if cfg.get("trained_betas"):
         raise ValueError(f"{what}: trained_betas is not supported; ldm_jax builds betas from beta_schedule")
-    if cfg.get("rescale_betas_zero_snr"):
-        raise ValueError(f"{what}: rescale_betas_zero_snr=True is not supported yet")
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"{what}: prediction_type={prediction!r}; supported: epsilon, v_prediction, sample")
-    spacing = cfg.get("timestep_spacing", "leading")
-    return dict(
+    diffusion = dict(
         beta_schedule=schedule,
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         beta_start=float(cfg.get("beta_start", 0.0001)),
         beta_end=float(cfg.get("beta_end", 0.02)),
         prediction_type=prediction,
-        spacing=spacing,
-        steps_offset=int(cfg.get("steps_offset", 0)),
+        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
     )
+    by_class = {v: k for k, v in SCHEDULER_CLASSES.items()}
+    name = by_class.get(cfg.get("_class_name", ""), "ddim")
+    if name == "dpmpp_2m" and (
+        cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++" or cfg.get("solver_order", 2) not in (1, 2)
+    ):
+        name = "ddim"  # SDE / third-order variants are not implemented; DDIM is the safe default
+    defaults = _CLASS_DEFAULTS[name]
+    sample = dict(sampler=name, steps_offset=int(cfg.get("steps_offset", 0)))
+    for field in ("spacing",) + _SCHEDULER_FIELDS[name]:
+        value = cfg.get(_RENAMED.get(field, field))
+        sample[field] = defaults[field] if value is None else value
+    if sample["spacing"] not in ("leading", "trailing", "linspace"):
+        raise ValueError(f"{what}: timestep_spacing={sample['spacing']!r}; supported: leading, trailing, linspace")
+    return dict(diffusion=diffusion, sample=sample)
 
 
-def scheduler_to_diffusers(diffusion: dict, spacing: str) -> dict:
-    """A DDIMScheduler config with Stable Diffusion's inference settings for our training schedule."""
-    return {
-        "_class_name": "DDIMScheduler",
+def scheduler_to_diffusers(diffusion: dict, sample: dict) -> dict:
+    """The diffusers scheduler config equivalent to our training schedule and sampler settings.
+
+    ``sample`` holds ``sampler`` and the SamplerOptions fields (a ``config.sample`` block); every field the
+    scheduler class reads is written, so diffusers' class defaults never leak in.
+    """
+    name = sample["sampler"]
+    cfg = {
+        "_class_name": SCHEDULER_CLASSES[name],
         "_diffusers_version": DIFFUSERS_VERSION,
         "beta_schedule": diffusion["beta_schedule"],
         "beta_start": float(diffusion["beta_start"]),
         "beta_end": float(diffusion["beta_end"]),
         "num_train_timesteps": int(diffusion["num_train_timesteps"]),
         "prediction_type": diffusion["prediction_type"],
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": spacing,
+        "rescale_betas_zero_snr": bool(diffusion.get("rescale_betas_zero_snr", False)),
+        "timestep_spacing": sample["spacing"],
+        "steps_offset": int(sample["steps_offset"]),
         "trained_betas": None,
     }
+    if name == "dpmpp_2m":
+        cfg["algorithm_type"] = "dpmsolver++"
+    for field in _SCHEDULER_FIELDS[name]:
+        cfg[_RENAMED.get(field, field)] = sample[field]
+    return cfg

@@ -22,6 +22,7 @@ import ml_collections
 
 from ldm_jax import config_lib
 from ldm_jax.data.tokenizer import CLIPTokenizer
+from ldm_jax.diffusion.samplers import SamplerOptions
 from ldm_jax.interop import diffusers_config
 from ldm_jax.interop import files as wfiles
 from ldm_jax.interop.state_dict import (
@@ -94,7 +95,9 @@ class Pipeline:
     unet: dict  # UNet fields (+ sample_size)
     first_stage: dict  # autoencoder model fields (+ scaling_factor, sample_size)
     text: dict  # text encoder fields (+ pad_token)
-    scheduler: dict  # diffusion schedule fields (+ spacing, steps_offset)
+    scheduler: (
+        dict  # {"diffusion": schedule fields, "sample": sampler fields} (diffusers_config.scheduler_from_diffusers)
+    )
     params: dict  # {"unet", "first_stage", "text"} numpy trees
     ignored: list  # source keys deliberately not converted (buffers, unused towers), for the record
 
@@ -298,7 +301,9 @@ def infer_single_file_configs(parts: dict, open_clip: bool) -> tuple[dict, dict,
             max_position_embeddings=int(t[p + "embeddings.position_embedding.weight"].shape[0]),
             vocab_size=int(t[p + "embeddings.token_embedding.weight"].shape[0]),
         )
+    # Stable Diffusion's training schedule, sampled with DDIM as the original scripts did.
     sched_cfg = dict(
+        _class_name="DDIMScheduler",
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
@@ -306,6 +311,8 @@ def infer_single_file_configs(parts: dict, open_clip: bool) -> tuple[dict, dict,
         prediction_type="epsilon",
         steps_offset=1,
         timestep_spacing="leading",
+        clip_sample=False,
+        set_alpha_to_one=False,
     )
     return unet_cfg, vae_cfg, text_cfg, sched_cfg
 
@@ -347,10 +354,8 @@ def txt2img_config(pipe: Pipeline, first_stage_workdir: str):
     for k in UNET_FIELDS:
         if k not in ("in_channels", "out_channels", "context_dim"):  # the task derives these from its components
             c.unet[k] = pipe.unet[k]
-    for k in ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "prediction_type"):
-        c.diffusion[k] = pipe.scheduler[k]
-    c.sample.spacing = pipe.scheduler["spacing"]
-    c.sample.steps_offset = pipe.scheduler["steps_offset"]
+    c.diffusion.update(pipe.scheduler["diffusion"])
+    c.sample.update(pipe.scheduler["sample"])
     c.sample.guidance_scale = 7.5
     f = 2 ** (len(pipe.first_stage["block_out_channels"]) - 1)
     c.data.image_size = pipe.unet["sample_size"] * f
@@ -415,6 +420,8 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
         raise ValueError(f"--workdir={workdir}: holds a {cfg.task!r} run; export needs a txt2img run")
     fs_cfg = config_lib.load_config(os.path.join(cfg.first_stage.workdir, "config.json"))
     fs_fields = fs_cfg.model.to_dict()
+    # The exported pipeline's scheduler is the run's sampler, with every setting spelled out.
+    sample = SamplerOptions.from_config(cfg.sample, cfg.diffusion.prediction_type).to_config()
     if fs_fields.get("kind", "kl") != "kl":
         raise ValueError("StableDiffusionPipeline needs a KL first stage (AutoencoderKL); this run's is VQ")
     out = os.path.abspath(out)
@@ -456,7 +463,7 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     tokenizer.save_hf_files(j("tokenizer"))
     wfiles.write_json(
         j("scheduler", "scheduler_config.json"),
-        diffusers_config.scheduler_to_diffusers(cfg.diffusion.to_dict(), cfg.sample.spacing),
+        diffusers_config.scheduler_to_diffusers(cfg.diffusion.to_dict(), sample),
     )
     wfiles.write_json(
         j("model_index.json"),
@@ -467,7 +474,7 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
             "image_encoder": [None, None],
             "requires_safety_checker": False,
             "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDIMScheduler"],
+            "scheduler": ["diffusers", diffusers_config.SCHEDULER_CLASSES[sample["sampler"]]],
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],

@@ -17,7 +17,8 @@ from ldm_jax import config_lib
 from ldm_jax.data import pipeline
 from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.diffusion import objectives, samplers
-from ldm_jax.diffusion.schedules import make_schedule
+from ldm_jax.diffusion.guidance import classifier_free_guidance
+from ldm_jax.diffusion.schedules import schedule_from_config
 from ldm_jax.imaging import make_grid, to_uint8
 from ldm_jax.models.text_encoders import CLIPTextTransformer
 from ldm_jax.models.unet import UNet
@@ -26,6 +27,7 @@ from ldm_jax.training import checkpoint
 from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated
 from ldm_jax.training.steps import LossFn
 
+GENERATION_MODES = ("txt2img", "img2img", "inpaint")
 # Training images used to estimate the latent scale (1 / std of latents), as LDM's scale_by_std does.
 SCALE_EXAMPLES = 256
 
@@ -86,8 +88,7 @@ class Txt2ImgTask:
             dropout=u.dropout,
             dtype=dtype,
         )
-        d = config.diffusion
-        self.schedule = make_schedule(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
+        self.schedule = schedule_from_config(config.diffusion)
         self.null_tokens = jnp.asarray(self.tokenizer([""])[0])
         self._generate_cache = {}
 
@@ -148,7 +149,7 @@ class Txt2ImgTask:
     @property
     def loss_fn(self) -> LossFn:
         cfg = self.config.diffusion
-        first_stage, text_encoder, unet, schedule = self.first_stage, self.text_encoder, self.unet, self.schedule
+        text_encoder, unet, schedule = self.text_encoder, self.unet, self.schedule
         null_tokens = self.null_tokens
 
         def loss_fn(params, frozen, batch, rng):
@@ -161,59 +162,95 @@ class Txt2ImgTask:
             tokens = jnp.where(drop[:, None], null_tokens[None, :], tokens)
             context = text_encoder.apply({"params": self._text_params(params, frozen)}, tokens)
             t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-            noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
+            noise = objectives.sample_noise(k_noise, z0.shape, cfg.offset_noise, z0.dtype)
             x_t = objectives.add_noise(schedule, z0, noise, t)
             out = unet.apply({"params": params["unet"]}, x_t, t, context, train=True, rngs={"dropout": k_dropout})
             target = objectives.training_target(cfg.prediction_type, schedule, z0, noise, t)
-            loss = objectives.diffusion_loss(out, target)
+            weights = objectives.loss_weights(cfg.loss_weighting, cfg.prediction_type, schedule, t, cfg.min_snr_gamma)
+            loss = objectives.diffusion_loss(out, target, weights)
             return loss, {"cond_dropped": jnp.mean(drop.astype(jnp.float32))}
 
         return loss_fn
 
     # ---- generation ----------------------------------------------------------------------------------------
-    def generate_fn(self, num_steps: int, eta: float, spacing: str):
-        """Pure ``fn(params, frozen, tokens [B, T], keys [B], guidance_scale) -> images [B, H, W, 3] in [-1, 1]``.
+    def sampler_options(self, **overrides) -> samplers.SamplerOptions:
+        """The run's ``config.sample`` sampler settings, with ``overrides`` (e.g. from sampling flags)."""
+        opts = samplers.SamplerOptions.from_config(self.config.sample, self.config.diffusion.prediction_type)
+        opts = opts.replace(**overrides)
+        opts.validate(self.schedule.num_train_timesteps, "sample")
+        return opts
 
-        Image i starts from noise drawn with ``keys[i]`` alone, so with ``eta=0`` it depends only on its own key
-        and prompt, not on which batch it was generated in.
+    def encode_images(self, fs_params, images, keys):
+        """Unscaled latents of ``images`` for image-to-image: a posterior sample per image drawn from its own key
+        (as diffusers' pipelines do), or the pre-quantisation latents of a VQ first stage."""
+        out = self.first_stage.apply({"params": fs_params}, images, method="encode")
+        if self.first_stage_is_vq:
+            return out
+        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), out.mean.shape[1:]))(keys)
+        return out.mean + jnp.exp(0.5 * out.logvar) * eps
+
+    @staticmethod
+    def first_step(options: samplers.SamplerOptions, strength: float) -> int:
+        """diffusers' image-to-image rule: run the last ``int(num_steps * strength)`` steps of the schedule."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength}: must be in (0, 1]")
+        run = min(int(options.num_steps * strength), options.num_steps)
+        if run < 1:
+            raise ValueError(
+                f"strength={strength}: with num_steps={options.num_steps} no step would run; "
+                f"need strength >= {1 / options.num_steps:.3g}"
+            )
+        return options.num_steps - run
+
+    def generate_fn(self, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
+        """Pure ``fn(params, frozen, tokens [B, T], negative_tokens [B, T], keys [B], guidance_scale, guidance_rescale,
+        init_images [B, H, W, 3] | None, masks [B, h, w, 1] | None) -> images [B, H, W, 3] in [-1, 1]``.
+
+        ``mode``: "txt2img" (from noise); "img2img" (the encoded ``init_images`` noised to step ``first_step``'s level,
+        then the remaining steps); "inpaint" (any model: after every step the kept region, ``masks`` = 0, is replaced
+        by the init latents noised to the next step's level; from pure noise when ``first_step`` = 0).
+
+        Image i's starting noise, posterior sample and (stochastic samplers) per-step noise come from ``keys[i]``
+        alone, so an image depends only on its own key and inputs, not on the batch it was generated in. Prompts,
+        seeds, images and guidance are traced arguments: changing them never recompiles.
         """
-        first_stage, text_encoder, unet, schedule = self.first_stage, self.text_encoder, self.unet, self.schedule
-        pred = self.config.diffusion.prediction_type
-        steps_offset = self.config.sample.get("steps_offset", 1)
-        null_tokens, latent_shape = self.null_tokens, self.latent_shape
+        if mode not in GENERATION_MODES:
+            raise ValueError(f"mode={mode!r}: must be one of {GENERATION_MODES}")
+        first_stage, text_encoder, unet = self.first_stage, self.text_encoder, self.unet
+        sampler = samplers.make_sampler(
+            options, self.schedule, first_step, beta_schedule=self.config.diffusion.beta_schedule
+        )
+        latent_shape, encode = self.latent_shape, self.encode_images
 
-        def generate(params, frozen, tokens, keys, guidance_scale):
+        def generate(params, frozen, tokens, negative_tokens, keys, guidance_scale, guidance_rescale, init, masks):
             text_params = self._text_params(params, frozen)
             cond = text_encoder.apply({"params": text_params}, tokens)
-            uncond = text_encoder.apply({"params": text_params}, jnp.broadcast_to(null_tokens, tokens.shape))
+            uncond = text_encoder.apply({"params": text_params}, negative_tokens)
             apply = lambda x, t, ctx: unet.apply({"params": params["unet"]}, x, t, ctx)  # noqa: E731
-            model_fn = samplers.classifier_free_guidance(apply, cond, uncond, guidance_scale)
+            model_fn = classifier_free_guidance(apply, cond, uncond, guidance_scale, guidance_rescale)
             x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
-            step_rng = jax.random.fold_in(keys[0], 1)
-            z0 = samplers.ddim_sample(
-                model_fn,
-                schedule,
-                x_T,
-                num_steps,
-                step_rng,
-                eta=eta,
-                prediction_type=pred,
-                spacing=spacing,
-                steps_offset=steps_offset,
-            )
+            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+            kw = dict(rng=step_keys if sampler.stochastic else None)
+            if mode != "txt2img":
+                z_init = encode(frozen["first_stage"], init, keys) * frozen["latent_scale"]
+                if mode == "img2img" or first_step > 0:
+                    kw["x0"] = z_init
+                if mode == "inpaint":
+                    kw["blend"] = lambda x, i: masks * x + (1.0 - masks) * sampler.noised(z_init, x_T, i + 1)
+            z0 = samplers.sample(sampler, model_fn, x_T, **kw)
             images = first_stage.apply({"params": frozen["first_stage"]}, z0 / frozen["latent_scale"], method="decode")
             return jnp.clip(images, -1.0, 1.0)
 
         return generate
 
-    def compiled_generate(self, mesh, num_steps: int, eta: float, spacing: str):
-        """``generate_fn`` jitted over ``mesh`` (batch split over every device); cached per sampler settings."""
-        key = (id(mesh), num_steps, float(eta), spacing)
+    def compiled_generate(self, mesh, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
+        """``generate_fn`` jitted over ``mesh`` (batch split over every device); one program per sampler setting."""
+        key = (id(mesh), options, mode, first_step)
         if key not in self._generate_cache:
             repl, batch = replicated(mesh), batch_sharding(mesh)
             self._generate_cache[key] = jax.jit(
-                self.generate_fn(num_steps, eta, spacing),
-                in_shardings=(repl, repl, batch, batch, repl),
+                self.generate_fn(options, mode, first_step),
+                in_shardings=(repl, repl, batch, batch, batch, repl, repl, batch, batch),
                 out_shardings=batch,
             )
         return self._generate_cache[key]
@@ -225,22 +262,40 @@ class Txt2ImgTask:
         mesh,
         prompts: list[str],
         seeds: list[int],
+        options: samplers.SamplerOptions,
         guidance_scale: float,
-        num_steps: int,
-        eta: float = 0.0,
-        spacing: str = "leading",
+        guidance_rescale: float = 0.0,
+        negative_prompt: str = "",
         batch_size: int = 0,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        strength: float = 1.0,
     ) -> np.ndarray:
         """uint8 images [N, H, W, 3] for ``prompts[i]`` with ``seeds[i]``, in batches spread over every device.
 
-        ``batch_size`` (0 = one per device) is rounded up to a multiple of the device count; the last batch is
-        padded with repeats whose outputs are dropped, so every call compiles one program.
+        ``negative_prompt`` replaces the empty prompt on the unconditional side of guidance. With ``init_image``
+        ([H, W, 3] in [-1, 1]) this is image-to-image at ``strength``; with ``mask`` too ([h, w, 1] at the latent
+        resolution, 1 = repaint) it is inpainting. ``batch_size`` (0 = one per device) is rounded up to a multiple
+        of the device count; the last batch is padded with repeats whose outputs are dropped, so every call
+        compiles one program.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: need one seed per prompt")
+        mode = "txt2img" if init_image is None else ("img2img" if mask is None else "inpaint")
+        if mask is not None and init_image is None:
+            raise ValueError("mask given without init_image: inpainting needs the image whose region to keep")
+        size = self.config.data.image_size
+        if init_image is not None and init_image.shape != (size, size, 3):
+            raise ValueError(f"init_image shape {init_image.shape}: must be {(size, size, 3)}")
+        if mask is not None and mask.shape != self.latent_shape[:2] + (1,):
+            raise ValueError(f"mask shape {mask.shape}: must be {self.latent_shape[:2] + (1,)} (latent resolution)")
+        first_step = 0 if mode == "txt2img" else self.first_step(options, strength)
         per_call = max(batch_size, 1)
         per_call = -(-per_call // mesh.size) * mesh.size
-        fn = self.compiled_generate(mesh, num_steps, eta, spacing)
+        fn = self.compiled_generate(mesh, options, mode, first_step)
+        negative = self.tokenizer([negative_prompt] * per_call)
+        init = None if init_image is None else jnp.broadcast_to(jnp.asarray(init_image), (per_call, *init_image.shape))
+        masks = None if mask is None else jnp.broadcast_to(jnp.asarray(mask), (per_call, *mask.shape))
         out = []
         for start in range(0, len(prompts), per_call):
             chunk_p = list(prompts[start : start + per_call])
@@ -249,7 +304,17 @@ class Txt2ImgTask:
             chunk_p += [chunk_p[-1]] * (per_call - n)
             chunk_s += [chunk_s[-1]] * (per_call - n)
             keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_s, jnp.uint32))
-            images = fn(params, frozen, self.tokenizer(chunk_p), keys, jnp.float32(guidance_scale))
+            images = fn(
+                params,
+                frozen,
+                self.tokenizer(chunk_p),
+                negative,
+                keys,
+                jnp.float32(guidance_scale),
+                jnp.float32(guidance_rescale),
+                init,
+                masks,
+            )
             out.append(to_uint8(jax.device_get(images))[:n])
         return np.concatenate(out, axis=0)
 
@@ -259,7 +324,16 @@ class Txt2ImgTask:
         prompts = list(s.prompts)
         seeds = [self.config.seed + i for i in range(len(prompts))]
         images = self.generate_images(
-            params, frozen, mesh, prompts, seeds, s.guidance_scale, s.num_steps, s.eta, s.spacing, len(prompts)
+            params,
+            frozen,
+            mesh,
+            prompts,
+            seeds,
+            self.sampler_options(),
+            s.guidance_scale,
+            s.guidance_rescale,
+            s.negative_prompt,
+            len(prompts),
         )
         return {"samples": make_grid(images, ncol=len(prompts))}, {}
 

@@ -53,34 +53,10 @@ def get_config(arg=None):
         c.unet.update(UNET_VARIANTS["sd15"])
         c.optim = config_lib.optim_section(lr=1e-4, warmup_steps=10_000, ema_decay=0.9999)
         c.train = config_lib.train_section(num_steps=500_000, log_every=100, checkpoint_every=5000, preview_every=5000)
-    elif preset == "demo":
-        c.first_stage.workdir = "runs/demo/autoencoder_kl"
-        c.data = config_lib.data_section("32px", 32, 64)
-        c.text_encoder.update(TEXT_ENCODER_VARIANTS["tiny"])
-        c.unet.update(
-            dict(
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                attention_levels=(True, True),
-                num_heads=(4, 4),
-                head_dim=0,
-                transformer_depth=1,
-                norm_groups=8,
-            )
-        )
-        c.optim = config_lib.optim_section(lr=1e-3, warmup_steps=100, ema_decay=0.995, schedule="cosine")
-        c.optim.final_lr_fraction = 0.1
-        c.train = config_lib.train_section(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=500)
-        c.sample.num_steps = 25
     else:
-        c.first_stage.workdir = ""  # tests fill this in
-        c.data = config_lib.data_section("tiny", 16, 8)
-        c.text_encoder.update(dict(width=32, layers=1, heads=2, max_length=16))
-        c.unet.update(UNET_VARIANTS["tiny"])
-        c.unet.block_out_channels = (16, 32)
-        c.unet.num_heads = (2, 2)
-        c.unet.norm_groups = 8
-        c.optim = config_lib.optim_section(lr=1e-3, warmup_steps=2, ema_decay=0.9)
-        c.train = config_lib.train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
-        c.sample.num_steps = 4
+        config_lib.small_diffusion_preset(c, preset)
+        if preset == "demo":
+            c.text_encoder.update(TEXT_ENCODER_VARIANTS["tiny"])
+        else:
+            c.text_encoder.update(dict(width=32, layers=1, heads=2, max_length=16))
     return c

@@ -17,7 +17,7 @@ from ldm_jax.diffusion.samplers import SamplerOptions
 from ldm_jax.diffusion.schedules import SCHEDULES
 from ldm_jax.training.optim import LR_SCHEDULES
 
-TASKS = ("autoencoder", "txt2img")
+TASKS = ("autoencoder", "txt2img", "class_cond", "unconditional")
 DTYPES = ("float32", "bfloat16")
 DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
 
@@ -107,6 +107,43 @@ def sample_section(prompts, **overrides) -> ml_collections.ConfigDict:
     )
     d.update(overrides)
     return ml_collections.ConfigDict(d)
+
+
+def small_diffusion_preset(c, preset: str, attention_levels=(True, True)) -> None:
+    """Fills the CPU presets every latent diffusion config shares: "demo" (32px images, f=4 latents, a small UNet,
+    1500 steps: CPU minutes, first stage from the demo autoencoder run) and "tiny" (16px, for tests)."""
+    if preset == "demo":
+        c.first_stage.workdir = "runs/demo/autoencoder_kl"
+        c.data = data_section("32px", 32, 64)
+        c.unet.update(
+            dict(
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                attention_levels=tuple(attention_levels),
+                num_heads=(4, 4),
+                head_dim=0,
+                transformer_depth=1,
+                norm_groups=8,
+            )
+        )
+        c.optim = optim_section(lr=1e-3, warmup_steps=100, ema_decay=0.995, schedule="cosine")
+        c.optim.final_lr_fraction = 0.1
+        c.train = train_section(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=500)
+        c.sample.num_steps = 25
+    elif preset == "tiny":
+        from ldm_jax.models.unet import UNET_VARIANTS
+
+        c.first_stage.workdir = ""  # tests fill this in
+        c.data = data_section("tiny", 16, 8)
+        c.unet.update(UNET_VARIANTS["tiny"])
+        c.unet.block_out_channels = (16, 32)
+        c.unet.num_heads = (2, 2)
+        c.unet.norm_groups = 8
+        c.optim = optim_section(lr=1e-3, warmup_steps=2, ema_decay=0.9)
+        c.train = train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
+        c.sample.num_steps = 4
+    else:
+        raise ValueError(f"preset={preset!r}: small presets are 'demo' and 'tiny'")
 
 
 def mesh_section() -> ml_collections.ConfigDict:
@@ -221,7 +258,22 @@ def validate(c) -> None:
                 f"entry {lev} must be >= 1 and divide {ch} channels",
             )
     _check(0.0 <= u.dropout < 1.0, "unet.dropout", u.dropout, "must be in [0, 1)")
-    te = c.text_encoder
+    if c.task == "txt2img":
+        _validate_text_encoder(c.text_encoder)
+    elif c.task == "class_cond":
+        from ldm_jax.data.shapes import LABELINGS, num_classes
+
+        _check(c.classes in LABELINGS, "classes", c.classes, f"must be one of {tuple(LABELINGS)}")
+        n = num_classes(c.classes)
+        labels = tuple(c.sample.class_labels)
+        _check(len(labels) >= 1, "sample.class_labels", labels, "must hold at least one class for preview grids")
+        _check(all(0 <= x < n for x in labels), "sample.class_labels", labels, f"must be in [0, {n})")
+    else:
+        _check(c.sample.num_preview >= 1, "sample.num_preview", c.sample.num_preview, "must be >= 1")
+    validate_diffusion(c)
+
+
+def _validate_text_encoder(te) -> None:
     _check(te.max_length >= 2, "text_encoder.max_length", te.max_length, "must be >= 2")
     _check(te.width % te.heads == 0, "text_encoder.heads", te.heads, f"must divide text_encoder.width={te.width}")
     _check(
@@ -237,7 +289,6 @@ def validate(c) -> None:
         te.activation,
         "must be 'quick_gelu' or 'gelu'",
     )
-    validate_diffusion(c)
 
 
 def validate_diffusion(c) -> None:
@@ -270,7 +321,8 @@ def validate_diffusion(c) -> None:
     SamplerOptions.from_config(s, df.prediction_type).validate(df.num_train_timesteps, "sample")
     _check(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale, "must be >= 0")
     _check(0.0 <= s.guidance_rescale <= 1.0, "sample.guidance_rescale", s.guidance_rescale, "must be in [0, 1]")
-    _check(len(s.prompts) >= 1, "sample.prompts", s.prompts, "must hold at least one prompt for preview grids")
+    if c.task == "txt2img":
+        _check(len(s.prompts) >= 1, "sample.prompts", s.prompts, "must hold at least one prompt for preview grids")
 
 
 def save_config(config, path: str) -> None:

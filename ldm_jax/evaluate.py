@@ -1,9 +1,11 @@
-"""Prompt-following evaluation of a txt2img workdir on the shapes dataset.
+"""Condition-following evaluation of a txt2img or class_cond workdir on the shapes dataset.
 
   python -m ldm_jax.evaluate --workdir=runs/demo/txt2img --split=heldout --num_examples=256
+  python -m ldm_jax.evaluate --workdir=runs/demo/class_cond --split=validation --num_examples=256
 
-Generates one image per caption of the first ``num_examples`` examples of ``split`` and reads colour, position,
-size, shape and background back from the pixels (``ldm_jax.evaluation.attributes``). The same reader is run on the
+Generates one image per caption (txt2img) or class label (class_cond) of the first ``num_examples`` examples of
+``split`` and reads colour, position, size, shape and background back from the pixels
+(``ldm_jax.evaluation.attributes``); a class-conditional model is scored on the attributes its class names. The same reader is run on the
 dataset's own images of those captions, as the evaluator's ceiling. Writes ``eval_<split>.json`` and a grid.
 """
 
@@ -36,19 +38,31 @@ def main(argv):
     from ldm_jax.data import pipeline
     from ldm_jax.evaluation import attributes
     from ldm_jax.imaging import make_grid, save_png
-    from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.data import shapes
+    from ldm_jax.tasks import load_for_sampling
     from ldm_jax import jax_setup
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
     jax_setup.configure()
-    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value)
+    try:
+        task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, tasks=("txt2img", "class_cond"))
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(str(e)) from e
     source = pipeline.data_source(task.config.data, _SPLIT.value)
     n = min(_NUM.value, len(source))
     if n < 1:
         raise app.UsageError(f"--num_examples={_NUM.value}: must be >= 1")
     examples = [source[i] for i in range(n)]
     prompts = [e["caption"].decode("utf-8") if isinstance(e["caption"], bytes) else str(e["caption"]) for e in examples]
+    if task.config.task == "txt2img":
+        conditions, wanted = prompts, [attributes.parse_caption(p) for p in prompts]
+        negative = task.config.sample.negative_prompt
+    else:  # class_cond: the examples' class labels; only the attributes the class names are scored
+        labeling = task.config.classes
+        conditions = [shapes.class_label(e, labeling) for e in examples]
+        wanted = [{a: int(e[a]) for a in shapes.LABELINGS[labeling]} for e in examples]
+        negative = None
     s = task.config.sample
     guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
     overrides = {"num_steps": _STEPS.value, "name": _SAMPLER.value}
@@ -62,17 +76,17 @@ def main(argv):
         params,
         frozen,
         mesh,
-        prompts,
+        conditions,
         [_SEED.value + i for i in range(n)],
         options,
         guidance,
         s.guidance_rescale,
-        s.negative_prompt,
+        negative,
         _BATCH.value,
     )
     seconds = time.perf_counter() - t0
-    generated = attributes.score(images, prompts)
-    ceiling = attributes.score([e["image"] for e in examples], prompts)
+    generated = attributes.score_wanted(images, wanted)
+    ceiling = attributes.score_wanted([e["image"] for e in examples], wanted)
     result = dict(
         split=_SPLIT.value,
         checkpoint_step=step,
@@ -82,11 +96,15 @@ def main(argv):
         generated=generated,
         dataset_images=ceiling,
         chance={
-            "accuracy/color": 1 / 6,
-            "accuracy/position": 1 / 9,
-            "accuracy/size": 1 / 2,
-            "accuracy/shape": 1 / 3,
-            "accuracy/background": 1 / 3,
+            k: v
+            for k, v in {
+                "accuracy/color": 1 / 6,
+                "accuracy/position": 1 / 9,
+                "accuracy/size": 1 / 2,
+                "accuracy/shape": 1 / 3,
+                "accuracy/background": 1 / 3,
+            }.items()
+            if k in generated
         },
         generation_seconds=seconds,
     )

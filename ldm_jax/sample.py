@@ -1,4 +1,5 @@
-"""Sampling job: images from a trained txt2img workdir (EMA weights by default) on every device.
+"""Sampling job: images from a trained latent diffusion workdir (txt2img, class_cond or unconditional; EMA weights
+by default) on every device.
 
   python -m ldm_jax.sample --workdir=runs/demo/txt2img \\
       --prompt="a large red circle in the center on a black background" --num_per_prompt=4 --guidance_scale=3
@@ -7,9 +8,12 @@
   # image-to-image, and inpainting with any txt2img model (white in the mask = repaint):
   ... --init_image=photo.png --strength=0.7
   ... --init_image=photo.png --mask_image=mask.png
+  # class-conditional and unconditional runs:
+  python -m ldm_jax.sample --workdir=runs/demo/class_cond --class_label=0 --class_label=13 --num_per_prompt=4
+  python -m ldm_jax.sample --workdir=runs/demo/unconditional --num_images=16
 
-Writes ``<outdir>/<index>.png`` per image, ``grid.png`` (one row per prompt) and ``manifest.jsonl`` (prompt, seed
-and sampler settings per image). Relative paths in the run's config (the first-stage workdir) are resolved from
+Writes ``<outdir>/<index>.png`` per image, ``grid.png`` (one row per prompt or class) and ``manifest.jsonl``
+(prompt or class, seed and sampler settings per image). Relative paths in the run's config (the first-stage workdir) are resolved from
 the current directory, as during training.
 """
 
@@ -24,7 +28,9 @@ from absl import app, flags, logging
 _WORKDIR = flags.DEFINE_string("workdir", None, "A txt2img training workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "A text file with one prompt per line.")
-_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
+_CLASS_LABEL = flags.DEFINE_multi_integer("class_label", [], "Class-conditional runs: a class id; repeatable.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Unconditional runs: how many images.")
+_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt (or per class label).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: config.sample).")
 _RESCALE = flags.DEFINE_float("guidance_rescale", None, "Guidance rescale in [0, 1] (default: config.sample).")
 _NEGATIVE = flags.DEFINE_string(
@@ -77,20 +83,41 @@ def main(argv):
 
     quiet_library_logs()
     jax_setup.configure()
-    prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
     if _NUM_PER_PROMPT.value < 1:
         raise app.UsageError(f"--num_per_prompt={_NUM_PER_PROMPT.value}: must be >= 1")
-    from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.tasks import load_for_sampling
 
     if _IMAGE_SIZE.value < 0:
         raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: must be > 0, or 0 for the run's data.image_size")
-    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, _IMAGE_SIZE.value)
-    s = task.config.sample
-    guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
-    rescale = s.guidance_rescale if _RESCALE.value is None else _RESCALE.value
-    negative = s.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
-    if guidance < 0 or not 0 <= rescale <= 1:
-        raise app.UsageError(f"--guidance_scale={guidance} must be >= 0 and --guidance_rescale={rescale} in [0, 1]")
+    # The run's kind decides which flags apply: checked from its config before any model is loaded.
+    from ldm_jax import config_lib
+    from ldm_jax.data import shapes
+
+    try:
+        run_config = config_lib.load_config(os.path.join(_WORKDIR.value, "config.json"))
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from e
+    kind = run_config.get("task")
+    if kind == "txt2img":
+        conditions = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+    elif kind == "class_cond":
+        if not _CLASS_LABEL.value:
+            raise app.UsageError(f"{_WORKDIR.value} is class-conditional: pass --class_label (repeatable)")
+        conditions = list(_CLASS_LABEL.value)
+        n = shapes.num_classes(run_config.classes)
+        bad = [x for x in conditions if not 0 <= x < n]
+        if bad:
+            raise app.UsageError(f"--class_label={bad}: must be in [0, {n}) for classes={run_config.classes!r}")
+    elif kind == "unconditional":
+        if _NUM_IMAGES.value < 1:
+            raise app.UsageError(f"--num_images={_NUM_IMAGES.value}: must be >= 1")
+        conditions = [None] * _NUM_IMAGES.value
+    else:
+        raise app.UsageError(
+            f"workdir {_WORKDIR.value!r}: holds a {kind!r} run; sampling needs a txt2img, class_cond or unconditional run"
+        )
+    if kind != "txt2img" and (_PROMPT.value or _PROMPTS_FILE.value or _NEGATIVE.value):
+        raise app.UsageError(f"--prompt, --prompts_file and --negative_prompt need a txt2img run; this is {kind}")
     overrides = {
         "name": _SAMPLER.value,
         "num_steps": _STEPS.value,
@@ -98,14 +125,27 @@ def main(argv):
         "spacing": _SPACING.value,
         "karras_sigmas": _KARRAS.value,
     }
+    from ldm_jax.diffusion.samplers import SamplerOptions
+
     try:
-        options = task.sampler_options(**{k: v for k, v in overrides.items() if v is not None})
+        options = SamplerOptions.from_config(run_config.sample, run_config.diffusion.prediction_type)
+        options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
+        options.validate(run_config.diffusion.num_train_timesteps, "sample")
     except ValueError as e:  # names the field and what is allowed
         raise app.UsageError(str(e).replace("sample.sampler", "--sampler").replace("sample.", "--")) from e
-    init_image = mask = None
-    strength = _STRENGTH.value
+    s = run_config.sample
+    guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
+    rescale = s.guidance_rescale if _RESCALE.value is None else _RESCALE.value
+    negative = (s.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value) if kind == "txt2img" else None
+    if guidance < 0 or not 0 <= rescale <= 1:
+        raise app.UsageError(f"--guidance_scale={guidance} must be >= 0 and --guidance_rescale={rescale} in [0, 1]")
     if _MASK_IMAGE.value and not _INIT_IMAGE.value:
         raise app.UsageError("--mask_image needs --init_image (the image whose unmasked region is kept)")
+    if _STRENGTH.value is not None and not _INIT_IMAGE.value:
+        raise app.UsageError("--strength applies only with --init_image")
+    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, _IMAGE_SIZE.value)
+    init_image = mask = None
+    strength = _STRENGTH.value
     if _INIT_IMAGE.value:
         from ldm_jax.imaging import load_image, load_mask
 
@@ -122,22 +162,23 @@ def main(argv):
             task.first_step(options, strength)
         except ValueError as e:
             raise app.UsageError(f"--{e}") from e
-    elif strength is not None:
-        raise app.UsageError("--strength applies only with --init_image")
-    limit = task.tokenizer.max_length - 2
-    truncated = [p for p in prompts if len(task.tokenizer.tokenize(p)) > limit]
-    if truncated:
-        logging.warning("%d prompt(s) exceed %d tokens and are truncated: %s", len(truncated), limit, truncated)
+    truncated = []
+    if kind == "txt2img":
+        limit = task.tokenizer.max_length - 2
+        truncated = [p for p in conditions if len(task.tokenizer.tokenize(p)) > limit]
+        if truncated:
+            logging.warning("%d prompt(s) exceed %d tokens and are truncated: %s", len(truncated), limit, truncated)
 
-    all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
-    seeds = [_SEED.value + i for i in range(len(all_prompts))]
+    per = _NUM_PER_PROMPT.value if kind != "unconditional" else 1
+    all_conditions = [c for c in conditions for _ in range(per)]
+    seeds = [_SEED.value + i for i in range(len(all_conditions))]
     batch = _BATCH.value or 8 * mesh.size
     t0 = time.perf_counter()
     images = task.generate_images(
         params,
         frozen,
         mesh,
-        all_prompts,
+        all_conditions,
         seeds,
         options,
         guidance,
@@ -165,13 +206,19 @@ def main(argv):
         checkpoint_step=step,
     )
     lines = []
-    for i, (img, prompt, seed) in enumerate(zip(images, all_prompts, seeds)):
+    for i, (img, cond, seed) in enumerate(zip(images, all_conditions, seeds)):
         name = f"{i:05d}.png"
         save_png(os.path.join(outdir, name), img)
-        lines.append(json.dumps(dict(file=name, prompt=prompt, seed=seed, truncated=prompt in truncated, **settings)))
+        if kind == "txt2img":
+            what = dict(prompt=cond, truncated=cond in truncated)
+        elif kind == "class_cond":
+            what = dict(class_label=cond, class_name=task.class_name(cond))
+        else:
+            what = {}
+        lines.append(json.dumps(dict(file=name, seed=seed, **what, **settings)))
     save_png(
         os.path.join(outdir, "grid.png"),
-        make_grid(images, ncol=_NUM_PER_PROMPT.value),
+        make_grid(images, ncol=per if kind != "unconditional" else None),
         upscale=4 if images.shape[1] <= 64 else 1,
     )
     tmp = os.path.join(outdir, "manifest.jsonl.tmp")

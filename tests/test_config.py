@@ -4,18 +4,18 @@ import sys
 
 import pytest
 
-from configs import autoencoder_kl, txt2img
+from configs import autoencoder_kl, class_cond, txt2img, unconditional
 from ldm_jax import config_lib
 from ldm_jax.training.sharding import check_batch_size, make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("module, presets", [(autoencoder_kl, autoencoder_kl.PRESETS), (txt2img, txt2img.PRESETS)])
-def test_every_preset_validates(module, presets):
-    for p in presets:
+@pytest.mark.parametrize("module", [autoencoder_kl, txt2img, class_cond, unconditional])
+def test_every_preset_validates(module):
+    for p in module.PRESETS:
         c = module.get_config(p)
-        if c.task == "txt2img" and not c.first_stage.workdir:
+        if c.task != "autoencoder" and not c.first_stage.workdir:
             c.first_stage.workdir = "somewhere"
         config_lib.validate(c)
 
@@ -35,6 +35,10 @@ def test_pod_scale_txt2img_describes_the_paper_setup():
         ("data.global_batch_size", 0, "data.global_batch_size=0"),
         ("sample.num_steps", 5000, "sample.num_steps=5000"),
         ("first_stage.workdir", "", "first_stage.workdir"),
+        ("sample.sampler", "heun", "sample.sampler='heun': must be one of"),
+        ("sample.guidance_rescale", 1.5, "sample.guidance_rescale=1.5"),
+        ("diffusion.loss_weighting", "p2", "diffusion.loss_weighting='p2'"),
+        ("diffusion.rescale_betas_zero_snr", True, "needs prediction_type 'v_prediction' or 'sample'"),
     ],
 )
 def test_validate_names_the_bad_field(field, value, match):
@@ -79,3 +83,18 @@ def test_cli_rejects_unknown_and_invalid_fields_before_device_work(tmp_path):
     bad = _run_train("--config=configs/autoencoder_kl.py:tiny", "--config.optim.ema_decay=1.5", f"--workdir={workdir}")
     assert bad.returncode != 0 and "optim.ema_decay=1.5: must be in [0, 1)" in bad.stderr
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("classes", "size_color", "classes='size_color': must be one of"),
+        ("sample.class_labels", (0, 18), r"must be in \[0, 18\)"),
+    ],
+)
+def test_class_cond_config_names_the_bad_field(field, value, match):
+    c = class_cond.get_config("demo")
+    section, _, name = field.rpartition(".")
+    (c[section] if section else c)[name] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(c)

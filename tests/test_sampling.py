@@ -181,4 +181,4 @@ def test_sample_cli_rejects_a_non_txt2img_workdir(first_stage_workdir):
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0 and "sampling needs a txt2img run" in proc.stderr
+    assert proc.returncode != 0 and "sampling needs a txt2img" in proc.stderr

@@ -23,13 +23,17 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 
 class Preprocess(grain.MapTransform):
-    """uint8 image -> float32 in [-1, 1]; caption -> token ids (when a tokenizer is given)."""
+    """uint8 image -> float32 in [-1, 1]; caption -> token ids (when a tokenizer is given); attributes -> a class
+    id under ``labeling`` (see ``shapes.LABELINGS``) as "label"."""
 
-    def __init__(self, tokenizer: Optional[CLIPTokenizer]):
+    def __init__(self, tokenizer: Optional[CLIPTokenizer], labeling: Optional[str] = None):
         self.tokenizer = tokenizer
+        self.labeling = labeling
 
     def map(self, example: dict) -> dict:
         out = {"image": to_model_range(example["image"])}
+        if self.labeling:
+            out["label"] = np.int32(shapes.class_label(example, self.labeling))
         if self.tokenizer is not None:
             text = example["caption"]
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
@@ -59,6 +63,7 @@ def make_loader(
     split: str,
     global_batch_size: int,
     tokenizer: Optional[CLIPTokenizer] = None,
+    labeling: Optional[str] = None,
     shuffle: bool = True,
     num_epochs: Optional[int] = None,
 ) -> grain.DataLoader:
@@ -77,7 +82,7 @@ def make_loader(
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[Preprocess(tokenizer), grain.Batch(local, drop_remainder=True)],
+        operations=[Preprocess(tokenizer, labeling), grain.Batch(local, drop_remainder=True)],
         worker_count=data_config.worker_count,
     )
 

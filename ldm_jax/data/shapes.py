@@ -45,6 +45,41 @@ POSITIONS = (
 BACKGROUNDS = {"black": (20, 20, 20), "gray": (128, 128, 128), "white": (240, 240, 240)}
 COLOR_NAMES = tuple(COLORS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
+ATTRIBUTE_VALUES = {
+    "shape": SHAPES,
+    "color": COLOR_NAMES,
+    "size": SIZES,
+    "position": POSITIONS,
+    "background": BACKGROUND_NAMES,
+}
+# Class labelings for class-conditional models: the attributes whose combination is the class.
+LABELINGS = {"shape": ("shape",), "color": ("color",), "shape_color": ("color", "shape")}
+
+
+def num_classes(labeling: str) -> int:
+    if labeling not in LABELINGS:
+        raise ValueError(f"classes={labeling!r}: must be one of {tuple(LABELINGS)}")
+    return int(np.prod([len(ATTRIBUTE_VALUES[a]) for a in LABELINGS[labeling]]))
+
+
+def class_label(example: dict, labeling: str) -> int:
+    """The class id of an example (mixed radix over the labeling's attributes, first attribute most significant)."""
+    label = 0
+    for attr in LABELINGS[labeling]:
+        label = label * len(ATTRIBUTE_VALUES[attr]) + int(example[attr])
+    return label
+
+
+def class_name(label: int, labeling: str) -> str:
+    """e.g. "red circle" for shape_color."""
+    words = []
+    for attr in reversed(LABELINGS[labeling]):
+        n = len(ATTRIBUTE_VALUES[attr])
+        words.append(ATTRIBUTE_VALUES[attr][label % n])
+        label //= n
+    return " ".join(reversed(words))
+
+
 # Radius as a fraction of the image side.
 SIZE_RADIUS = {"small": 0.11, "large": 0.19}
 HELDOUT_FRACTION = 0.12

@@ -68,21 +68,27 @@ def predict_attributes(image: np.ndarray) -> dict[str, int] | None:
 
 def score(images: Iterable[np.ndarray], prompts: Sequence[str]) -> dict[str, float]:
     """Per-attribute accuracy of ``images`` against their ``prompts`` plus the share with no object found."""
-    hits = {a: 0 for a in ATTRIBUTES}
+    return score_wanted(images, [parse_caption(p) for p in prompts])
+
+
+def score_wanted(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, float]:
+    """Per-attribute accuracy against ``wanted[i]`` (attribute -> index; only the attributes it names are scored,
+    e.g. colour and shape for a class label), plus the share of images with no object found (counted as misses)."""
+    names = [a for a in ATTRIBUTES if any(a in w for w in wanted)]
+    hits = {a: 0 for a in names}
+    asked = {a: 0 for a in names}
     missing = 0
     n = 0
-    for img, prompt in zip(images, prompts, strict=True):
-        want = parse_caption(prompt)
+    for img, want in zip(images, wanted, strict=True):
         got = predict_attributes(np.asarray(img))
         n += 1
-        if got is None:
-            missing += 1
-            continue
-        for a in ATTRIBUTES:
-            hits[a] += int(got[a] == want[a])
+        missing += got is None
+        for a in want:
+            asked[a] += 1
+            hits[a] += int(got is not None and got[a] == want[a])
     if n == 0:
         raise ValueError("score() got no images")
-    out = {f"accuracy/{a}": hits[a] / n for a in ATTRIBUTES}
+    out = {f"accuracy/{a}": hits[a] / asked[a] for a in names}
     out["no_object_rate"] = missing / n
     out["count"] = float(n)
     return out

@@ -55,7 +55,10 @@ class UNet(nn.Module):
       layers_per_block: ResNet blocks per level on the way down (one more on the way up).
       attention_levels: whether each level has a SpatialTransformer after every ResNet block.
       num_heads / head_dim: heads per level; when ``head_dim > 0`` it wins and heads = channels // head_dim.
-      context_dim: width of the conditioning sequence (text encoder output).
+      context_dim: width of the conditioning sequence (text encoder output); 0 for models without one, whose
+        transformer blocks then attend to the feature map in both attention layers (as LDM does without context).
+      num_classes: > 0 adds a learned class embedding to the timestep embedding, with one extra row (index
+        ``num_classes``) for the null class that classifier-free guidance conditions on.
     """
 
     in_channels: int = 4
@@ -70,6 +73,7 @@ class UNet(nn.Module):
     norm_groups: int = 32
     use_linear_projection: bool = False
     dropout: float = 0.0
+    num_classes: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -106,7 +110,14 @@ class UNet(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        context: jax.Array | None = None,
+        train: bool = False,
+        class_labels: jax.Array | None = None,
+    ) -> jax.Array:
         det = not train
         chans = self.block_out_channels
         nlev = len(chans)
@@ -114,7 +125,23 @@ class UNet(nn.Module):
         temb = TimestepEmbedding(chans[0] * 4, dtype=self.dtype, param_dtype=self.param_dtype, name="time_embedding")(
             temb.astype(self.dtype)
         )
-        context = context.astype(self.dtype)
+        if self.num_classes:
+            if class_labels is None:
+                raise ValueError(
+                    f"UNet(num_classes={self.num_classes}) needs class_labels [B] (null class = num_classes)"
+                )
+            temb = temb + nn.Embed(
+                self.num_classes + 1,
+                chans[0] * 4,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="class_embedding",
+            )(class_labels)
+        if (context is None) != (self.context_dim == 0):
+            raise ValueError(
+                f"UNet(context_dim={self.context_dim}): context must be given exactly when context_dim > 0"
+            )
+        context = None if context is None else context.astype(self.dtype)
 
         h = nn.Conv(chans[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(
             x.astype(self.dtype)

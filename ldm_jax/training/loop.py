@@ -116,7 +116,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     init_state, step_fn, state_shardings, abstract = make_train_step(config, task, mesh)
 
     loader = pipeline.make_loader(
-        config.data, "train", config.data.global_batch_size, task.tokenizer if task.uses_tokens else None
+        config.data,
+        "train",
+        config.data.global_batch_size,
+        task.tokenizer if task.uses_tokens else None,
+        getattr(task, "label_field", None),
     )
     data_iter = iter(loader)
     if latest is not None:

@@ -1,0 +1,315 @@
+"""What every latent diffusion task shares: the frozen first stage, the latent scale, the diffusion loss on its
+latents, and guided generation (text-to-image, image-to-image, latent inpainting) with any sampler.
+
+A subclass says what conditions the UNet (``encode_condition``, ``apply_unet``), how a batch's condition is dropped
+for classifier-free guidance (``training_condition``), and how host-side conditions become arrays
+(``condition_inputs``, ``null_inputs``). The first stage (a trained autoencoder named by ``first_stage.workdir``) is
+frozen and passed to the step as ``frozen``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ldm_jax import config_lib
+from ldm_jax.data import pipeline
+from ldm_jax.diffusion import objectives, samplers
+from ldm_jax.diffusion.guidance import classifier_free_guidance
+from ldm_jax.diffusion.schedules import schedule_from_config
+from ldm_jax.imaging import to_uint8
+from ldm_jax.models.unet import UNet
+from ldm_jax.tasks.autoencoder import build_autoencoder
+from ldm_jax.training import checkpoint
+from ldm_jax.training.sharding import batch_sharding, replicated
+from ldm_jax.training.steps import LossFn
+
+GENERATION_MODES = ("txt2img", "img2img", "inpaint")
+# Training images used to estimate the latent scale (1 / std of latents), as LDM's scale_by_std does.
+SCALE_EXAMPLES = 256
+
+
+def load_first_stage(config):
+    """(autoencoder module, its config) of the run named by ``config.first_stage.workdir``."""
+    workdir = config.first_stage.workdir
+    fs_config = config_lib.load_config(os.path.join(workdir, "config.json"))
+    if fs_config.task != "autoencoder":
+        raise ValueError(f"first_stage.workdir={workdir!r}: holds a {fs_config.task!r} run, not an autoencoder")
+    return build_autoencoder(fs_config.model, config.dtype), fs_config
+
+
+class LatentDiffusionTask:
+    uses_tokens = False
+    label_field: str | None = None  # the dataset attribute batches carry as "label"
+    guided = True  # classifier-free guidance at sampling (unconditional models have nothing to guide with)
+
+    def __init__(self, config, context_dim: int, num_classes: int = 0):
+        self.config = config
+        self.dtype = jnp.dtype(config.dtype)
+        self.first_stage, fs_config = load_first_stage(config)
+        f = self.first_stage.downsampling_factor
+        if config.data.image_size % f:
+            raise ValueError(f"data.image_size={config.data.image_size}: must be divisible by the first stage's f={f}")
+        self.first_stage_is_vq = fs_config.model.get("kind", "kl") == "vq"
+        z = fs_config.model.embed_dim if self.first_stage_is_vq else fs_config.model.latent_channels
+        self.latent_shape = (config.data.image_size // f, config.data.image_size // f, z)
+        levels = len(config.unet.block_out_channels)
+        if self.latent_shape[0] % 2 ** (levels - 1):
+            raise ValueError(
+                f"unet.block_out_channels={tuple(config.unet.block_out_channels)}: {levels} levels need latents divisible "
+                f"by {2 ** (levels - 1)}, got {self.latent_shape[0]}x{self.latent_shape[1]}"
+            )
+        u = config.unet
+        self.unet = UNet(
+            in_channels=self.latent_shape[-1],
+            out_channels=self.latent_shape[-1],
+            block_out_channels=tuple(u.block_out_channels),
+            layers_per_block=u.layers_per_block,
+            attention_levels=tuple(u.attention_levels),
+            num_heads=tuple(u.num_heads),
+            head_dim=u.head_dim,
+            transformer_depth=u.transformer_depth,
+            context_dim=context_dim,
+            norm_groups=u.norm_groups,
+            use_linear_projection=u.use_linear_projection,
+            dropout=u.dropout,
+            num_classes=num_classes,
+            dtype=self.dtype,
+        )
+        self.schedule = schedule_from_config(config.diffusion)
+        self._generate_cache = {}
+
+    # ---- conditioning: subclasses ------------------------------------------------------------------------
+    def encode_condition(self, params, frozen, inputs) -> Any:
+        """Arrays from ``condition_inputs`` -> what ``apply_unet`` takes (e.g. token ids -> text embeddings)."""
+        raise NotImplementedError
+
+    def apply_unet(self, params, x, t, cond, train: bool = False, rngs=None) -> jax.Array:
+        raise NotImplementedError
+
+    def training_condition(self, params, frozen, batch, drop: jax.Array) -> Any:
+        """The batch's condition with examples where ``drop`` [B] is True replaced by the null condition."""
+        raise NotImplementedError
+
+    def condition_inputs(self, conditions: list) -> Any:
+        """Host-side conditions (prompts, class ids) -> arrays with a leading batch axis (None if unconditional)."""
+        raise NotImplementedError
+
+    def check_conditions(self, conditions: list) -> None:
+        """Raises ValueError naming conditions the model cannot take (before any device work)."""
+
+    def null_inputs(self, n: int, negative: Any = None) -> Any:
+        """The unconditional side of guidance for ``n`` images (``negative``: a negative prompt, where supported)."""
+        raise NotImplementedError
+
+    # ---- parameters ----------------------------------------------------------------------------------------
+    def setup(self, meta: dict) -> tuple[dict, dict]:
+        """Loads the frozen first stage and fixes the latent scale; returns (frozen, meta)."""
+        fs_params, _, fs_step = checkpoint.load_trained_params(
+            self.config.first_stage.workdir, self.config.first_stage.weights
+        )
+        logging.info("first stage: %s at step %d", self.config.first_stage.workdir, fs_step)
+        frozen = {"first_stage": fs_params}
+        self.setup_frozen_condition(frozen)
+        if "latent_scale" in meta:
+            scale = float(meta["latent_scale"])
+        elif self.config.latent_scale > 0:
+            scale = float(self.config.latent_scale)
+        else:
+            scale = self._estimate_latent_scale(fs_params)
+        logging.info("latent scale: %.5f", scale)
+        frozen["latent_scale"] = jnp.asarray(scale, jnp.float32)
+        return frozen, {"latent_scale": scale}
+
+    def setup_frozen_condition(self, frozen: dict) -> None:
+        """Adds frozen conditioning weights (a frozen text encoder) to ``frozen``."""
+
+    def _estimate_latent_scale(self, fs_params) -> float:
+        images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
+        z = jax.jit(self._encode)(fs_params, images, jax.random.key(0))
+        return float(1.0 / jnp.std(z))
+
+    def _encode(self, fs_params, images, rng):
+        """Unscaled first-stage latents: a posterior sample (KL) or the continuous pre-quantisation latents (VQ)."""
+        out = self.first_stage.apply({"params": fs_params}, images, method="encode")
+        return out if self.first_stage_is_vq else out.sample(rng)
+
+    def encode_images(self, fs_params, images, keys):
+        """Unscaled latents of ``images`` for image-to-image: a posterior sample per image drawn from its own key
+        (as diffusers' pipelines do), or the pre-quantisation latents of a VQ first stage."""
+        out = self.first_stage.apply({"params": fs_params}, images, method="encode")
+        if self.first_stage_is_vq:
+            return out
+        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), out.mean.shape[1:]))(keys)
+        return out.mean + jnp.exp(0.5 * out.logvar) * eps
+
+    # ---- training ------------------------------------------------------------------------------------------
+    @property
+    def loss_fn(self) -> LossFn:
+        cfg = self.config.diffusion
+        schedule = self.schedule
+
+        def loss_fn(params, frozen, batch, rng):
+            k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
+            images = batch["image"]
+            b = images.shape[0]
+            z0 = jax.lax.stop_gradient(self._encode(frozen["first_stage"], images, k_post) * frozen["latent_scale"])
+            # Condition dropout: the null condition stands in for "no condition" (classifier-free guidance).
+            drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
+            cond = self.training_condition(params, frozen, batch, drop)
+            t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+            noise = objectives.sample_noise(k_noise, z0.shape, cfg.offset_noise, z0.dtype)
+            x_t = objectives.add_noise(schedule, z0, noise, t)
+            out = self.apply_unet(params, x_t, t, cond, train=True, rngs={"dropout": k_dropout})
+            target = objectives.training_target(cfg.prediction_type, schedule, z0, noise, t)
+            weights = objectives.loss_weights(cfg.loss_weighting, cfg.prediction_type, schedule, t, cfg.min_snr_gamma)
+            loss = objectives.diffusion_loss(out, target, weights)
+            return loss, {"cond_dropped": jnp.mean(drop.astype(jnp.float32))}
+
+        return loss_fn
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def sampler_options(self, **overrides) -> samplers.SamplerOptions:
+        """The run's ``config.sample`` sampler settings, with ``overrides`` (e.g. from sampling flags)."""
+        opts = samplers.SamplerOptions.from_config(self.config.sample, self.config.diffusion.prediction_type)
+        opts = opts.replace(**overrides)
+        opts.validate(self.schedule.num_train_timesteps, "sample")
+        return opts
+
+    @staticmethod
+    def first_step(options: samplers.SamplerOptions, strength: float) -> int:
+        """diffusers' image-to-image rule: run the last ``int(num_steps * strength)`` steps of the schedule."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength}: must be in (0, 1]")
+        run = min(int(options.num_steps * strength), options.num_steps)
+        if run < 1:
+            raise ValueError(
+                f"strength={strength}: with num_steps={options.num_steps} no step would run; "
+                f"need strength >= {1 / options.num_steps:.3g}"
+            )
+        return options.num_steps - run
+
+    def generate_fn(self, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
+        """Pure ``fn(params, frozen, cond_inputs, null_inputs, keys [B], guidance_scale, guidance_rescale,
+        init_images [B, H, W, 3] | None, masks [B, h, w, 1] | None) -> images [B, H, W, 3] in [-1, 1]``.
+
+        ``mode``: "txt2img" (from noise); "img2img" (the encoded ``init_images`` noised to step ``first_step``'s level,
+        then the remaining steps); "inpaint" (any model: after every step the kept region, ``masks`` = 0, is replaced
+        by the init latents noised to the next step's level; from pure noise when ``first_step`` = 0).
+
+        Image i's starting noise, posterior sample and (stochastic samplers) per-step noise come from ``keys[i]``
+        alone, so an image depends only on its own key and inputs, not on the batch it was generated in. Conditions,
+        seeds, images and guidance are traced arguments: changing them never recompiles.
+        """
+        if mode not in GENERATION_MODES:
+            raise ValueError(f"mode={mode!r}: must be one of {GENERATION_MODES}")
+        first_stage = self.first_stage
+        sampler = samplers.make_sampler(
+            options, self.schedule, first_step, beta_schedule=self.config.diffusion.beta_schedule
+        )
+        latent_shape, encode, guided = self.latent_shape, self.encode_images, self.guided
+
+        def generate(params, frozen, cond_in, null_in, keys, guidance_scale, guidance_rescale, init, masks):
+            apply = lambda x, t, c: self.apply_unet(params, x, t, c)  # noqa: E731
+            cond = self.encode_condition(params, frozen, cond_in)
+            if guided:
+                uncond = self.encode_condition(params, frozen, null_in)
+                model_fn = classifier_free_guidance(apply, cond, uncond, guidance_scale, guidance_rescale)
+            else:
+                model_fn = lambda x, t: apply(x, t, cond)  # noqa: E731
+            x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
+            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+            kw = dict(rng=step_keys if sampler.stochastic else None)
+            if mode != "txt2img":
+                z_init = encode(frozen["first_stage"], init, keys) * frozen["latent_scale"]
+                if mode == "img2img" or first_step > 0:
+                    kw["x0"] = z_init
+                if mode == "inpaint":
+                    kw["blend"] = lambda x, i: masks * x + (1.0 - masks) * sampler.noised(z_init, x_T, i + 1)
+            z0 = samplers.sample(sampler, model_fn, x_T, **kw)
+            images = first_stage.apply({"params": frozen["first_stage"]}, z0 / frozen["latent_scale"], method="decode")
+            return jnp.clip(images, -1.0, 1.0)
+
+        return generate
+
+    def compiled_generate(self, mesh, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
+        """``generate_fn`` jitted over ``mesh`` (batch split over every device); one program per sampler setting."""
+        key = (id(mesh), options, mode, first_step)
+        if key not in self._generate_cache:
+            repl, batch = replicated(mesh), batch_sharding(mesh)
+            self._generate_cache[key] = jax.jit(
+                self.generate_fn(options, mode, first_step),
+                in_shardings=(repl, repl, batch, batch, batch, repl, repl, batch, batch),
+                out_shardings=batch,
+            )
+        return self._generate_cache[key]
+
+    def generate_images(
+        self,
+        params,
+        frozen,
+        mesh,
+        conditions: list,
+        seeds: list[int],
+        options: samplers.SamplerOptions,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        negative: Any = None,
+        batch_size: int = 0,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        strength: float = 1.0,
+    ) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for ``conditions[i]`` (a prompt, a class id, None) with ``seeds[i]``, in
+        batches spread over every device.
+
+        ``negative`` replaces the null condition on the unconditional side of guidance (a negative prompt). With
+        ``init_image`` ([H, W, 3] in [-1, 1]) this is image-to-image at ``strength``; with ``mask`` too ([h, w, 1] at
+        the latent resolution, 1 = repaint) it is inpainting. ``batch_size`` (0 = one per device) is rounded up to
+        a multiple of the device count; the last batch is padded with repeats whose outputs are dropped, so every
+        call compiles one program.
+        """
+        if len(conditions) != len(seeds):
+            raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds: need one seed per image")
+        self.check_conditions(conditions)
+        mode = "txt2img" if init_image is None else ("img2img" if mask is None else "inpaint")
+        if mask is not None and init_image is None:
+            raise ValueError("mask given without init_image: inpainting needs the image whose region to keep")
+        size = self.config.data.image_size
+        if init_image is not None and init_image.shape != (size, size, 3):
+            raise ValueError(f"init_image shape {init_image.shape}: must be {(size, size, 3)}")
+        if mask is not None and mask.shape != self.latent_shape[:2] + (1,):
+            raise ValueError(f"mask shape {mask.shape}: must be {self.latent_shape[:2] + (1,)} (latent resolution)")
+        first_step = 0 if mode == "txt2img" else self.first_step(options, strength)
+        per_call = max(batch_size, 1)
+        per_call = -(-per_call // mesh.size) * mesh.size
+        fn = self.compiled_generate(mesh, options, mode, first_step)
+        null = self.null_inputs(per_call, negative)
+        init = None if init_image is None else jnp.broadcast_to(jnp.asarray(init_image), (per_call, *init_image.shape))
+        masks = None if mask is None else jnp.broadcast_to(jnp.asarray(mask), (per_call, *mask.shape))
+        out = []
+        for start in range(0, len(conditions), per_call):
+            chunk_c = list(conditions[start : start + per_call])
+            chunk_s = list(seeds[start : start + per_call])
+            n = len(chunk_c)
+            chunk_c += [chunk_c[-1]] * (per_call - n)
+            chunk_s += [chunk_s[-1]] * (per_call - n)
+            keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_s, jnp.uint32))
+            images = fn(
+                params,
+                frozen,
+                self.condition_inputs(chunk_c),
+                null,
+                keys,
+                jnp.float32(guidance_scale),
+                jnp.float32(guidance_rescale),
+                init,
+                masks,
+            )
+            out.append(to_uint8(jax.device_get(images))[:n])
+        return np.concatenate(out, axis=0)

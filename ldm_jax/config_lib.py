@@ -318,7 +318,7 @@ def validate_diffusion(c) -> None:
         "needs prediction_type 'v_prediction' or 'sample': at zero SNR an epsilon model cannot recover x0",
     )
     s = c.sample
-    SamplerOptions.from_config(s, df.prediction_type).validate(df.num_train_timesteps, "sample")
+    SamplerOptions.for_run(c)
     _check(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale, "must be >= 0")
     _check(0.0 <= s.guidance_rescale <= 1.0, "sample.guidance_rescale", s.guidance_rescale, "must be in [0, 1]")
     if c.task == "txt2img":

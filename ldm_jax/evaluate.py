@@ -67,7 +67,7 @@ def main(argv):
     guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
     overrides = {"num_steps": _STEPS.value, "name": _SAMPLER.value}
     try:
-        options = task.sampler_options(**{k: v for k, v in overrides.items() if v is not None})
+        options = task.sampler_options(**overrides)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     steps = options.num_steps

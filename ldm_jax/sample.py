@@ -128,11 +128,9 @@ def main(argv):
     from ldm_jax.diffusion.samplers import SamplerOptions
 
     try:
-        options = SamplerOptions.from_config(run_config.sample, run_config.diffusion.prediction_type)
-        options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
-        options.validate(run_config.diffusion.num_train_timesteps, "sample")
-    except ValueError as e:  # names the field and what is allowed
-        raise app.UsageError(str(e).replace("sample.sampler", "--sampler").replace("sample.", "--")) from e
+        options = SamplerOptions.for_run(run_config, prefix="--", **overrides)
+    except ValueError as e:  # names the flag and what is allowed
+        raise app.UsageError(str(e)) from e
     s = run_config.sample
     guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
     rescale = s.guidance_rescale if _RESCALE.value is None else _RESCALE.value
@@ -143,7 +141,9 @@ def main(argv):
         raise app.UsageError("--mask_image needs --init_image (the image whose unmasked region is kept)")
     if _STRENGTH.value is not None and not _INIT_IMAGE.value:
         raise app.UsageError("--strength applies only with --init_image")
-    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, _IMAGE_SIZE.value)
+    task, params, frozen, mesh, step = load_for_sampling(
+        _WORKDIR.value, _WEIGHTS.value, _IMAGE_SIZE.value, config=run_config
+    )
     init_image = mask = None
     strength = _STRENGTH.value
     if _INIT_IMAGE.value:

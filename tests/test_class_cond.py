@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_count import count_generate_traces
 
 from ldm_jax.data import pipeline, shapes
 
@@ -69,19 +70,7 @@ def test_class_labels_condition_the_model_and_dropout_uses_the_null_class(class_
     labels = task.training_condition(params, frozen, {"label": jnp.array([3, 4, 5, 6])}, drop)
     np.testing.assert_array_equal(labels, [18, 4, 18, 6])
     options = task.sampler_options(num_steps=4)
-    traces = []
-    make = task.generate_fn
-
-    def counting(options, *args):
-        fn = make(options, *args)
-
-        def traced(*a):
-            traces.append(1)
-            return fn(*a)
-
-        return traced
-
-    task.generate_fn = counting
+    traces = count_generate_traces(task)
     a = task.generate_images(params, frozen, mesh, [0, 13], [7, 7], options, 4.0, batch_size=8)
     b = task.generate_images(params, frozen, mesh, [13, 0], [7, 7], options, 4.0, batch_size=8)
     c = task.generate_images(params, frozen, mesh, [13], [7], options, 2.0, batch_size=8)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_count import count_generate_traces
 from PIL import Image
 
 
@@ -26,19 +27,7 @@ def test_generation_compiles_once_per_sampler_across_prompts_seeds_and_guidance(
 
     task, params, frozen, mesh, step = load_for_sampling(txt2img_workdir)
     assert step == 8 and mesh.size == 8
-    traces = []
-    make = task.generate_fn
-
-    def counting_generate_fn(options, *args):
-        fn = make(options, *args)
-
-        def traced(*args):
-            traces.append(options.name)  # runs only when jax traces (i.e. compiles) the function
-            return fn(*args)
-
-        return traced
-
-    task.generate_fn = counting_generate_fn
+    traces = count_generate_traces(task)
     red = "a small red circle in the center on a black background"
     blue = "a large blue square at the top on a white background"
     for name in ("ddim", "dpmpp_2m", "euler_ancestral"):

@@ -27,15 +27,17 @@ def build_task(config):
     return TASK_CLASSES[config.task](config)
 
 
-def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0, tasks=DIFFUSION_TASKS):
+def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0, tasks=DIFFUSION_TASKS, config=None):
     """(task, params, frozen, mesh, step) of a latent diffusion workdir, ready for ``task.generate_images``.
 
     ``image_size`` > 0 samples at another resolution than the run's ``data.image_size`` (the UNet is convolutional).
+    ``config``: the workdir's config when the caller has already read it.
     """
     from ldm_jax.training import checkpoint
     from ldm_jax.training.sharding import make_mesh, replicated
 
-    config = config_lib.load_config(os.path.join(workdir, "config.json"))
+    if config is None:
+        config = config_lib.load_config(os.path.join(workdir, "config.json"))
     if image_size:
         config.data.image_size = int(image_size)
     if config.task not in tasks:

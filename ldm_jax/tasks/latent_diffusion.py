@@ -176,10 +176,7 @@ class LatentDiffusionTask:
     # ---- generation ----------------------------------------------------------------------------------------
     def sampler_options(self, **overrides) -> samplers.SamplerOptions:
         """The run's ``config.sample`` sampler settings, with ``overrides`` (e.g. from sampling flags)."""
-        opts = samplers.SamplerOptions.from_config(self.config.sample, self.config.diffusion.prediction_type)
-        opts = opts.replace(**overrides)
-        opts.validate(self.schedule.num_train_timesteps, "sample")
-        return opts
+        return samplers.SamplerOptions.for_run(self.config, **overrides)
 
     @staticmethod
     def first_step(options: samplers.SamplerOptions, strength: float) -> int:

@@ -53,13 +53,14 @@ class SamplerOptions:
     karras_sigmas: bool = False  # DPM-Solver++ / Euler: Karras et al. rho=7 sigma spacing
     final_sigmas_type: str = "zero"  # DPM-Solver++ / Euler: last sigma 0, or the schedule's smallest sigma
 
-    def validate(self, num_train_timesteps: int, prefix: str = "sample") -> None:
+    def validate(self, num_train_timesteps: int, prefix: str = "sample.") -> None:
+        """Raises ValueError naming ``<prefix><field>`` (``sample.`` for configs, ``--`` for flags)."""
         from ldm_jax.diffusion.samplers import SAMPLERS  # the registry imports the sampler modules
 
         def check(cond, field, rule):
             if not cond:
                 label = "sampler" if field == "name" else field  # the config calls the name "sample.sampler"
-                raise ValueError(f"{prefix}.{label}={getattr(self, field)!r}: {rule}")
+                raise ValueError(f"{prefix}{label}={getattr(self, field)!r}: {rule}")
 
         check(self.name in SAMPLERS, "name", f"must be one of {tuple(SAMPLERS)}")
         check(1 <= self.num_steps <= num_train_timesteps, "num_steps", f"must be in [1, {num_train_timesteps}]")
@@ -86,6 +87,15 @@ class SamplerOptions:
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
         values = {k: sample.get(k, default) for k, default in fields.items() if k not in ("name", "prediction_type")}
         return cls(name=sample.get("sampler", "ddim"), prediction_type=prediction_type, **values)
+
+    @classmethod
+    def for_run(cls, config, prefix: str = "sample.", **overrides) -> "SamplerOptions":
+        """A run's sampler: its ``config.sample`` and ``config.diffusion``, with the non-None ``overrides`` (e.g.
+        from flags), validated."""
+        opts = cls.from_config(config.sample, config.diffusion.prediction_type)
+        opts = opts.replace(**{k: v for k, v in overrides.items() if v is not None})
+        opts.validate(config.diffusion.num_train_timesteps, prefix)
+        return opts
 
     def to_config(self) -> dict:
         """The ``config.sample`` fields for these options (inverse of ``from_config``)."""
@@ -223,6 +233,5 @@ def sample(
         return state, (state["x"] if return_intermediates else None)
 
     state = sampler.start(noise, x0)
-    given = step_noise if step_noise is not None else None
-    final, inter = jax.lax.scan(body, state, (rows, jnp.arange(n), given))
+    final, inter = jax.lax.scan(body, state, (rows, jnp.arange(n), step_noise))
     return (final["x"], inter) if return_intermediates else final["x"]

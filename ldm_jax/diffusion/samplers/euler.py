@@ -86,6 +86,6 @@ class EulerAncestral(_SigmaSampler):
     @classmethod
     def check_options(cls, options, prefix):
         if options.karras_sigmas:
-            raise ValueError(f"{prefix}.karras_sigmas=True: supported by dpmpp_2m and euler, not euler_ancestral")
+            raise ValueError(f"{prefix}karras_sigmas=True: supported by dpmpp_2m and euler, not euler_ancestral")
         if options.final_sigmas_type != "zero":
-            raise ValueError(f"{prefix}.final_sigmas_type={options.final_sigmas_type!r}: euler_ancestral ends at 0")
+            raise ValueError(f"{prefix}final_sigmas_type={options.final_sigmas_type!r}: euler_ancestral ends at 0")

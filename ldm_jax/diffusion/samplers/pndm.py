@@ -84,10 +84,10 @@ class PNDM(Sampler):
     def check_options(cls, options, prefix):
         if options.prediction_type == "sample":
             raise ValueError(
-                f"{prefix}.sampler='pndm': needs an 'epsilon' or 'v_prediction' model, this one predicts 'sample'"
+                f"{prefix}sampler='pndm': needs an 'epsilon' or 'v_prediction' model, this one predicts 'sample'"
             )
         if not options.skip_prk_steps and options.num_steps < 4:
-            raise ValueError(f"{prefix}.num_steps={options.num_steps}: PNDM with Runge-Kutta steps needs >= 4")
+            raise ValueError(f"{prefix}num_steps={options.num_steps}: PNDM with Runge-Kutta steps needs >= 4")
 
     def __init__(self, options, schedule, first_step=0):
         super().__init__(options, schedule, first_step)

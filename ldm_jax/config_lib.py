@@ -17,7 +17,7 @@ from ldm_jax.diffusion.samplers import SamplerOptions
 from ldm_jax.diffusion.schedules import SCHEDULES
 from ldm_jax.training.optim import LR_SCHEDULES
 
-TASKS = ("autoencoder", "txt2img", "class_cond", "unconditional")
+TASKS = ("autoencoder", "txt2img", "class_cond", "unconditional", "inpainting", "superres")
 DTYPES = ("float32", "bfloat16")
 DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
 
@@ -258,8 +258,12 @@ def validate(c) -> None:
                 f"entry {lev} must be >= 1 and divide {ch} channels",
             )
     _check(0.0 <= u.dropout < 1.0, "unet.dropout", u.dropout, "must be in [0, 1)")
-    if c.task == "txt2img":
+    if c.task in ("txt2img", "inpainting"):
         _validate_text_encoder(c.text_encoder)
+        if c.task == "inpainting":
+            _validate_inpainting(c.inpainting)
+    elif c.task == "superres":
+        _validate_superres(c)
     elif c.task == "class_cond":
         from ldm_jax.data.shapes import LABELINGS, num_classes
 
@@ -271,6 +275,56 @@ def validate(c) -> None:
     else:
         _check(c.sample.num_preview >= 1, "sample.num_preview", c.sample.num_preview, "must be >= 1")
     validate_diffusion(c)
+
+
+def _validate_inpainting(p) -> None:
+    _check(p.max_boxes >= 1, "inpainting.max_boxes", p.max_boxes, "must be >= 1")
+    _check(
+        0.0 < p.min_box_fraction <= p.max_box_fraction <= 1.0,
+        "inpainting.min_box_fraction",
+        (p.min_box_fraction, p.max_box_fraction),
+        "need 0 < min_box_fraction <= max_box_fraction <= 1",
+    )
+    _check(0.0 <= p.full_mask_prob <= 1.0, "inpainting.full_mask_prob", p.full_mask_prob, "must be in [0, 1]")
+
+
+def _validate_superres(c) -> None:
+    from ldm_jax.tasks.superres import DOWNSAMPLE_METHODS
+
+    sr = c.superres
+    _check(sr.scale >= 2, "superres.scale", sr.scale, "must be >= 2 (output side / low-resolution side)")
+    _check(
+        c.data.image_size % sr.scale == 0,
+        "superres.scale",
+        sr.scale,
+        f"must divide data.image_size={c.data.image_size}",
+    )
+    _check(
+        sr.downsample in DOWNSAMPLE_METHODS,
+        "superres.downsample",
+        sr.downsample,
+        f"must be one of {DOWNSAMPLE_METHODS}",
+    )
+    _check(sr.noise_schedule in SCHEDULES, "superres.noise_schedule", sr.noise_schedule, f"must be one of {SCHEDULES}")
+    _check(
+        0 <= sr.max_noise_level < sr.noise_timesteps,
+        "superres.max_noise_level",
+        sr.max_noise_level,
+        f"must be in [0, superres.noise_timesteps={sr.noise_timesteps})",
+    )
+    _check(
+        0 <= c.sample.noise_level <= sr.max_noise_level,
+        "sample.noise_level",
+        c.sample.noise_level,
+        f"must be in [0, superres.max_noise_level={sr.max_noise_level}]",
+    )
+    _check(c.sample.num_preview >= 1, "sample.num_preview", c.sample.num_preview, "must be >= 1")
+    _check(
+        c.diffusion.cond_drop_prob == 0.0,
+        "diffusion.cond_drop_prob",
+        c.diffusion.cond_drop_prob,
+        "must be 0 for superres (the low-resolution image always conditions; sampling is not guided)",
+    )
 
 
 def _validate_text_encoder(te) -> None:
@@ -321,7 +375,7 @@ def validate_diffusion(c) -> None:
     SamplerOptions.for_run(c)
     _check(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale, "must be >= 0")
     _check(0.0 <= s.guidance_rescale <= 1.0, "sample.guidance_rescale", s.guidance_rescale, "must be in [0, 1]")
-    if c.task == "txt2img":
+    if c.task in ("txt2img", "inpainting"):
         _check(len(s.prompts) >= 1, "sample.prompts", s.prompts, "must hold at least one prompt for preview grids")
 
 

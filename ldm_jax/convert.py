@@ -5,8 +5,8 @@
   python -m ldm_jax.convert --src=sd-v1-4.ckpt --allow_pickle --out=runs/sd14
   python -m ldm_jax.convert --src=v2-1_768-ema-pruned.safetensors --prediction_type=v_prediction --out=runs/sd21
 
-Writes ``<out>`` (a txt2img workdir: text encoder + UNet, config naming the first stage) and ``<out>/first_stage``
-(an autoencoder workdir), plus ``<out>/conversion.json`` (tensor counts and the source keys deliberately not
+Writes ``<out>`` (a txt2img workdir, or an inpainting workdir for 9-channel inpainting UNets: text encoder + UNet,
+config naming the first stage) and ``<out>/first_stage`` (an autoencoder workdir), plus ``<out>/conversion.json`` (tensor counts and the source keys deliberately not
 converted). Then:
   python -m ldm_jax.sample --workdir=<out> --prompt="a photo of a cat"
   python -m ldm_jax.train --config=configs/txt2img.py --config.init_from=<out> ...   (fine-tuning)

@@ -1,4 +1,5 @@
-"""Export a trained txt2img workdir as a diffusers ``StableDiffusionPipeline`` folder (PyTorch loads it).
+"""Export a trained txt2img (inpainting) workdir as a diffusers ``StableDiffusionPipeline``
+(``StableDiffusionInpaintPipeline``) folder that PyTorch loads.
 
   python -m ldm_jax.export --workdir=runs/demo/txt2img --out=exported/demo
   # then, in a PyTorch environment:
@@ -14,7 +15,7 @@ import json
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A txt2img workdir (trained or converted).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A txt2img or inpainting workdir (trained or converted).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (must not exist or be empty, unless --overwrite).")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Which weights of the checkpoint to export.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")

@@ -46,13 +46,14 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
         raise
 
 
-def load_image(path: str, size: int, what: str = "--init_image") -> np.ndarray:
-    """An RGB image file as float32 [size, size, 3] in [-1, 1] (resized with Lanczos when its size differs)."""
+def load_image(path: str, size: int = 0, what: str = "--init_image") -> np.ndarray:
+    """An RGB image file as float32 [size, size, 3] in [-1, 1] (resized with Lanczos when its size differs; at its
+    own size when ``size`` is 0)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}={path!r}: no such file")
     with Image.open(path) as im:
         im = im.convert("RGB")
-        if im.size != (size, size):
+        if size and im.size != (size, size):
             im = im.resize((size, size), Image.LANCZOS)
         return np.asarray(im, np.float32) / 127.5 - 1.0
 
@@ -60,7 +61,7 @@ def load_image(path: str, size: int, what: str = "--init_image") -> np.ndarray:
 def load_mask(path: str, size: int, what: str = "--mask_image") -> np.ndarray:
     """A mask file as float32 [size, size, 1]: 1 where the image is to be repainted (white), 0 where kept (black).
 
-    Resized with nearest-neighbour and thresholded at mid-grey, so every latent cell is either kept or repainted.
+    Resized with nearest-neighbour and thresholded at mid-grey (as diffusers binarises masks).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}={path!r}: no such file")

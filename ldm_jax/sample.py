@@ -1,5 +1,5 @@
-"""Sampling job: images from a trained latent diffusion workdir (txt2img, class_cond or unconditional; EMA weights
-by default) on every device.
+"""Sampling job: images from a trained latent diffusion workdir (txt2img, class_cond, unconditional, inpainting or
+superres; EMA weights by default) on every device.
 
   python -m ldm_jax.sample --workdir=runs/demo/txt2img \\
       --prompt="a large red circle in the center on a black background" --num_per_prompt=4 --guidance_scale=3
@@ -11,10 +11,14 @@ by default) on every device.
   # class-conditional and unconditional runs:
   python -m ldm_jax.sample --workdir=runs/demo/class_cond --class_label=0 --class_label=13 --num_per_prompt=4
   python -m ldm_jax.sample --workdir=runs/demo/unconditional --num_images=16
+  # mask-conditioned inpainting models (configs/inpainting.py, imported SD inpainting checkpoints):
+  python -m ldm_jax.sample --workdir=runs/demo/inpainting --init_image=photo.png --mask_image=mask.png --prompt="..."
+  # super-resolution (configs/superres.py): each --low_res_image upscaled by superres.scale
+  python -m ldm_jax.sample --workdir=runs/demo/superres --low_res_image=a.png --low_res_image=b.png --noise_level=20
 
-Writes ``<outdir>/<index>.png`` per image, ``grid.png`` (one row per prompt or class) and ``manifest.jsonl``
-(prompt or class, seed and sampler settings per image). Relative paths in the run's config (the first-stage workdir) are resolved from
-the current directory, as during training.
+Writes ``<outdir>/<index>.png`` per image, ``grid.png`` (one row per prompt, class or input) and ``manifest.jsonl``
+(prompt, class or low-resolution input, seed and sampler settings per image). Relative paths in the run's config (the
+first-stage workdir) are resolved from the current directory, as during training.
 """
 
 from __future__ import annotations
@@ -23,14 +27,23 @@ import json
 import os
 import time
 
+import numpy as np
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A txt2img training workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion training (or converted) workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "A text file with one prompt per line.")
 _CLASS_LABEL = flags.DEFINE_multi_integer("class_label", [], "Class-conditional runs: a class id; repeatable.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Unconditional runs: how many images.")
-_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt (or per class label).")
+_NUM_PER_PROMPT = flags.DEFINE_integer(
+    "num_per_prompt", 1, "Images per prompt (or per class label, or per low-resolution image)."
+)
+_LOW_RES = flags.DEFINE_multi_string(
+    "low_res_image", [], "Super-resolution runs: an image to upscale (all the same square size); repeatable."
+)
+_NOISE_LEVEL = flags.DEFINE_integer(
+    "noise_level", None, "Super-resolution runs: noise augmentation level of the input (default: config.sample)."
+)
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: config.sample).")
 _RESCALE = flags.DEFINE_float("guidance_rescale", None, "Guidance rescale in [0, 1] (default: config.sample).")
 _NEGATIVE = flags.DEFINE_string(
@@ -55,7 +68,10 @@ _INIT_IMAGE = flags.DEFINE_string(
     "init_image", "", "Image-to-image: start from this image (resized to the output size) instead of noise."
 )
 _MASK_IMAGE = flags.DEFINE_string(
-    "mask_image", "", "Inpainting (with --init_image): white = repaint, black = keep; works with any txt2img model."
+    "mask_image",
+    "",
+    "Inpainting (with --init_image): white = repaint, black = keep; any txt2img model (latent blending) or an "
+    "inpainting model (mask as input).",
 )
 _STRENGTH = flags.DEFINE_float(
     "strength", None, "How much of the schedule to run from --init_image, in (0, 1] (default 0.8; 1.0 to inpaint)."
@@ -72,6 +88,20 @@ def read_prompts(prompts: list[str], prompts_file: str) -> list[str]:
     if not out:
         raise app.UsageError("no prompts: pass --prompt (repeatable) or --prompts_file")
     return out
+
+
+def _load_low_res(paths: list[str]) -> list:
+    """The --low_res_image files at their own size: square, all alike."""
+    from ldm_jax.imaging import load_image
+
+    images = [load_image(p, 0, "--low_res_image") for p in paths]
+    for p, im in zip(paths, images):
+        if im.shape[0] != im.shape[1] or im.shape != images[0].shape:
+            raise ValueError(
+                f"--low_res_image={p!r}: {im.shape[1]}x{im.shape[0]} px; inputs must be square and all the size of "
+                f"the first ({images[0].shape[1]}x{images[0].shape[0]})"
+            )
+    return images
 
 
 def main(argv):
@@ -98,7 +128,8 @@ def main(argv):
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from e
     kind = run_config.get("task")
-    if kind == "txt2img":
+    texts = kind in ("txt2img", "inpainting")
+    if texts:
         conditions = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
     elif kind == "class_cond":
         if not _CLASS_LABEL.value:
@@ -112,12 +143,31 @@ def main(argv):
         if _NUM_IMAGES.value < 1:
             raise app.UsageError(f"--num_images={_NUM_IMAGES.value}: must be >= 1")
         conditions = [None] * _NUM_IMAGES.value
+    elif kind == "superres":
+        if not _LOW_RES.value:
+            raise app.UsageError(f"{_WORKDIR.value} is a super-resolution run: pass --low_res_image (repeatable)")
+        level = run_config.sample.noise_level if _NOISE_LEVEL.value is None else _NOISE_LEVEL.value
+        top = run_config.superres.max_noise_level
+        if not 0 <= level <= top:
+            raise app.UsageError(f"--noise_level={level}: must be in [0, superres.max_noise_level={top}]")
+        conditions = [level] * len(_LOW_RES.value)
     else:
         raise app.UsageError(
-            f"workdir {_WORKDIR.value!r}: holds a {kind!r} run; sampling needs a txt2img, class_cond or unconditional run"
+            f"workdir {_WORKDIR.value!r}: holds a {kind!r} run; sampling needs a txt2img, class_cond, unconditional, "
+            "inpainting or superres run"
         )
-    if kind != "txt2img" and (_PROMPT.value or _PROMPTS_FILE.value or _NEGATIVE.value):
-        raise app.UsageError(f"--prompt, --prompts_file and --negative_prompt need a txt2img run; this is {kind}")
+    if not texts and (_PROMPT.value or _PROMPTS_FILE.value or _NEGATIVE.value):
+        raise app.UsageError(
+            f"--prompt, --prompts_file and --negative_prompt need a text-conditioned run; this is {kind}"
+        )
+    if kind != "superres" and (_LOW_RES.value or _NOISE_LEVEL.value is not None):
+        raise app.UsageError(f"--low_res_image and --noise_level need a superres run; this is {kind}")
+    if kind == "superres" and (_INIT_IMAGE.value or _MASK_IMAGE.value):
+        raise app.UsageError("--init_image / --mask_image do not apply to a superres run: pass --low_res_image")
+    if kind == "inpainting" and not (_INIT_IMAGE.value and _MASK_IMAGE.value):
+        raise app.UsageError(
+            f"{_WORKDIR.value} is an inpainting model: pass --init_image and --mask_image (white = repaint)"
+        )
     overrides = {
         "name": _SAMPLER.value,
         "num_steps": _STEPS.value,
@@ -134,26 +184,40 @@ def main(argv):
     s = run_config.sample
     guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
     rescale = s.guidance_rescale if _RESCALE.value is None else _RESCALE.value
-    negative = (s.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value) if kind == "txt2img" else None
+    negative = (s.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value) if texts else None
     if guidance < 0 or not 0 <= rescale <= 1:
         raise app.UsageError(f"--guidance_scale={guidance} must be >= 0 and --guidance_rescale={rescale} in [0, 1]")
     if _MASK_IMAGE.value and not _INIT_IMAGE.value:
         raise app.UsageError("--mask_image needs --init_image (the image whose unmasked region is kept)")
     if _STRENGTH.value is not None and not _INIT_IMAGE.value:
         raise app.UsageError("--strength applies only with --init_image")
-    task, params, frozen, mesh, step = load_for_sampling(
-        _WORKDIR.value, _WEIGHTS.value, _IMAGE_SIZE.value, config=run_config
-    )
+    from ldm_jax.imaging import load_image, load_mask
+
+    low_res = None
+    image_size = _IMAGE_SIZE.value
+    if kind == "superres":
+        # The output size follows the inputs: superres.scale times their side.
+        try:
+            low_res = np.stack(_load_low_res(_LOW_RES.value))
+        except (OSError, ValueError) as e:
+            raise app.UsageError(str(e)) from e
+        want = low_res.shape[1] * run_config.superres.scale
+        if image_size and image_size != want:
+            raise app.UsageError(
+                f"--image_size={image_size}: a {low_res.shape[1]}px input upscales to {want}px "
+                f"(superres.scale={run_config.superres.scale}); leave --image_size at 0"
+            )
+        image_size = want
+    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, image_size, config=run_config)
     init_image = mask = None
     strength = _STRENGTH.value
     if _INIT_IMAGE.value:
-        from ldm_jax.imaging import load_image, load_mask
-
         size = task.config.data.image_size
         try:
             init_image = load_image(_INIT_IMAGE.value, size)
             if _MASK_IMAGE.value:
-                mask = load_mask(_MASK_IMAGE.value, task.latent_shape[0])
+                mask = load_mask(_MASK_IMAGE.value, size)
+            task.check_images(init_image, mask, None)
         except (OSError, ValueError) as e:
             raise app.UsageError(str(e)) from e
         if strength is None:
@@ -163,7 +227,7 @@ def main(argv):
         except ValueError as e:
             raise app.UsageError(f"--{e}") from e
     truncated = []
-    if kind == "txt2img":
+    if texts:
         limit = task.tokenizer.max_length - 2
         truncated = [p for p in conditions if len(task.tokenizer.tokenize(p)) > limit]
         if truncated:
@@ -171,6 +235,8 @@ def main(argv):
 
     per = _NUM_PER_PROMPT.value if kind != "unconditional" else 1
     all_conditions = [c for c in conditions for _ in range(per)]
+    sources = list(range(len(conditions)))  # which input (prompt, class, low-res image) each image comes from
+    sources = [i for i in sources for _ in range(per)]
     seeds = [_SEED.value + i for i in range(len(all_conditions))]
     batch = _BATCH.value or 8 * mesh.size
     t0 = time.perf_counter()
@@ -188,6 +254,7 @@ def main(argv):
         init_image=init_image,
         mask=mask,
         strength=1.0 if strength is None else strength,
+        low_res=None if low_res is None else low_res[sources],
     )
     seconds = time.perf_counter() - t0
     logging.info("%d images in %.1f s (compile included)", len(images), seconds)
@@ -206,11 +273,13 @@ def main(argv):
         checkpoint_step=step,
     )
     lines = []
-    for i, (img, cond, seed) in enumerate(zip(images, all_conditions, seeds)):
+    for i, (img, cond, seed, src) in enumerate(zip(images, all_conditions, seeds, sources)):
         name = f"{i:05d}.png"
         save_png(os.path.join(outdir, name), img)
-        if kind == "txt2img":
+        if texts:
             what = dict(prompt=cond, truncated=cond in truncated)
+        elif kind == "superres":
+            what = dict(low_res_image=_LOW_RES.value[src], noise_level=cond)
         elif kind == "class_cond":
             what = dict(class_label=cond, class_name=task.class_name(cond))
         else:

@@ -12,36 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from compile_count import count_generate_traces
+from tiny_runs import train_tiny
 
 from ldm_jax.data import pipeline, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(config_module, data_dir, first_stage_workdir, tmp_path_factory, name):
-    from ldm_jax.training.loop import train_and_evaluate
-
-    config = config_module.get_config("tiny")
-    config.data.data_dir = data_dir
-    config.first_stage.workdir = first_stage_workdir
-    config.train.preview_every = 8
-    workdir = str(tmp_path_factory.mktemp(name))
-    train_and_evaluate(config, workdir)
-    return workdir
-
-
 @pytest.fixture(scope="module")
 def class_cond_workdir(tmp_path_factory, data_dir, first_stage_workdir):
     from configs import class_cond
 
-    return _train(class_cond, data_dir, first_stage_workdir, tmp_path_factory, "class_cond")
+    return train_tiny(class_cond, data_dir, first_stage_workdir, tmp_path_factory, "class_cond", preview_every=8)
 
 
 @pytest.fixture(scope="module")
 def unconditional_workdir(tmp_path_factory, data_dir, first_stage_workdir):
     from configs import unconditional
 
-    return _train(unconditional, data_dir, first_stage_workdir, tmp_path_factory, "unconditional")
+    return train_tiny(unconditional, data_dir, first_stage_workdir, tmp_path_factory, "unconditional", preview_every=8)
 
 
 def test_labels_follow_the_attributes_in_the_caption(data_dir):

@@ -182,6 +182,29 @@ def reference(tmp_path_factory):
         )
     )
     jobs[-1]["outputs"] = str(d / "pipeline_sd2_out.npz")
+    # SD inpainting: a 9-channel UNet; the mask is soft (0.3 and 0.7 values) so that binarisation is compared too.
+    mask = np.zeros((2, 16, 16, 1), np.float32)
+    mask[0, 2:11, 5:14] = 0.7
+    mask[0, 12:, :3] = 0.3
+    mask[1, :, :8] = 1.0
+    inpaint_in = _inputs(
+        d / "inpaint.npz",
+        x_T=rng.standard_normal((2, 8, 8, 4)).astype(np.float32),
+        image=rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
+        mask=mask,
+    )
+    jobs.append(
+        dict(
+            jobs[-2],
+            name="inpaint_pipeline",
+            kind="inpaint_pipeline",
+            config=dict(pipe_cfg, unet=dict(UNET_PIPE, in_channels=9)),
+            seed=30,
+            inputs=inpaint_in,
+            dir=str(d / "inpaint_pipeline"),
+            outputs=str(d / "inpaint_pipeline_out.npz"),
+        )
+    )
     outputs = run_oracle(jobs, str(d))
     return {job["name"]: (job.get("dir"), dict(np.load(job["inputs"])), outputs[job["name"]]) for job in jobs}
 
@@ -323,6 +346,53 @@ def test_imported_pipeline_samples_like_stable_diffusion_pipeline(reference, con
     assert errs["prompt embeddings"] < TOL and errs["empty-prompt embeddings"] < TOL
     assert errs["DDIM latents (4 steps, guidance 5)"] < 5e-4
     assert errs["decoded images"] < 2e-3
+
+
+def test_imported_inpainting_pipeline_samples_like_stable_diffusion_inpaint_pipeline(reference, tmp_path):
+    """A 9-channel SD inpainting folder imports as an inpainting workdir; its mask processing, masked-image latents
+    and guided sampling with [latents, mask, masked-image latents] match StableDiffusionInpaintPipeline, and export
+    writes the same UNet back as an inpainting pipeline."""
+    from ldm_jax.diffusion import samplers
+    from ldm_jax.tasks import load_for_sampling
+
+    folder, inputs, ref = reference["inpaint_pipeline"]
+    workdir = str(tmp_path / "converted")
+    stable_diffusion.write_workdirs(stable_diffusion.load_diffusers_folder(folder), workdir, folder)
+    task, params, frozen, mesh, _ = load_for_sampling(workdir)
+    assert task.config.task == "inpainting" and task.unet.in_channels == 9
+    fs = frozen["first_stage"]
+    binary = (inputs["mask"] >= 0.5).astype(np.float32)
+    masked = task.masked_image(jnp.asarray(inputs["image"]), jnp.asarray(binary))
+    mean = task.first_stage.apply({"params": fs}, masked, method="encode").mean * frozen["latent_scale"]
+    errs = {
+        "masked image": _max_err(masked, ref["masked_image"]),
+        "latent mask": _max_err(task.latent_mask(jnp.asarray(binary)), ref["mask_latent"]),
+        "masked-image latents": _max_err(mean, ref["masked_latents"]),
+    }
+    concat = jnp.concatenate([jnp.asarray(ref["mask_latent"]), jnp.asarray(ref["masked_latents"])], axis=-1)
+
+    def run(params, x_T, cond, uncond):
+        model_fn = task.model_fn(params, cond, uncond, concat, 5.0)
+        sampler = samplers.make_sampler(task.sampler_options(num_steps=4), task.schedule)
+        return samplers.sample(sampler, model_fn, x_T)
+
+    z0 = jax.jit(run)(params, jnp.asarray(inputs["x_T"]), jnp.asarray(ref["cond"]), jnp.asarray(ref["uncond"]))
+    errs["DDIM latents (4 steps, guidance 5)"] = _max_err(z0, ref["latents"])
+    print("imported inpainting: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    assert errs["masked image"] == 0 and errs["latent mask"] == 0
+    assert errs["masked-image latents"] < TOL and errs["DDIM latents (4 steps, guidance 5)"] < 5e-4
+
+    out = str(tmp_path / "exported")
+    stable_diffusion.export_workdir(workdir, out, weights="params")
+    with open(os.path.join(out, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionInpaintPipeline"
+    with open(os.path.join(out, "unet", "config.json")) as f:
+        assert json.load(f)["in_channels"] == 9
+    name = "diffusion_pytorch_model.safetensors"
+    original = wfiles.read_state_dict(os.path.join(folder, "unet", name))
+    exported = wfiles.read_state_dict(os.path.join(out, "unet", name))
+    assert sorted(original) == sorted(exported)
+    assert all(np.array_equal(original[k], exported[k]) for k in original)
 
 
 @pytest.mark.parametrize("name", ["pipeline", "pipeline_sd2"])

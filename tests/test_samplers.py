@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from reference_env import ROOT, run_reference
 
+from configs import superres
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.interop.diffusers_config import scheduler_to_diffusers
@@ -26,6 +27,7 @@ SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.01
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
+_SUPERRES = superres.get_config().superres
 SCHEDULES = {
     "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
     "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
@@ -34,6 +36,10 @@ SCHEDULES = {
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
     ),
     "cosine_zero_snr": dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True),
+    # configs/superres.py's noise augmentation of the low-resolution input (SD x4 upscaler's low_res_scheduler).
+    "superres_noise_augmentation": dict(
+        beta_schedule=_SUPERRES.noise_schedule, beta_start=_SUPERRES.noise_beta_start, beta_end=_SUPERRES.noise_beta_end
+    ),
 }
 
 

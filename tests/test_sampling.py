@@ -65,14 +65,18 @@ def test_img2img_keeps_the_init_image_at_low_strength_and_inpainting_runs(txt2im
     err = lambda imgs: float(np.abs(imgs.astype(np.float32) - recon).mean())  # noqa: E731
     # One DDIM step from t = 1 ends at (almost) the encoded image; from noise the model draws something else.
     assert err(low) < 0.25 * err(free), (err(low), err(free))
-    mask = np.zeros(task.latent_shape[:2] + (1,), np.float32)
-    mask[:, : mask.shape[1] // 2] = 1.0
+    mask = np.zeros((size, size, 1), np.float32)  # pixels; the latent grid takes each cell's top-left pixel
+    mask[:, : size // 2] = 1.0
     painted = task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, mask=mask)
     assert painted.shape == (2, size, size, 3)
     with pytest.raises(ValueError, match="strength=0.1: with num_steps=4 no step would run"):
         task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, strength=0.1)
     with pytest.raises(ValueError, match="mask shape"):
         task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, mask=mask[:2])
+    speck = np.zeros_like(mask)
+    speck[1, 1] = 1.0  # no cell's top-left pixel: nothing would be repainted
+    with pytest.raises(ValueError, match="no latent cell is repainted"):
+        task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, mask=speck)
 
 
 def test_sample_cli_writes_pngs_grid_and_manifest(txt2img_workdir, tmp_path):

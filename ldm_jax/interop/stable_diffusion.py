@@ -340,10 +340,18 @@ def first_stage_config(fields: dict, image_size: int):
     return c
 
 
-def txt2img_config(pipe: Pipeline, first_stage_workdir: str):
-    from configs import txt2img
+def pipeline_task(pipe: Pipeline) -> str:
+    """ "inpainting" for a UNet that takes mask + masked-image latents after its latents (9 channels for SD), else
+    "txt2img"; anything else is refused by ``check_compatible``."""
+    z = pipe.first_stage["embed_dim"] if pipe.first_stage.get("kind") == "vq" else pipe.first_stage["latent_channels"]
+    return "inpainting" if pipe.unet["in_channels"] == 2 * z + 1 else "txt2img"
 
-    c = txt2img.get_config("sd")
+
+def workdir_config(pipe: Pipeline, first_stage_workdir: str):
+    """The workdir config of an imported pipeline: a txt2img run, or an inpainting run for inpainting UNets."""
+    from configs import inpainting, txt2img
+
+    c = (inpainting if pipeline_task(pipe) == "inpainting" else txt2img).get_config("sd")
     c.preset = "converted"
     c.first_stage.workdir = first_stage_workdir
     c.first_stage.weights = "ema"
@@ -364,11 +372,11 @@ def txt2img_config(pipe: Pipeline, first_stage_workdir: str):
 
 def check_compatible(pipe: Pipeline) -> None:
     z = pipe.first_stage["embed_dim"] if pipe.first_stage.get("kind") == "vq" else pipe.first_stage["latent_channels"]
-    if pipe.unet["in_channels"] != z or pipe.unet["out_channels"] != z:
+    if pipe.unet["in_channels"] not in (z, 2 * z + 1) or pipe.unet["out_channels"] != z:
         raise ValueError(
-            f"unet in_channels={pipe.unet['in_channels']}, out_channels={pipe.unet['out_channels']}: ldm_jax's txt2img "
-            f"task needs both equal to the first stage's {z} latent channels (concat-conditioned UNets such as "
-            "9-channel inpainting models are not supported by this task)"
+            f"unet in_channels={pipe.unet['in_channels']}, out_channels={pipe.unet['out_channels']}: ldm_jax imports "
+            f"text-to-image UNets (in_channels = the first stage's {z} latent channels) and inpainting UNets "
+            f"(in_channels = {2 * z + 1}: latents, mask, masked-image latents); out_channels must be {z}"
         )
     if pipe.unet["context_dim"] != pipe.text["width"]:
         raise ValueError(
@@ -377,7 +385,8 @@ def check_compatible(pipe: Pipeline) -> None:
 
 
 def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = False) -> dict:
-    """Writes ``out`` (txt2img) and ``out/first_stage`` atomically (a temporary folder renamed at the end)."""
+    """Writes ``out`` (txt2img or inpainting) and ``out/first_stage`` atomically (a temporary folder renamed at the
+    end)."""
     check_compatible(pipe)
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out):
@@ -391,7 +400,7 @@ def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = Fals
     config_lib.save_config(fs_cfg, os.path.join(tmp, "first_stage", "config.json"))
     scale = float(pipe.first_stage["scaling_factor"])
     _save_weights(os.path.join(tmp, "first_stage"), pipe.params["first_stage"], {"source": source})
-    cfg = txt2img_config(pipe, os.path.join(out, "first_stage"))
+    cfg = workdir_config(pipe, os.path.join(out, "first_stage"))
     config_lib.save_config(cfg, os.path.join(tmp, "config.json"))
     _save_weights(
         tmp, {"unet": pipe.params["unet"], "text": pipe.params["text"]}, {"latent_scale": scale, "source": source}
@@ -412,12 +421,13 @@ def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = Fals
 
 # ---- export ---------------------------------------------------------------------------------------------------
 def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool = False) -> dict:
-    """A txt2img workdir (and its first stage) -> a diffusers StableDiffusionPipeline folder."""
+    """A txt2img or inpainting workdir (and its first stage) -> a diffusers StableDiffusionPipeline or
+    StableDiffusionInpaintPipeline folder."""
     from ldm_jax.training.checkpoint import load_trained_params
 
     cfg = config_lib.load_config(os.path.join(workdir, "config.json"))
-    if cfg.task != "txt2img":
-        raise ValueError(f"--workdir={workdir}: holds a {cfg.task!r} run; export needs a txt2img run")
+    if cfg.task not in ("txt2img", "inpainting"):
+        raise ValueError(f"--workdir={workdir}: holds a {cfg.task!r} run; export needs a txt2img or inpainting run")
     fs_cfg = config_lib.load_config(os.path.join(cfg.first_stage.workdir, "config.json"))
     fs_fields = fs_cfg.model.to_dict()
     # The exported pipeline's scheduler is the run's sampler, with every setting spelled out.
@@ -437,6 +447,8 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     scale = float(meta.get("latent_scale", cfg.latent_scale))
     f = 2 ** (len(fs_fields["block_out_channels"]) - 1)
     latent = fs_fields["latent_channels"]
+    inpaint = cfg.task == "inpainting"
+    in_channels = 2 * latent + 1 if inpaint else latent  # inpainting: latents, mask, masked-image latents
     te = cfg.text_encoder.to_dict()
     text_params = params["text"]
     if te["output_layer"] != -1:
@@ -449,7 +461,9 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     j = lambda *p: os.path.join(tmp, *p)  # noqa: E731
     wfiles.write_json(
         j("unet", "config.json"),
-        diffusers_config.unet_to_diffusers(cfg.unet.to_dict(), latent, latent, te["width"], cfg.data.image_size // f),
+        diffusers_config.unet_to_diffusers(
+            cfg.unet.to_dict(), in_channels, latent, te["width"], cfg.data.image_size // f
+        ),
     )
     wfiles.write_safetensors(
         j("unet", "diffusion_pytorch_model.safetensors"), params_to_state_dict("unet", params["unet"])
@@ -468,7 +482,7 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     wfiles.write_json(
         j("model_index.json"),
         {
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
             "_diffusers_version": diffusers_config.DIFFUSERS_VERSION,
             "feature_extractor": [None, None],
             "image_encoder": [None, None],

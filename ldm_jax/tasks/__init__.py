@@ -10,6 +10,8 @@ from absl import logging
 from ldm_jax import config_lib
 from ldm_jax.tasks.autoencoder import AutoencoderTask
 from ldm_jax.tasks.class_cond import ClassCondTask
+from ldm_jax.tasks.inpainting import InpaintingTask
+from ldm_jax.tasks.superres import SuperResTask
 from ldm_jax.tasks.txt2img import Txt2ImgTask
 
 TASK_CLASSES = {
@@ -17,8 +19,10 @@ TASK_CLASSES = {
     "txt2img": Txt2ImgTask,
     "class_cond": ClassCondTask,
     "unconditional": ClassCondTask,
+    "inpainting": InpaintingTask,
+    "superres": SuperResTask,
 }
-DIFFUSION_TASKS = ("txt2img", "class_cond", "unconditional")
+DIFFUSION_TASKS = ("txt2img", "class_cond", "unconditional", "inpainting", "superres")
 
 
 def build_task(config):

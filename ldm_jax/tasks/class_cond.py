@@ -27,7 +27,7 @@ class ClassCondTask(LatentDiffusionTask):
         super().__init__(config, context_dim=0, num_classes=self.num_classes)
 
     def init_params(self, rng: jax.Array):
-        h, w, c = self.latent_shape
+        h, w, c = self.unet_input_shape
         labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
         x, t = jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32)
         return {"unet": self.unet.init({"params": rng}, x, t, None, class_labels=labels)["params"]}

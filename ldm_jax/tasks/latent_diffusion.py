@@ -5,6 +5,11 @@ A subclass says what conditions the UNet (``encode_condition``, ``apply_unet``),
 for classifier-free guidance (``training_condition``), and how host-side conditions become arrays
 (``condition_inputs``, ``null_inputs``). The first stage (a trained autoencoder named by ``first_stage.workdir``) is
 frozen and passed to the step as ``frozen``.
+
+Concat conditioning (inpainting and super-resolution models): a subclass with ``concat_channels`` > 0 returns, from
+``training_inputs`` and ``sampling_concat``, a tensor at the latent resolution that is concatenated to the noisy
+latents on the channel axis at every UNet call (the UNet's input has latent + ``concat_channels`` channels). Under
+guidance both sides see the same concat tensor; only the condition differs.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def load_first_stage(config):
 
 class LatentDiffusionTask:
     uses_tokens = False
+    concat_channels = 0  # channels concatenated to the noisy latents at the UNet input
+    mask_conditioned = False  # inpainting models take the mask as input: no latent blending at sampling
     label_field: str | None = None  # the dataset attribute batches carry as "label"
     guided = True  # classifier-free guidance at sampling (unconditional models have nothing to guide with)
 
@@ -66,7 +73,7 @@ class LatentDiffusionTask:
             )
         u = config.unet
         self.unet = UNet(
-            in_channels=self.latent_shape[-1],
+            in_channels=self.latent_shape[-1] + self.concat_channels,
             out_channels=self.latent_shape[-1],
             block_out_channels=tuple(u.block_out_channels),
             layers_per_block=u.layers_per_block,
@@ -99,6 +106,26 @@ class LatentDiffusionTask:
     def condition_inputs(self, conditions: list) -> Any:
         """Host-side conditions (prompts, class ids) -> arrays with a leading batch axis (None if unconditional)."""
         raise NotImplementedError
+
+    def training_inputs(self, params, frozen, batch, drop: jax.Array, rng: jax.Array) -> tuple[Any, Any]:
+        """(condition, concat tensor [B, h, w, concat_channels] or None) of a training batch; ``drop`` as above."""
+        return self.training_condition(params, frozen, batch, drop), None
+
+    def sampling_concat(self, frozen, images: dict, keys: jax.Array, cond: Any) -> jax.Array | None:
+        """The concat tensor at sampling, from the per-image arrays ``images`` (see ``generate_fn``), image i's
+        randomness from ``keys[i]``; ``cond`` is the encoded condition. None for models without concat input."""
+        return None
+
+    @property
+    def unet_input_shape(self) -> tuple[int, int, int]:
+        h, w, c = self.latent_shape
+        return h, w, c + self.concat_channels
+
+    def latent_mask(self, masks: jax.Array) -> jax.Array:
+        """Pixel masks [B, H, W, 1] -> the latent grid by nearest neighbour (the top-left pixel of each cell, as
+        torch's ``interpolate(mode="nearest")`` in diffusers' inpainting pipelines)."""
+        f = self.first_stage.downsampling_factor
+        return masks[:, ::f, ::f, :]
 
     def check_conditions(self, conditions: list) -> None:
         """Raises ValueError naming conditions the model cannot take (before any device work)."""
@@ -139,13 +166,14 @@ class LatentDiffusionTask:
         out = self.first_stage.apply({"params": fs_params}, images, method="encode")
         return out if self.first_stage_is_vq else out.sample(rng)
 
-    def encode_images(self, fs_params, images, keys):
+    def encode_images(self, fs_params, images, keys, stream: int = 2):
         """Unscaled latents of ``images`` for image-to-image: a posterior sample per image drawn from its own key
-        (as diffusers' pipelines do), or the pre-quantisation latents of a VQ first stage."""
+        (as diffusers' pipelines do; ``stream`` separates the draws for different images of one sample), or the
+        pre-quantisation latents of a VQ first stage."""
         out = self.first_stage.apply({"params": fs_params}, images, method="encode")
         if self.first_stage_is_vq:
             return out
-        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), out.mean.shape[1:]))(keys)
+        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), out.mean.shape[1:]))(keys)
         return out.mean + jnp.exp(0.5 * out.logvar) * eps
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -161,11 +189,12 @@ class LatentDiffusionTask:
             z0 = jax.lax.stop_gradient(self._encode(frozen["first_stage"], images, k_post) * frozen["latent_scale"])
             # Condition dropout: the null condition stands in for "no condition" (classifier-free guidance).
             drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
-            cond = self.training_condition(params, frozen, batch, drop)
+            # A key of its own (not a sixth split) keeps the other streams, and so older runs, unchanged.
+            cond, concat = self.training_inputs(params, frozen, batch, drop, jax.random.fold_in(rng, 6))
             t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
             noise = objectives.sample_noise(k_noise, z0.shape, cfg.offset_noise, z0.dtype)
             x_t = objectives.add_noise(schedule, z0, noise, t)
-            out = self.apply_unet(params, x_t, t, cond, train=True, rngs={"dropout": k_dropout})
+            out = self.apply_unet(params, with_concat(x_t, concat), t, cond, train=True, rngs={"dropout": k_dropout})
             target = objectives.training_target(cfg.prediction_type, schedule, z0, noise, t)
             weights = objectives.loss_weights(cfg.loss_weighting, cfg.prediction_type, schedule, t, cfg.min_snr_gamma)
             loss = objectives.diffusion_loss(out, target, weights)
@@ -191,15 +220,30 @@ class LatentDiffusionTask:
             )
         return options.num_steps - run
 
+    def model_fn(self, params, cond, uncond, concat, guidance_scale, guidance_rescale=0.0) -> samplers.ModelFn:
+        """The sampler's ``fn(x, t)``: the UNet on [x, concat] under ``cond``, guided against ``uncond`` (the same
+        concat on both sides) when the task is guided."""
+
+        def apply(x, t, cond_and_concat):
+            c, cc = cond_and_concat
+            return self.apply_unet(params, with_concat(x, cc), t, c)
+
+        if not self.guided:
+            return lambda x, t: apply(x, t, (cond, concat))
+        return classifier_free_guidance(apply, (cond, concat), (uncond, concat), guidance_scale, guidance_rescale)
+
     def generate_fn(self, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
-        """Pure ``fn(params, frozen, cond_inputs, null_inputs, keys [B], guidance_scale, guidance_rescale,
-        init_images [B, H, W, 3] | None, masks [B, h, w, 1] | None) -> images [B, H, W, 3] in [-1, 1]``.
+        """Pure ``fn(params, frozen, cond_inputs, null_inputs, keys [B], guidance_scale, guidance_rescale, images)
+        -> images [B, H, W, 3] in [-1, 1]``.
 
-        ``mode``: "txt2img" (from noise); "img2img" (the encoded ``init_images`` noised to step ``first_step``'s level,
-        then the remaining steps); "inpaint" (any model: after every step the kept region, ``masks`` = 0, is replaced
-        by the init latents noised to the next step's level; from pure noise when ``first_step`` = 0).
+        ``images`` holds per-image arrays (leading axis B): "init" [B, H, W, 3] in [-1, 1] and "mask" [B, H, W, 1]
+        (1 = repaint) for image-to-image and inpainting, "low_res" for super-resolution; {} otherwise.
+        ``mode``: "txt2img" (from noise); "img2img" (the encoded init images noised to step ``first_step``'s level,
+        then the remaining steps); "inpaint": a model that takes the mask as input (``mask_conditioned``) gets it
+        by concatenation; any other model has the kept region (mask 0) replaced after every step by the init latents
+        noised to the next step's level. Both start from pure noise when ``first_step`` = 0.
 
-        Image i's starting noise, posterior sample and (stochastic samplers) per-step noise come from ``keys[i]``
+        Image i's starting noise, posterior samples and (stochastic samplers) per-step noise come from ``keys[i]``
         alone, so an image depends only on its own key and inputs, not on the batch it was generated in. Conditions,
         seeds, images and guidance are traced arguments: changing them never recompiles.
         """
@@ -210,24 +254,23 @@ class LatentDiffusionTask:
             options, self.schedule, first_step, beta_schedule=self.config.diffusion.beta_schedule
         )
         latent_shape, encode, guided = self.latent_shape, self.encode_images, self.guided
+        blend = mode == "inpaint" and not self.mask_conditioned
 
-        def generate(params, frozen, cond_in, null_in, keys, guidance_scale, guidance_rescale, init, masks):
-            apply = lambda x, t, c: self.apply_unet(params, x, t, c)  # noqa: E731
+        def generate(params, frozen, cond_in, null_in, keys, guidance_scale, guidance_rescale, images):
             cond = self.encode_condition(params, frozen, cond_in)
-            if guided:
-                uncond = self.encode_condition(params, frozen, null_in)
-                model_fn = classifier_free_guidance(apply, cond, uncond, guidance_scale, guidance_rescale)
-            else:
-                model_fn = lambda x, t: apply(x, t, cond)  # noqa: E731
+            concat = self.sampling_concat(frozen, images, keys, cond)
+            uncond = self.encode_condition(params, frozen, null_in) if guided else None
+            model_fn = self.model_fn(params, cond, uncond, concat, guidance_scale, guidance_rescale)
             x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
             kw = dict(rng=step_keys if sampler.stochastic else None)
-            if mode != "txt2img":
-                z_init = encode(frozen["first_stage"], init, keys) * frozen["latent_scale"]
+            if mode == "img2img" or (mode == "inpaint" and (blend or first_step > 0)):
+                z_init = encode(frozen["first_stage"], images["init"], keys) * frozen["latent_scale"]
                 if mode == "img2img" or first_step > 0:
                     kw["x0"] = z_init
-                if mode == "inpaint":
-                    kw["blend"] = lambda x, i: masks * x + (1.0 - masks) * sampler.noised(z_init, x_T, i + 1)
+                if blend:
+                    m = self.latent_mask(images["mask"])
+                    kw["blend"] = lambda x, i: m * x + (1.0 - m) * sampler.noised(z_init, x_T, i + 1)
             z0 = samplers.sample(sampler, model_fn, x_T, **kw)
             images = first_stage.apply({"params": frozen["first_stage"]}, z0 / frozen["latent_scale"], method="decode")
             return jnp.clip(images, -1.0, 1.0)
@@ -241,10 +284,32 @@ class LatentDiffusionTask:
             repl, batch = replicated(mesh), batch_sharding(mesh)
             self._generate_cache[key] = jax.jit(
                 self.generate_fn(options, mode, first_step),
-                in_shardings=(repl, repl, batch, batch, batch, repl, repl, batch, batch),
+                in_shardings=(repl, repl, batch, batch, batch, repl, repl, batch),
                 out_shardings=batch,
             )
         return self._generate_cache[key]
+
+    def check_images(self, init_image, mask, low_res) -> None:
+        """Raises ValueError naming an input image this task cannot take (before any device work). Each is one
+        image shared by every output ([H, W, C]) or one per output ([N, H, W, C]), or None."""
+        if mask is not None and init_image is None:
+            raise ValueError("mask given without init_image: inpainting needs the image whose region to keep")
+        size = self.config.data.image_size
+        if init_image is not None and (init_image.ndim not in (3, 4) or init_image.shape[-3:] != (size, size, 3)):
+            raise ValueError(f"init_image shape {init_image.shape}: must be {(size, size, 3)} (or [N, ...] of them)")
+        if mask is not None:
+            if mask.ndim not in (3, 4) or mask.shape[-3:] != (size, size, 1):
+                raise ValueError(f"mask shape {mask.shape}: must be {(size, size, 1)} (the image's pixels)")
+            cells = np.asarray(self.latent_mask(np.asarray(mask).reshape((-1, size, size, 1))))
+            if not cells.reshape(cells.shape[0], -1).any(axis=1).all():
+                raise ValueError(
+                    f"mask: no latent cell is repainted at {self.latent_shape[0]}x{self.latent_shape[1]} "
+                    f"(cells take the top-left pixel of each {self.first_stage.downsampling_factor}-pixel block)"
+                )
+        if self.mask_conditioned and mask is None:
+            raise ValueError(f"{self.config.task} models need init_image and mask (the image and the region to paint)")
+        if low_res is not None:
+            raise ValueError(f"low_res images given, but a {self.config.task} model does not take them")
 
     def generate_images(
         self,
@@ -261,52 +326,59 @@ class LatentDiffusionTask:
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         strength: float = 1.0,
+        low_res: np.ndarray | None = None,
     ) -> np.ndarray:
-        """uint8 images [N, H, W, 3] for ``conditions[i]`` (a prompt, a class id, None) with ``seeds[i]``, in
-        batches spread over every device.
+        """uint8 images [N, H, W, 3] for ``conditions[i]`` (a prompt, a class id, a noise level, None) with
+        ``seeds[i]``, in batches spread over every device.
 
         ``negative`` replaces the null condition on the unconditional side of guidance (a negative prompt). With
-        ``init_image`` ([H, W, 3] in [-1, 1]) this is image-to-image at ``strength``; with ``mask`` too ([h, w, 1] at
-        the latent resolution, 1 = repaint) it is inpainting. ``batch_size`` (0 = one per device) is rounded up to
-        a multiple of the device count; the last batch is padded with repeats whose outputs are dropped, so every
-        call compiles one program.
+        ``init_image`` (in [-1, 1]) this is image-to-image at ``strength``; with ``mask`` too (1 = repaint) it is
+        inpainting. ``low_res`` (in [-1, 1]): the images a super-resolution model upscales. Each is one image for all
+        outputs ([H, W, C]) or one per output ([N, H, W, C]). ``batch_size`` (0 = one per device) is rounded up to a
+        multiple of the device count; the last batch is padded with repeats whose outputs are dropped, so every call
+        compiles one program.
         """
         if len(conditions) != len(seeds):
             raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds: need one seed per image")
         self.check_conditions(conditions)
+        self.check_images(init_image, mask, low_res)
+        given = {"init": init_image, "mask": mask, "low_res": low_res}
+        per_image = {}
+        for name, x in given.items():
+            if x is None:
+                continue
+            x = np.asarray(x, np.float32)
+            if x.ndim == 3:
+                x = np.broadcast_to(x, (len(conditions), *x.shape))
+            if len(x) != len(conditions):
+                raise ValueError(f"{len(x)} {name} images for {len(conditions)} conditions: need one per image")
+            per_image[name] = x
         mode = "txt2img" if init_image is None else ("img2img" if mask is None else "inpaint")
-        if mask is not None and init_image is None:
-            raise ValueError("mask given without init_image: inpainting needs the image whose region to keep")
-        size = self.config.data.image_size
-        if init_image is not None and init_image.shape != (size, size, 3):
-            raise ValueError(f"init_image shape {init_image.shape}: must be {(size, size, 3)}")
-        if mask is not None and mask.shape != self.latent_shape[:2] + (1,):
-            raise ValueError(f"mask shape {mask.shape}: must be {self.latent_shape[:2] + (1,)} (latent resolution)")
         first_step = 0 if mode == "txt2img" else self.first_step(options, strength)
         per_call = max(batch_size, 1)
         per_call = -(-per_call // mesh.size) * mesh.size
         fn = self.compiled_generate(mesh, options, mode, first_step)
         null = self.null_inputs(per_call, negative)
-        init = None if init_image is None else jnp.broadcast_to(jnp.asarray(init_image), (per_call, *init_image.shape))
-        masks = None if mask is None else jnp.broadcast_to(jnp.asarray(mask), (per_call, *mask.shape))
         out = []
         for start in range(0, len(conditions), per_call):
-            chunk_c = list(conditions[start : start + per_call])
-            chunk_s = list(seeds[start : start + per_call])
-            n = len(chunk_c)
-            chunk_c += [chunk_c[-1]] * (per_call - n)
-            chunk_s += [chunk_s[-1]] * (per_call - n)
-            keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_s, jnp.uint32))
+            n = min(per_call, len(conditions) - start)
+            # The last chunk is padded by repeating its last entry.
+            idx = [start + min(i, n - 1) for i in range(per_call)]
+            keys = jax.vmap(jax.random.key)(jnp.asarray([seeds[i] for i in idx], jnp.uint32))
             images = fn(
                 params,
                 frozen,
-                self.condition_inputs(chunk_c),
+                self.condition_inputs([conditions[i] for i in idx]),
                 null,
                 keys,
                 jnp.float32(guidance_scale),
                 jnp.float32(guidance_rescale),
-                init,
-                masks,
+                {name: x[idx] for name, x in per_image.items()},
             )
             out.append(to_uint8(jax.device_get(images))[:n])
         return np.concatenate(out, axis=0)
+
+
+def with_concat(x: jax.Array, concat: jax.Array | None) -> jax.Array:
+    """The UNet input: noisy latents, then the concat-conditioning channels (diffusers' order)."""
+    return x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)

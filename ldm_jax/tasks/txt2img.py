@@ -38,7 +38,7 @@ class Txt2ImgTask(LatentDiffusionTask):
     # ---- parameters -------------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array):
         k_unet, k_text = jax.random.split(rng)
-        h, w, c = self.latent_shape
+        h, w, c = self.unet_input_shape
         tokens = jnp.zeros((1, self.config.text_encoder.max_length), jnp.int32)
         params = {}
         text_params = self.text_encoder.init({"params": k_text}, tokens)["params"]
@@ -82,24 +82,22 @@ class Txt2ImgTask(LatentDiffusionTask):
         """Token ids of the negative prompt (default: the empty prompt the model was trained to ignore)."""
         return self.tokenizer([negative or ""] * n)
 
-    def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
-        """A grid of samples for ``sample.prompts`` with fixed seeds."""
+    def preview_images(self, params, frozen, mesh, **images):
+        """Samples for ``sample.prompts`` with the run's sampler and guidance and fixed seeds (``images``: init
+        image and mask, for inpainting)."""
         s = self.config.sample
         prompts = list(s.prompts)
         seeds = [self.config.seed + i for i in range(len(prompts))]
-        images = self.generate_images(
-            params,
-            frozen,
-            mesh,
-            prompts,
-            seeds,
-            self.sampler_options(),
-            s.guidance_scale,
-            s.guidance_rescale,
-            s.negative_prompt,
-            len(prompts),
-        )
-        return {"samples": make_grid(images, ncol=len(prompts))}, {}
+        options = self.sampler_options()
+        return self.generate_images(
+            params, frozen, mesh, prompts, seeds, options, s.guidance_scale, s.guidance_rescale, s.negative_prompt,
+            len(prompts), **images,
+        )  # fmt: skip
+
+    def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
+        """A grid of samples for ``sample.prompts`` with fixed seeds."""
+        images = self.preview_images(params, frozen, mesh)
+        return {"samples": make_grid(images, ncol=len(images))}, {}
 
 
 def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0):

@@ -94,12 +94,13 @@ def add_text_model_prefix(folder):
     )
 
 
-def build_pipeline(job, inputs):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def build_pipeline(job, pipeline_class="StableDiffusionPipeline"):
+    import diffusers
+    from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
     cfg = job["config"]
-    pipe = StableDiffusionPipeline(
+    pipe = getattr(diffusers, pipeline_class)(
         unet=build("unet", cfg["unet"], job["seed"]),
         vae=build("vae", cfg["vae"], job["seed"] + 1),
         text_encoder=build("clip", cfg["text_encoder"], job["seed"] + 2),
@@ -113,7 +114,26 @@ def build_pipeline(job, inputs):
     return pipe
 
 
-def run_pipeline(pipe, job, inputs):
+def inpaint_inputs(pipe, inputs, out):
+    """The inpainting pipeline's own mask processing (recorded in ``out``) and its call arguments, with the posterior
+    mean as the masked-image latents so that no random draw has to be matched."""
+    image, mask = nchw(inputs["image"]), nchw(inputs["mask"])
+    h, w = image.shape[-2:]
+    mask_condition = pipe.mask_processor.preprocess(mask, height=h, width=w)
+    masked_image = image * (mask_condition < 0.5)
+    latents_mean = pipe.vae.encode(masked_image).latent_dist.mean * pipe.vae.config.scaling_factor
+    mask_latent, _ = pipe.prepare_mask_latents(
+        mask_condition, latents_mean, image.shape[0], h, w, torch.float32, "cpu", None, False
+    )
+    out["masked_image"], out["mask_latent"], out["masked_latents"] = (
+        nhwc(masked_image),
+        nhwc(mask_latent),
+        nhwc(latents_mean),
+    )
+    return dict(image=image, mask_image=mask, masked_image_latents=latents_mean, height=h, width=w, strength=1.0)
+
+
+def run_pipeline(pipe, job, inputs, inpaint=False):
     out = {}
     prompts = list(job["prompts"])
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
@@ -129,6 +149,7 @@ def run_pipeline(pipe, job, inputs):
         guidance_scale=job["guidance_scale"],
         eta=0.0,
         output_type="latent",
+        **(inpaint_inputs(pipe, inputs, out) if inpaint else {}),
     ).images
     out["latents"] = nhwc(latents)
     out["images"] = nhwc(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample)
@@ -142,7 +163,9 @@ def main(spec_path):
         inputs = dict(np.load(job["inputs"])) if job.get("inputs") else {}
         kind = job["kind"]
         if kind == "pipeline":
-            out = run_pipeline(build_pipeline(job, inputs), job, inputs)
+            out = run_pipeline(build_pipeline(job), job, inputs)
+        elif kind == "inpaint_pipeline":
+            out = run_pipeline(build_pipeline(job, "StableDiffusionInpaintPipeline"), job, inputs, inpaint=True)
         elif kind == "pickle":
             # Our reader of pickled checkpoints, run where torch exists: a CompVis-style {"state_dict": ...} file.
             from ldm_jax.interop.files import read_state_dict

@@ -1,0 +1,71 @@
+"""Mask-conditioned text-to-image inpainting (Stable Diffusion's 9-channel inpainting models).
+
+The UNet sees the noisy latents, the mask at the latent resolution and the latents of the masked image (the image
+with the region to repaint set to 0), concatenated on the channel axis in that order: 4 + 1 + 4 = 9 channels for a
+4-channel first stage. Training masks are random boxes or the whole image (``config.inpainting``,
+``ldm_jax.data.masks``); classifier-free guidance drops the caption only, both sides see the same mask and image.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.data import masks as masks_lib
+from ldm_jax.data import pipeline
+from ldm_jax.imaging import make_grid, to_uint8
+from ldm_jax.tasks.txt2img import Txt2ImgTask
+
+# The posterior-sample stream of the masked image (init images use 2): independent draws from one seed.
+MASKED_IMAGE_STREAM = 3
+
+
+class InpaintingTask(Txt2ImgTask):
+    mask_conditioned = True
+
+    def __init__(self, config):
+        # The concat width depends on the first stage, which the base class loads: sized after it from its config.
+        from ldm_jax.tasks.latent_diffusion import load_first_stage
+
+        _, fs_config = load_first_stage(config)
+        m = fs_config.model
+        z = m.embed_dim if m.get("kind", "kl") == "vq" else m.latent_channels
+        self.concat_channels = 1 + z
+        super().__init__(config)
+
+    def masked_image(self, images: jax.Array, masks: jax.Array) -> jax.Array:
+        """The image with the repaint region zeroed (diffusers: ``image * (mask < 0.5)``)."""
+        return images * (masks < 0.5).astype(images.dtype)
+
+    def concat_input(self, frozen, images, masks, keys) -> jax.Array:
+        """[mask at latent resolution, scaled latents of the masked image]: the 1 + z concat channels."""
+        masks = (masks >= 0.5).astype(jnp.float32)
+        z = self.encode_images(frozen["first_stage"], self.masked_image(images, masks), keys, MASKED_IMAGE_STREAM)
+        return jnp.concatenate([self.latent_mask(masks), z * frozen["latent_scale"]], axis=-1)
+
+    def training_inputs(self, params, frozen, batch, drop, rng):
+        cond = self.training_condition(params, frozen, batch, drop)
+        images = batch["image"]
+        b, size = images.shape[0], images.shape[1]
+        k_mask, k_post = jax.random.split(rng)
+        p = self.config.inpainting
+        masks = masks_lib.random_box_masks(
+            k_mask, b, size, p.max_boxes, p.min_box_fraction, p.max_box_fraction, p.full_mask_prob
+        )
+        keys = jax.random.split(k_post, b)
+        concat = self.concat_input(frozen, images, masks, keys)
+        return cond, jax.lax.stop_gradient(concat)
+
+    def sampling_concat(self, frozen, images, keys, cond):
+        return self.concat_input(frozen, images["init"], images["mask"], keys)
+
+    def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
+        """Each of ``sample.prompts`` painted into the centre of a validation image: [masked input, output] rows."""
+        size = self.config.data.image_size
+        init = pipeline.first_images(self.config.data, "validation", 1)[0]
+        mask = np.asarray(masks_lib.box_mask(size, size // 4, size // 4, size // 2, size // 2))
+        images = self.preview_images(params, frozen, mesh, init_image=init, mask=mask)
+        masked = to_uint8(self.masked_image(init, mask))
+        grid = np.concatenate([np.broadcast_to(masked, images.shape), images])
+        return {"samples": make_grid(grid, ncol=len(images))}, {}

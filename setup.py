@@ -23,5 +23,5 @@ setup(
         "tensorboardX>=2.6",
         "regex>=2023.0",
     ],
-    extras_require={"test": ["pytest>=8.0", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"]},
 )

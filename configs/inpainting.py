@@ -9,6 +9,8 @@ Run (after training the first stage named by first_stage.workdir):
   python -m ldm_jax.evaluate --workdir=runs/demo/inpainting --split=heldout    (repaint each object from its caption)
 Fine-tuning an imported SD inpainting checkpoint (python -m ldm_jax.convert --src=<sd-inpainting folder> --out=...):
   python -m ldm_jax.train --config=configs/inpainting.py --config.init_from=<out> ...
+init_from may also name a txt2img run or import: its UNet gets zero weights for the extra input channels (how SD's
+inpainting models were started), so training begins from exactly the text-to-image model.
 Presets: sd (default, pod scale), demo (CPU minutes), tiny (tests); see configs/txt2img.py.
 """
 

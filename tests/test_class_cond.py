@@ -104,7 +104,10 @@ def test_sample_cli_for_class_runs_names_bad_input(class_cond_workdir, tmp_path)
     for extra, message in (
         ([], "pass --class_label"),
         (["--class_label=99"], "--class_label=[99]: must be in [0, 18)"),
-        (["--class_label=1", "--prompt=a red square"], "--prompt, --prompts_file and --negative_prompt need a txt2img"),
+        (
+            ["--class_label=1", "--prompt=a red square"],
+            "--prompt, --prompts_file and --negative_prompt need a text-conditioned run",
+        ),
     ):
         bad = tmp_path / "bad"
         proc = subprocess.run(

@@ -34,6 +34,18 @@ class InpaintingTask(Txt2ImgTask):
         self.concat_channels = 1 + z
         super().__init__(config)
 
+    def adapt_init_params(self, params: dict) -> dict:
+        """Text-to-image weights (``init_from`` a txt2img run or import) start an inpainting model, as SD's inpainting
+        models were made: the input convolution gains zero weights for the mask and masked-image channels, so the
+        model starts out computing exactly what the text-to-image model did."""
+        kernel = params.get("unet", {}).get("conv_in", {}).get("kernel")
+        z = self.latent_shape[-1]
+        if kernel is None or kernel.shape[2] != z:
+            return params  # already an inpainting model (or something _match_init_params will name)
+        pad = np.zeros(kernel.shape[:2] + (self.concat_channels, kernel.shape[3]), kernel.dtype)
+        conv_in = dict(params["unet"]["conv_in"], kernel=np.concatenate([np.asarray(kernel), pad], axis=2))
+        return dict(params, unet=dict(params["unet"], conv_in=conv_in))
+
     def masked_image(self, images: jax.Array, masks: jax.Array) -> jax.Array:
         """The image with the repaint region zeroed (diffusers: ``image * (mask < 0.5)``)."""
         return images * (masks < 0.5).astype(images.dtype)

@@ -130,6 +130,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
         if config.init_from:
             params, _, src_step = ckpt_lib.load_trained_params(config.init_from, "ema")
+            adapt = getattr(task, "adapt_init_params", None)  # e.g. txt2img weights for an inpainting model
+            if adapt is not None:
+                params = adapt(params)
             params = _match_init_params(params, state.params, config.init_from)
             params = jax.device_put(params, state_shardings.params)
             state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))

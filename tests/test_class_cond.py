@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_module
 from compile_count import count_generate_traces
 from tiny_runs import train_tiny
 
 from ldm_jax.data import pipeline, shapes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +71,9 @@ def test_class_labels_condition_the_model_and_dropout_uses_the_null_class(class_
 
 def test_unconditional_run_samples_without_guidance(unconditional_workdir, tmp_path):
     outdir = tmp_path / "out"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    cmd = [sys.executable, "-m", "ldm_jax.sample", f"--workdir={unconditional_workdir}", "--num_images=3"]
+    cmd = ["ldm_jax.sample", f"--workdir={unconditional_workdir}", "--num_images=3"]
     cmd += ["--num_steps=3", "--sampler=euler_ancestral", f"--outdir={outdir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_module(*cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (outdir / "manifest.jsonl").read_text().splitlines()]
     assert [x["seed"] for x in lines] == [0, 1, 2] and "prompt" not in lines[0]
@@ -86,17 +82,9 @@ def test_unconditional_run_samples_without_guidance(unconditional_workdir, tmp_p
 
 
 def test_sample_cli_for_class_runs_names_bad_input(class_cond_workdir, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    base = [sys.executable, "-m", "ldm_jax.sample", f"--workdir={class_cond_workdir}", "--num_steps=3"]
+    base = ["ldm_jax.sample", f"--workdir={class_cond_workdir}", "--num_steps=3"]
     outdir = tmp_path / "out"
-    proc = subprocess.run(
-        base + ["--class_label=1", "--class_label=16", "--num_per_prompt=2", f"--outdir={outdir}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module(*base, "--class_label=1", "--class_label=16", "--num_per_prompt=2", f"--outdir={outdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (outdir / "manifest.jsonl").read_text().splitlines()]
     assert [x["class_label"] for x in lines] == [1, 1, 16, 16]
@@ -110,9 +98,7 @@ def test_sample_cli_for_class_runs_names_bad_input(class_cond_workdir, tmp_path)
         ),
     ):
         bad = tmp_path / "bad"
-        proc = subprocess.run(
-            base + extra + [f"--outdir={bad}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-        )
+        proc = run_module(*base, *extra, f"--outdir={bad}")
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
         assert not bad.exists()
 

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_module
 from PIL import Image
 from tiny_runs import train_tiny
 
 from ldm_jax.data import masks as masks_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +38,6 @@ def superres_workdir(tmp_path_factory, data_dir, first_stage_workdir):
     return train_tiny(
         superres, data_dir, first_stage_workdir, tmp_path_factory, "superres", num_steps=4, preview_every=4
     )
-
-
-def _run(args):
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 # ---- masks ------------------------------------------------------------------------------------------------------
@@ -169,13 +161,13 @@ def test_inpainting_cli(inpainting_workdir, tmp_path):
     Image.fromarray(m).save(mask)
     base = ["ldm_jax.sample", f"--workdir={inpainting_workdir}", "--prompt=a red circle", "--num_steps=3"]
     outdir = tmp_path / "out"
-    proc = _run(base + [f"--init_image={init}", f"--mask_image={mask}", "--num_per_prompt=2", f"--outdir={outdir}"])
+    proc = run_module(*base, f"--init_image={init}", f"--mask_image={mask}", "--num_per_prompt=2", f"--outdir={outdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (outdir / "manifest.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["mask_image"] == str(mask) and lines[0]["strength"] == 1.0
     assert Image.open(outdir / lines[1]["file"]).size == (16, 16)
     bad = tmp_path / "bad"
-    proc = _run(base + [f"--init_image={init}", f"--outdir={bad}"])
+    proc = run_module(*base, f"--init_image={init}", f"--outdir={bad}")
     assert proc.returncode != 0 and "is an inpainting model: pass --init_image and --mask_image" in proc.stderr
     assert not bad.exists()
 
@@ -235,7 +227,7 @@ def test_superres_cli_upscales_files_and_names_bad_inputs(superres_workdir, tmp_
     Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(odd)
     base = ["ldm_jax.sample", f"--workdir={superres_workdir}", "--num_steps=3"]
     outdir = tmp_path / "out"
-    proc = _run(base + [f"--low_res_image={a}", f"--low_res_image={b}", "--noise_level=5", f"--outdir={outdir}"])
+    proc = run_module(*base, f"--low_res_image={a}", f"--low_res_image={b}", "--noise_level=5", f"--outdir={outdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (outdir / "manifest.jsonl").read_text().splitlines()]
     assert [x["low_res_image"] for x in lines] == [str(a), str(b)] and lines[0]["noise_level"] == 5
@@ -246,14 +238,20 @@ def test_superres_cli_upscales_files_and_names_bad_inputs(superres_workdir, tmp_
         (["--prompt=x"], "pass --low_res_image"),
     ):
         bad = tmp_path / "bad"
-        proc = _run(base + args + [f"--outdir={bad}"])
+        proc = run_module(*base, *args, f"--outdir={bad}")
         assert proc.returncode != 0 and msg in proc.stderr, proc.stderr[-2000:]
         assert not bad.exists()
 
 
 def test_superres_evaluation_reports_psnr_and_ssim_against_bicubic(superres_workdir):
-    proc = _run(["ldm_jax.evaluate", f"--workdir={superres_workdir}", "--split=validation", "--num_examples=8",
-                 "--num_steps=2", "--batch_size=8"])  # fmt: skip
+    args = [
+        f"--workdir={superres_workdir}",
+        "--split=validation",
+        "--num_examples=8",
+        "--num_steps=2",
+        "--batch_size=8",
+    ]
+    proc = run_module("ldm_jax.evaluate", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(superres_workdir, "eval_validation.json")) as f:
         result = json.load(f)

@@ -1,14 +1,11 @@
 import os
-import subprocess
-import sys
 
 import pytest
+from cli import run_module
 
 from configs import autoencoder_kl, class_cond, txt2img, unconditional
 from ldm_jax import config_lib
 from ldm_jax.training.sharding import check_batch_size, make_mesh
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("module", [autoencoder_kl, txt2img, class_cond, unconditional])
@@ -65,13 +62,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 
 def _run_train(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "ldm_jax.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("ldm_jax.train", *args, timeout=300)
 
 
 def test_cli_rejects_unknown_and_invalid_fields_before_device_work(tmp_path):

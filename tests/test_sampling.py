@@ -1,17 +1,13 @@
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_module
 from compile_count import count_generate_traces
 from PIL import Image
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_training_wrote_logs_previews_and_config(txt2img_workdir):
@@ -85,28 +81,18 @@ def test_sample_cli_writes_pngs_grid_and_manifest(txt2img_workdir, tmp_path):
         "a small red circle in the center on a black background\n\na large blue square at the top on a white background\n"
     )
     outdir = tmp_path / "out"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ldm_jax.sample",
-            f"--workdir={txt2img_workdir}",
-            f"--prompts_file={prompts}",
-            "--prompt=a small green triangle on the left on a gray background",
-            "--num_per_prompt=2",
-            "--num_steps=3",
-            "--sampler=dpmpp_2m",
-            "--negative_prompt=gray",
-            "--guidance_scale=4",
-            "--seed=10",
-            f"--outdir={outdir}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_module(
+        "ldm_jax.sample",
+        f"--workdir={txt2img_workdir}",
+        f"--prompts_file={prompts}",
+        "--prompt=a small green triangle on the left on a gray background",
+        "--num_per_prompt=2",
+        "--num_steps=3",
+        "--sampler=dpmpp_2m",
+        "--negative_prompt=gray",
+        "--guidance_scale=4",
+        "--seed=10",
+        f"--outdir={outdir}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (outdir / "manifest.jsonl").read_text().splitlines()]
@@ -128,38 +114,26 @@ def test_sample_cli_inpaints_from_files_and_rejects_an_empty_mask(txt2img_workdi
     m[:, :8] = 255
     Image.fromarray(m).save(mask)
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(empty)
-    base = [sys.executable, "-m", "ldm_jax.sample", f"--workdir={txt2img_workdir}", "--prompt=a red circle"]
+    base = ["ldm_jax.sample", f"--workdir={txt2img_workdir}", "--prompt=a red circle"]
     base += ["--num_steps=4", f"--init_image={init}"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     outdir = tmp_path / "out"
-    proc = subprocess.run(
-        base + [f"--mask_image={mask}", f"--outdir={outdir}"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    proc = run_module(*base, f"--mask_image={mask}", f"--outdir={outdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads((outdir / "manifest.jsonl").read_text().splitlines()[0])
     assert line["strength"] == 1.0 and line["mask_image"] == str(mask) and line["init_image"] == str(init)
     bad = tmp_path / "bad"
-    proc = subprocess.run(
-        base + [f"--mask_image={empty}", f"--outdir={bad}"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    proc = run_module(*base, f"--mask_image={empty}", f"--outdir={bad}")
     assert proc.returncode != 0 and "the mask is all black" in proc.stderr and not bad.exists()
 
 
 def test_sample_cli_names_a_bad_sampler_and_writes_nothing(txt2img_workdir, tmp_path):
     outdir = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ldm_jax.sample",
-            f"--workdir={txt2img_workdir}",
-            "--prompt=x",
-            "--sampler=heun",
-            f"--outdir={outdir}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "ldm_jax.sample",
+        f"--workdir={txt2img_workdir}",
+        "--prompt=x",
+        "--sampler=heun",
+        f"--outdir={outdir}",
         timeout=300,
     )
     assert proc.returncode != 0 and "--sampler='heun': must be one of" in proc.stderr
@@ -167,11 +141,5 @@ def test_sample_cli_names_a_bad_sampler_and_writes_nothing(txt2img_workdir, tmp_
 
 
 def test_sample_cli_rejects_a_non_txt2img_workdir(first_stage_workdir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "ldm_jax.sample", f"--workdir={first_stage_workdir}", "--prompt=x"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_module("ldm_jax.sample", f"--workdir={first_stage_workdir}", "--prompt=x", timeout=300)
     assert proc.returncode != 0 and "sampling needs a txt2img" in proc.stderr

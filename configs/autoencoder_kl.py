@@ -19,17 +19,11 @@ PRESETS = ("kl_f8", "kl_f4", "demo", "tiny")
 
 def get_config(arg=None):
     preset = config_lib.parse_preset(arg, PRESETS)
-    c = ml_collections.ConfigDict()
-    c.task = "autoencoder"
-    c.preset = preset
-    c.seed = 0
-    c.dtype = "float32"
-    c.init_from = ""  # a workdir whose latest checkpoint initialises params when this workdir has none
+    c = config_lib.run_header("autoencoder", preset)
     variant = {"kl_f8": "kl_f8", "kl_f4": "kl_f4", "demo": "tiny_f4", "tiny": "tiny_f4"}[preset]
     c.model = ml_collections.ConfigDict(dict(AUTOENCODER_VARIANTS[variant]))
     # L1 + KL as in the paper's first stage; the LPIPS and adversarial terms are not part of this trainer yet.
     c.loss = ml_collections.ConfigDict(dict(l1_weight=1.0, l2_weight=0.0, kl_weight=1e-6))
-    c.mesh = config_lib.mesh_section()
     if preset in ("kl_f8", "kl_f4"):
         c.data = config_lib.data_section("256px", 256, 256)
         c.optim = config_lib.optim_section(lr=4.5e-6 * 256, warmup_steps=1000, ema_decay=0.9999)

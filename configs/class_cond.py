@@ -21,18 +21,8 @@ PRESETS = ("ldm", "demo", "tiny")
 
 def base_config(task: str, preset: str) -> ml_collections.ConfigDict:
     """Everything but the conditioning, shared with configs/unconditional.py."""
-    c = ml_collections.ConfigDict()
-    c.task = task
-    c.preset = preset
-    c.seed = 0
-    c.dtype = "float32"
-    c.init_from = ""  # a workdir whose latest checkpoint initialises params when this workdir has none
-    c.first_stage = ml_collections.ConfigDict(dict(workdir="", weights="ema"))
-    c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
-    c.unet = ml_collections.ConfigDict(dict(use_linear_projection=False, dropout=0.0))
-    c.diffusion = config_lib.diffusion_section()
+    c = config_lib.latent_diffusion_base(task, preset)
     c.sample = config_lib.sample_section((), num_steps=50)
-    c.mesh = config_lib.mesh_section()
     if preset == "ldm":
         c.first_stage.workdir = "runs/ldm/autoencoder_kl"
         c.data = config_lib.data_section("256px", 256, 1024)

@@ -21,20 +21,10 @@ PRESETS = ("sd", "demo", "tiny")
 
 def get_config(arg=None):
     preset = config_lib.parse_preset(arg, PRESETS)
-    c = ml_collections.ConfigDict()
-    c.task = "txt2img"
-    c.preset = preset
-    c.seed = 0
-    c.dtype = "float32"
-    c.init_from = ""  # a workdir whose latest checkpoint initialises params when this workdir has none
-    c.first_stage = ml_collections.ConfigDict(dict(workdir="", weights="ema"))
-    c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
-
+    c = config_lib.latent_diffusion_base("txt2img", preset)
     c.text_encoder = ml_collections.ConfigDict(
         dict(vocab_size=49408, activation="quick_gelu", output_layer=-1, pad_token="eot", trainable=True)
     )
-    c.unet = ml_collections.ConfigDict(dict(use_linear_projection=False, dropout=0.0))
-    c.diffusion = config_lib.diffusion_section()
     c.sample = config_lib.sample_section(
         (
             "a large red circle in the center on a black background",
@@ -44,7 +34,6 @@ def get_config(arg=None):
         ),
         num_steps=50,
     )
-    c.mesh = config_lib.mesh_section()
 
     if preset == "sd":
         c.first_stage.workdir = "runs/sd/autoencoder_kl"

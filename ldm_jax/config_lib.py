@@ -18,6 +18,7 @@ from ldm_jax.diffusion.schedules import SCHEDULES
 from ldm_jax.training.optim import LR_SCHEDULES
 
 TASKS = ("autoencoder", "txt2img", "class_cond", "unconditional", "inpainting", "superres")
+TEXT_TASKS = ("txt2img", "inpainting")  # conditioned on text: a text encoder, prompts, negative prompts
 DTYPES = ("float32", "bfloat16")
 DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
 
@@ -28,6 +29,29 @@ def parse_preset(arg: str | None, presets: Iterable[str]) -> str:
     if name not in presets:
         raise ValueError(f"config preset {name!r}: must be one of {presets} (as in --config=configs/x.py:{presets[0]})")
     return name
+
+
+def run_header(task: str, preset: str) -> ml_collections.ConfigDict:
+    """The fields every run has, whatever it trains."""
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.preset = preset
+    c.seed = 0
+    c.dtype = "float32"
+    c.init_from = ""  # a workdir whose latest checkpoint initialises params when this workdir has none
+    c.mesh = mesh_section()
+    return c
+
+
+def latent_diffusion_base(task: str, preset: str) -> ml_collections.ConfigDict:
+    """``run_header`` plus what every latent diffusion run has: the frozen first stage, the latent scale, the UNet's
+    preset-independent fields and the diffusion section (a config adds its data, UNet sizes, sample section...)."""
+    c = run_header(task, preset)
+    c.first_stage = ml_collections.ConfigDict(dict(workdir="", weights="ema"))
+    c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
+    c.unet = ml_collections.ConfigDict(dict(use_linear_projection=False, dropout=0.0))
+    c.diffusion = diffusion_section()
+    return c
 
 
 def data_section(config_name: str, image_size: int, global_batch_size: int) -> ml_collections.ConfigDict:
@@ -258,7 +282,7 @@ def validate(c) -> None:
                 f"entry {lev} must be >= 1 and divide {ch} channels",
             )
     _check(0.0 <= u.dropout < 1.0, "unet.dropout", u.dropout, "must be in [0, 1)")
-    if c.task in ("txt2img", "inpainting"):
+    if c.task in TEXT_TASKS:
         _validate_text_encoder(c.text_encoder)
         if c.task == "inpainting":
             _validate_inpainting(c.inpainting)
@@ -375,7 +399,7 @@ def validate_diffusion(c) -> None:
     SamplerOptions.for_run(c)
     _check(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale, "must be >= 0")
     _check(0.0 <= s.guidance_rescale <= 1.0, "sample.guidance_rescale", s.guidance_rescale, "must be in [0, 1]")
-    if c.task in ("txt2img", "inpainting"):
+    if c.task in TEXT_TASKS:
         _check(len(s.prompts) >= 1, "sample.prompts", s.prompts, "must hold at least one prompt for preview grids")
 
 

@@ -128,7 +128,7 @@ def main(argv):
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from e
     kind = run_config.get("task")
-    texts = kind in ("txt2img", "inpainting")
+    texts = kind in config_lib.TEXT_TASKS
     if texts:
         conditions = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
     elif kind == "class_cond":
@@ -235,8 +235,8 @@ def main(argv):
 
     per = _NUM_PER_PROMPT.value if kind != "unconditional" else 1
     all_conditions = [c for c in conditions for _ in range(per)]
-    sources = list(range(len(conditions)))  # which input (prompt, class, low-res image) each image comes from
-    sources = [i for i in sources for _ in range(per)]
+    # Which input (prompt, class, low-res image) each image comes from.
+    sources = [i for i in range(len(conditions)) for _ in range(per)]
     seeds = [_SEED.value + i for i in range(len(all_conditions))]
     batch = _BATCH.value or 8 * mesh.size
     t0 = time.perf_counter()

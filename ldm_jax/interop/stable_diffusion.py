@@ -34,7 +34,7 @@ from ldm_jax.interop.state_dict import (
 )
 from ldm_jax.models.text_encoders import CLIPTextTransformer
 from ldm_jax.models.unet import UNet
-from ldm_jax.tasks.autoencoder import build_autoencoder
+from ldm_jax.tasks.autoencoder import build_autoencoder, latent_channels
 
 UNET_FIELDS = (
     "in_channels",
@@ -343,7 +343,7 @@ def first_stage_config(fields: dict, image_size: int):
 def pipeline_task(pipe: Pipeline) -> str:
     """ "inpainting" for a UNet that takes mask + masked-image latents after its latents (9 channels for SD), else
     "txt2img"; anything else is refused by ``check_compatible``."""
-    z = pipe.first_stage["embed_dim"] if pipe.first_stage.get("kind") == "vq" else pipe.first_stage["latent_channels"]
+    z = latent_channels(pipe.first_stage)
     return "inpainting" if pipe.unet["in_channels"] == 2 * z + 1 else "txt2img"
 
 
@@ -371,7 +371,7 @@ def workdir_config(pipe: Pipeline, first_stage_workdir: str):
 
 
 def check_compatible(pipe: Pipeline) -> None:
-    z = pipe.first_stage["embed_dim"] if pipe.first_stage.get("kind") == "vq" else pipe.first_stage["latent_channels"]
+    z = latent_channels(pipe.first_stage)
     if pipe.unet["in_channels"] not in (z, 2 * z + 1) or pipe.unet["out_channels"] != z:
         raise ValueError(
             f"unet in_channels={pipe.unet['in_channels']}, out_channels={pipe.unet['out_channels']}: ldm_jax imports "
@@ -426,7 +426,7 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     from ldm_jax.training.checkpoint import load_trained_params
 
     cfg = config_lib.load_config(os.path.join(workdir, "config.json"))
-    if cfg.task not in ("txt2img", "inpainting"):
+    if cfg.task not in config_lib.TEXT_TASKS:
         raise ValueError(f"--workdir={workdir}: holds a {cfg.task!r} run; export needs a txt2img or inpainting run")
     fs_cfg = config_lib.load_config(os.path.join(cfg.first_stage.workdir, "config.json"))
     fs_fields = fs_cfg.model.to_dict()

@@ -36,6 +36,13 @@ def build_autoencoder(model_config, dtype: str = "float32"):
     return AutoencoderKL(init_logvar=m.get("init_logvar", 0.0), **common)
 
 
+def latent_channels(model_config) -> int:
+    """Channels of the latents a first stage hands the diffusion model: the code width of a VQ model (its
+    pre-quantisation latents), the posterior's channels of a KL one."""
+    m = dict(model_config)
+    return int(m["embed_dim"] if m.get("kind", "kl") == "vq" else m["latent_channels"])
+
+
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
     """Mean PSNR in dB of images in [-1, 1] (peak-to-peak range 2): [B, H, W, C] -> scalar."""
     mse = jnp.mean(jnp.square(jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)), axis=(1, 2, 3))

@@ -24,15 +24,8 @@ MASKED_IMAGE_STREAM = 3
 class InpaintingTask(Txt2ImgTask):
     mask_conditioned = True
 
-    def __init__(self, config):
-        # The concat width depends on the first stage, which the base class loads: sized after it from its config.
-        from ldm_jax.tasks.latent_diffusion import load_first_stage
-
-        _, fs_config = load_first_stage(config)
-        m = fs_config.model
-        z = m.embed_dim if m.get("kind", "kl") == "vq" else m.latent_channels
-        self.concat_channels = 1 + z
-        super().__init__(config)
+    def concat_channels_for(self, latent_channels: int) -> int:
+        return 1 + latent_channels  # the mask, then the masked image's latents
 
     def adapt_init_params(self, params: dict) -> dict:
         """Text-to-image weights (``init_from`` a txt2img run or import) start an inpainting model, as SD's inpainting

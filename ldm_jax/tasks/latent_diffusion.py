@@ -6,7 +6,8 @@ for classifier-free guidance (``training_condition``), and how host-side conditi
 (``condition_inputs``, ``null_inputs``). The first stage (a trained autoencoder named by ``first_stage.workdir``) is
 frozen and passed to the step as ``frozen``.
 
-Concat conditioning (inpainting and super-resolution models): a subclass with ``concat_channels`` > 0 returns, from
+Concat conditioning (inpainting and super-resolution models): a subclass whose ``concat_channels_for`` is > 0 returns,
+from
 ``training_inputs`` and ``sampling_concat``, a tensor at the latent resolution that is concatenated to the noisy
 latents on the channel axis at every UNet call (the UNet's input has latent + ``concat_channels`` channels). Under
 guidance both sides see the same concat tensor; only the condition differs.
@@ -29,7 +30,7 @@ from ldm_jax.diffusion.guidance import classifier_free_guidance
 from ldm_jax.diffusion.schedules import schedule_from_config
 from ldm_jax.imaging import to_uint8
 from ldm_jax.models.unet import UNet
-from ldm_jax.tasks.autoencoder import build_autoencoder
+from ldm_jax.tasks.autoencoder import build_autoencoder, latent_channels
 from ldm_jax.training import checkpoint
 from ldm_jax.training.sharding import batch_sharding, replicated
 from ldm_jax.training.steps import LossFn
@@ -50,7 +51,6 @@ def load_first_stage(config):
 
 class LatentDiffusionTask:
     uses_tokens = False
-    concat_channels = 0  # channels concatenated to the noisy latents at the UNet input
     mask_conditioned = False  # inpainting models take the mask as input: no latent blending at sampling
     label_field: str | None = None  # the dataset attribute batches carry as "label"
     guided = True  # classifier-free guidance at sampling (unconditional models have nothing to guide with)
@@ -63,7 +63,9 @@ class LatentDiffusionTask:
         if config.data.image_size % f:
             raise ValueError(f"data.image_size={config.data.image_size}: must be divisible by the first stage's f={f}")
         self.first_stage_is_vq = fs_config.model.get("kind", "kl") == "vq"
-        z = fs_config.model.embed_dim if self.first_stage_is_vq else fs_config.model.latent_channels
+        z = latent_channels(fs_config.model)
+        # Channels concatenated to the noisy latents at the UNet input (0 without concat conditioning).
+        self.concat_channels = self.concat_channels_for(z)
         self.latent_shape = (config.data.image_size // f, config.data.image_size // f, z)
         levels = len(config.unet.block_out_channels)
         if self.latent_shape[0] % 2 ** (levels - 1):
@@ -106,6 +108,10 @@ class LatentDiffusionTask:
     def condition_inputs(self, conditions: list) -> Any:
         """Host-side conditions (prompts, class ids) -> arrays with a leading batch axis (None if unconditional)."""
         raise NotImplementedError
+
+    def concat_channels_for(self, latent_channels: int) -> int:
+        """Width of the concat-conditioning input for a first stage with ``latent_channels`` (0: none)."""
+        return 0
 
     def training_inputs(self, params, frozen, batch, drop: jax.Array, rng: jax.Array) -> tuple[Any, Any]:
         """(condition, concat tensor [B, h, w, concat_channels] or None) of a training batch; ``drop`` as above."""
@@ -255,6 +261,9 @@ class LatentDiffusionTask:
         )
         latent_shape, encode, guided = self.latent_shape, self.encode_images, self.guided
         blend = mode == "inpaint" and not self.mask_conditioned
+        # Start from the init latents noised to the first step's level: image-to-image at any strength (at 1 too, as
+        # diffusers), inpainting below strength 1.
+        from_image = mode == "img2img" or first_step > 0
 
         def generate(params, frozen, cond_in, null_in, keys, guidance_scale, guidance_rescale, images):
             cond = self.encode_condition(params, frozen, cond_in)
@@ -264,9 +273,9 @@ class LatentDiffusionTask:
             x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
             kw = dict(rng=step_keys if sampler.stochastic else None)
-            if mode == "img2img" or (mode == "inpaint" and (blend or first_step > 0)):
+            if from_image or blend:
                 z_init = encode(frozen["first_stage"], images["init"], keys) * frozen["latent_scale"]
-                if mode == "img2img" or first_step > 0:
+                if from_image:
                     kw["x0"] = z_init
                 if blend:
                     m = self.latent_mask(images["mask"])

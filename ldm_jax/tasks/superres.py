@@ -27,7 +27,6 @@ LOW_RES_NOISE_STREAM = 4
 
 class SuperResTask(LatentDiffusionTask):
     guided = False
-    concat_channels = 3
 
     def __init__(self, config):
         sr = config.superres
@@ -37,6 +36,9 @@ class SuperResTask(LatentDiffusionTask):
         self.low_res_schedule = make_schedule(
             sr.noise_schedule, sr.noise_timesteps, sr.noise_beta_start, sr.noise_beta_end
         )
+
+    def concat_channels_for(self, latent_channels: int) -> int:
+        return 3  # the low-resolution RGB image
 
     @property
     def low_res_size(self) -> int:

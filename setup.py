@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Latent diffusion models (Rombach et al. 2022) in JAX/Flax: train, sample, convert.",
     packages=find_packages(include=["ldm_jax", "ldm_jax.*"]),
-    package_data={"ldm_jax.data": ["assets/*"]},
+    package_data={"ldm_jax.data": ["assets/*"], "ldm_jax.models": ["assets/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -22,6 +22,7 @@ setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "regex>=2023.0",
+        "scikit-image>=0.22",  # the photo_crops dataset reads the photos it ships
     ],
     extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"]},
 )

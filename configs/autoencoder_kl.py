@@ -1,46 +1,36 @@
-"""KL-regularised autoencoder (LDM first stage) on the embedded captioned-shapes images.
+"""KL-regularised autoencoder (LDM first stage): L1 + LPIPS + patch GAN with adaptive weight, KL, learned logvar.
 
 Run:
   python -m ldm_jax.train --config=configs/autoencoder_kl.py:demo --workdir=runs/demo/autoencoder_kl
 Presets:
-  kl_f8 (default)  the paper's KL-f8 (4 latent channels) at 256x256, global batch 256 (pod scale)
-  kl_f4            the paper's KL-f4 (3 latent channels) at 256x256
-  demo             a small f=4 model at 32x32 that trains in a few CPU minutes
-  tiny             16x16, for tests
+  kl_f8 (default)   the paper's KL-f8 (4 latent channels), 256px real photos, global batch 64 (pod scale)
+  kl_f4, kl_f16, kl_f32   the zoo's other KL models (3, 16, 64 latent channels)
+  demo              a small f=4 model on 32px captioned shapes: the txt2img demo's first stage (CPU minutes)
+  photos_f4, photos_f8    small f=4 / f=8 models on 32px crops of real photos (CPU-budget comparisons)
+  tiny              16px, for tests
+The zoo presets need VGG16 weights for LPIPS (--config.loss.lpips_vgg_weights=vgg16.safetensors) or
+--config.loss.perceptual_weight=0. The small presets run without LPIPS (perceptual_weight=0, stated in the log).
 """
-
-import ml_collections
 
 from ldm_jax import config_lib
 from ldm_jax.models.autoencoder import AUTOENCODER_VARIANTS
 
-PRESETS = ("kl_f8", "kl_f4", "demo", "tiny")
+PRESETS = ("kl_f8", "kl_f4", "kl_f16", "kl_f32", "demo", "photos_f4", "photos_f8", "tiny")
+ZOO = ("kl_f8", "kl_f4", "kl_f16", "kl_f32")
 
 
 def get_config(arg=None):
     preset = config_lib.parse_preset(arg, PRESETS)
-    c = config_lib.run_header("autoencoder", preset)
-    variant = {"kl_f8": "kl_f8", "kl_f4": "kl_f4", "demo": "tiny_f4", "tiny": "tiny_f4"}[preset]
-    c.model = ml_collections.ConfigDict(dict(AUTOENCODER_VARIANTS[variant]))
-    # L1 + KL as in the paper's first stage; the LPIPS and adversarial terms are not part of this trainer yet.
-    c.loss = ml_collections.ConfigDict(dict(l1_weight=1.0, l2_weight=0.0, kl_weight=1e-6))
-    if preset in ("kl_f8", "kl_f4"):
-        c.data = config_lib.data_section("256px", 256, 256)
-        c.optim = config_lib.optim_section(lr=4.5e-6 * 256, warmup_steps=1000, ema_decay=0.9999)
-        c.train = config_lib.train_section(num_steps=200_000, log_every=100, checkpoint_every=5000, preview_every=5000)
-    elif preset == "demo":
+    variant = preset if preset in ZOO else ("tiny_f8" if preset == "photos_f8" else "tiny_f4")
+    # disc_start 50001 and disc_weight 0.5: the zoo's KL models (LPIPSWithDiscriminator settings).
+    c = config_lib.first_stage_base("kl", preset, AUTOENCODER_VARIANTS[variant], disc_start=50001, disc_weight=0.5)
+    if preset in ZOO:
+        config_lib.first_stage_schedule(c, "zoo")
+        return c
+    config_lib.first_stage_schedule(c, "tiny" if preset == "tiny" else "demo" if preset == "demo" else "photos")
+    if preset != "tiny":
         # Full-resolution convolutions dominate CPU time, hence the narrow first level.
-        c.model.block_out_channels = (16, 32, 64)
-        c.data = config_lib.data_section("32px", 32, 16)
-        c.optim = config_lib.optim_section(lr=2e-3, warmup_steps=100, ema_decay=0.99, schedule="cosine")
-        c.optim.final_lr_fraction = 0.05
+        c.model.block_out_channels = (16, 32, 64) if preset != "photos_f8" else (16, 32, 64, 64)
         # An added L2 term brings small objects and their colours back about twice as fast as L1 alone here.
         c.loss.l2_weight = 1.0
-        c.train = config_lib.train_section(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=500)
-    else:
-        c.data = config_lib.data_section("tiny", 16, 8)
-        c.model.block_out_channels = (8, 16, 16)
-        c.model.norm_groups = 4
-        c.optim = config_lib.optim_section(lr=1e-3, warmup_steps=2, ema_decay=0.9)
-        c.train = config_lib.train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
     return c

@@ -20,6 +20,10 @@ from ldm_jax.training.optim import LR_SCHEDULES
 TASKS = ("autoencoder", "txt2img", "class_cond", "unconditional", "inpainting", "superres")
 TEXT_TASKS = ("txt2img", "inpainting")  # conditioned on text: a text encoder, prompts, negative prompts
 DTYPES = ("float32", "bfloat16")
+DATASETS = ("shapes_captions", "photo_crops")  # TFDS builders in ldm_jax/data/
+# Images only: no captions or class attributes, so no text- or class-conditioned task can train on them.
+UNLABELLED_DATASETS = ("photo_crops",)
+LABELLED_TASKS = TEXT_TASKS + ("class_cond",)
 DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
 
 
@@ -170,6 +174,96 @@ def small_diffusion_preset(c, preset: str, attention_levels=(True, True)) -> Non
         raise ValueError(f"preset={preset!r}: small presets are 'demo' and 'tiny'")
 
 
+def first_stage_base(kind: str, preset: str, model: dict, disc_start: int, disc_weight: float):
+    """``run_header`` plus a first stage's model, loss and discriminator sections (configs/autoencoder_*.py)."""
+    c = run_header("autoencoder", preset)
+    c.model = ml_collections.ConfigDict(dict(model))
+    c.loss = first_stage_loss_section(kind)
+    c.disc = disc_section(disc_start, disc_weight)
+    return c
+
+
+def first_stage_schedule(c, size: str) -> None:
+    """Data, optimizer and training length of a first-stage run at one of the sizes its presets share:
+
+    "zoo"     the paper's recipe at 256px (Adam 0.5/0.9, lr 4.5e-6 x batch, no clipping or decay), real photos
+    "demo"    32px captioned shapes, the txt2img demo's first stage (CPU minutes)
+    "photos"  32px real-photo crops for CPU-budget comparisons (held-out photos for evaluation)
+    "tiny"    16px shapes, for tests
+    """
+    if size == "zoo":
+        c.data = data_section("256px", 256, 64)
+        c.data.name = "photo_crops"
+        c.optim = optim_section(lr=4.5e-6 * 64, warmup_steps=0, ema_decay=0.9999)
+        c.train = train_section(num_steps=200_000, log_every=100, checkpoint_every=5000, preview_every=5000)
+    elif size in ("demo", "photos"):
+        c.data = data_section("32px", 32, 16)
+        if size == "photos":
+            c.data.name = "photo_crops"
+        c.optim = optim_section(lr=1e-3, warmup_steps=100, ema_decay=0.99, schedule="cosine")
+        c.optim.final_lr_fraction = 0.05
+        c.train = train_section(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=500)
+        # 32px images: two stride-2 layers give a 6x6 map of 34-pixel patches; the GAN joins halfway.
+        c.disc.update(n_layers=2, base_channels=32, start=750)
+        # No LPIPS offline (no VGG16 ImageNet weights ship here): the term is off, by this explicit 0.
+        c.loss.perceptual_weight = 0.0
+    elif size == "tiny":
+        c.data = data_section("tiny", 16, 8)
+        c.model.block_out_channels = (8, 16, 16)
+        c.model.norm_groups = 4
+        c.optim = optim_section(lr=1e-3, warmup_steps=2, ema_decay=0.9)
+        c.train = train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
+        c.disc.update(n_layers=2, base_channels=8, start=4)
+        c.loss.perceptual_weight = 0.0
+    else:
+        raise ValueError(f"size={size!r}: first-stage sizes are 'zoo', 'demo', 'photos', 'tiny'")
+    # Adam with the reference's betas, no weight decay (it would shrink an EMA codebook) and no clipping: the
+    # summed reconstruction term makes gradient norms scale with the image size.
+    c.optim.update(b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=0.0)
+
+
+def first_stage_loss_section(kind: str, **overrides) -> ml_collections.ConfigDict:
+    """The first-stage loss (LDM's LPIPSWithDiscriminator / VQLPIPSWithDiscriminator) for a "kl" or "vq" model."""
+    d = dict(
+        l1_weight=1.0,  # per-pixel |x - x'|, the reference's pixel loss
+        l2_weight=0.0,  # per-pixel (x - x')^2, not in the reference; brings flat colours back faster in short runs
+        perceptual_weight=1.0,  # LPIPS; 0 turns the term off (explicitly: a positive weight needs weights below)
+        lpips_vgg_weights="",  # VGG16 trunk, torchvision layout (.safetensors / .npz, or .pth where torch exists)
+        lpips_heads="",  # LPIPS linear heads; "" = the published v0.1 heads shipped with ldm_jax
+    )
+    if kind == "kl":
+        d.update(
+            kl_weight=1e-6,  # relative to the per-image sum of the reconstruction term, as in the reference
+            logvar_init=0.0,
+            learn_logvar=True,  # the reference declares it learned but leaves it out of its optimizer
+        )
+    else:
+        d.update(
+            codebook_weight=1.0,
+            commitment_beta=0.25,  # beta * ||z - sg(e)||^2 pulls the encoder to its codes
+            codebook_update="loss",  # "loss": codes move by the codebook loss; "ema": running means of assignments
+            codebook_ema_decay=0.99,
+        )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def disc_section(start: int, weight: float, **overrides) -> ml_collections.ConfigDict:
+    """The patch discriminator of the first stage (``ldm_jax.training.gan``)."""
+    d = dict(
+        enabled=True,  # False: no discriminator at all (no parameters, no adversarial term)
+        start=start,  # step from which the adversarial terms count (disc_factor is 0 before)
+        weight=weight,  # multiplies the adaptive weight
+        factor=1.0,  # disc_factor: scales both players' adversarial losses once started
+        loss="hinge",  # or "vanilla" (softplus)
+        n_layers=3,
+        base_channels=64,
+        norm="batch",  # "batch" (batch statistics of each call, as the reference trains) or "none"
+    )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
 def mesh_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
@@ -187,7 +281,13 @@ def _validate_common(c) -> None:
     _check(c.task in TASKS, "task", c.task, f"must be one of {TASKS}")
     _check(c.dtype in DTYPES, "dtype", c.dtype, f"must be one of {DTYPES}")
     d = c.data
-    _check(d.name == "shapes_captions", "data.name", d.name, "must be 'shapes_captions' (the embedded dataset)")
+    _check(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
+    _check(
+        not (d.name in UNLABELLED_DATASETS and c.task in LABELLED_TASKS),
+        "data.name",
+        d.name,
+        f"has images only (no captions or class labels); task={c.task!r} needs a labelled dataset: 'shapes_captions'",
+    )
     _check(d.config in DATASET_CONFIGS, "data.config", d.config, f"must be one of {DATASET_CONFIGS}")
     _check(d.global_batch_size >= 1, "data.global_batch_size", d.global_batch_size, "must be >= 1")
     _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
@@ -232,16 +332,7 @@ def validate(c) -> None:
     """Checks a config before any device work; raises ValueError naming the first bad field."""
     _validate_common(c)
     if c.task == "autoencoder":
-        validate_autoencoder_model(c.model, c.data.image_size)
-        _check(c.loss.kl_weight >= 0, "loss.kl_weight", c.loss.kl_weight, "must be >= 0")
-        _check(c.loss.l1_weight >= 0, "loss.l1_weight", c.loss.l1_weight, "must be >= 0")
-        _check(c.loss.l2_weight >= 0, "loss.l2_weight", c.loss.l2_weight, "must be >= 0")
-        _check(
-            c.loss.l1_weight + c.loss.l2_weight > 0,
-            "loss.l1_weight",
-            c.loss.l1_weight,
-            "l1_weight + l2_weight must be > 0",
-        )
+        _validate_first_stage_training(c)
         return
     _check(
         bool(c.first_stage.workdir),
@@ -299,6 +390,72 @@ def validate(c) -> None:
     else:
         _check(c.sample.num_preview >= 1, "sample.num_preview", c.sample.num_preview, "must be >= 1")
     validate_diffusion(c)
+
+
+def _validate_first_stage_training(c) -> None:
+    from ldm_jax.models.discriminator import NORMS, min_image_size
+    from ldm_jax.tasks.autoencoder import CODEBOOK_UPDATES
+    from ldm_jax.training.gan import DISC_LOSSES
+
+    m, loss, d = c.model, c.loss, c.disc
+    _check(m.kind in ("kl", "vq"), "model.kind", m.kind, "must be 'kl' or 'vq'")
+    validate_autoencoder_model(m, c.data.image_size)
+    for name in ("l1_weight", "l2_weight", "perceptual_weight"):
+        _check(loss[name] >= 0, f"loss.{name}", loss[name], "must be >= 0")
+    _check(
+        loss.l1_weight + loss.l2_weight + loss.perceptual_weight > 0,
+        "loss.l1_weight",
+        loss.l1_weight,
+        "l1_weight + l2_weight + perceptual_weight must be > 0",
+    )
+    if loss.perceptual_weight > 0:
+        _check(
+            bool(loss.lpips_vgg_weights),
+            "loss.lpips_vgg_weights",
+            loss.lpips_vgg_weights,
+            f"loss.perceptual_weight={loss.perceptual_weight} needs VGG16 weights (torchvision layout; convert "
+            "vgg16-397923af.pth to .safetensors) or set loss.perceptual_weight=0 to train without the LPIPS term",
+        )
+        _check(
+            os.path.isfile(loss.lpips_vgg_weights),
+            "loss.lpips_vgg_weights",
+            loss.lpips_vgg_weights,
+            "no such file",
+        )
+    if m.kind == "kl":
+        _check(loss.kl_weight >= 0, "loss.kl_weight", loss.kl_weight, "must be >= 0")
+    else:
+        _check(m.num_codes >= 2, "model.num_codes", m.num_codes, "must be >= 2")
+        _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be >= 1")
+        _check(loss.codebook_weight >= 0, "loss.codebook_weight", loss.codebook_weight, "must be >= 0")
+        _check(loss.commitment_beta >= 0, "loss.commitment_beta", loss.commitment_beta, "must be >= 0")
+        _check(
+            loss.codebook_update in CODEBOOK_UPDATES,
+            "loss.codebook_update",
+            loss.codebook_update,
+            f"must be one of {CODEBOOK_UPDATES}",
+        )
+        _check(
+            0.0 < loss.codebook_ema_decay < 1.0,
+            "loss.codebook_ema_decay",
+            loss.codebook_ema_decay,
+            "must be in (0, 1)",
+        )
+    if d.enabled:
+        _check(d.loss in DISC_LOSSES, "disc.loss", d.loss, f"must be one of {DISC_LOSSES}")
+        _check(d.norm in NORMS, "disc.norm", d.norm, f"must be one of {NORMS}")
+        _check(d.start >= 0, "disc.start", d.start, "must be >= 0")
+        _check(d.weight >= 0, "disc.weight", d.weight, "must be >= 0")
+        _check(d.factor >= 0, "disc.factor", d.factor, "must be >= 0")
+        _check(d.base_channels >= 1, "disc.base_channels", d.base_channels, "must be >= 1")
+        _check(d.n_layers >= 1, "disc.n_layers", d.n_layers, "must be >= 1")
+        need = min_image_size(d.n_layers)
+        _check(
+            c.data.image_size >= need,
+            "disc.n_layers",
+            d.n_layers,
+            f"gives no logits on {c.data.image_size}px images (needs a side >= 3 * 2**n_layers = {need})",
+        )
 
 
 def _validate_inpainting(p) -> None:

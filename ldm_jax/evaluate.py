@@ -27,7 +27,7 @@ import time
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion or first-stage (autoencoder) workdir.")
 _SPLIT = flags.DEFINE_enum(
     "split", "heldout", ["heldout", "validation", "train"], "Dataset split whose examples to use."
 )
@@ -39,6 +39,9 @@ _SEED = flags.DEFINE_integer("seed", 1234, "Image i uses seed + i.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per device call.")
 _INPAINT = flags.DEFINE_bool("inpaint", False, "txt2img runs: evaluate inpainting by latent blending.")
 _NOISE_LEVEL = flags.DEFINE_integer("noise_level", None, "superres runs: noise level (default: config.sample).")
+_FID_WEIGHTS = flags.DEFINE_string(
+    "fid_weights", "", "Autoencoder runs: FID Inception weights (pytorch-fid's, as .safetensors/.npz) for rFID."
+)
 flags.mark_flags_as_required(["workdir"])
 
 TASKS = ("txt2img", "class_cond", "inpainting", "superres")
@@ -78,6 +81,88 @@ def _mean(x) -> float:
     return float(np.mean(x))
 
 
+def _task_of(workdir: str) -> str:
+    from ldm_jax import config_lib
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise app.UsageError(f"--workdir={workdir!r}: no config.json; train that run first")
+    return config_lib.load_config(path).task
+
+
+def _write_result(result: dict, name: str, grid) -> None:
+    from ldm_jax.imaging import save_png
+
+    path = os.path.join(_WORKDIR.value, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)  # never a half-written result
+    save_png(os.path.join(_WORKDIR.value, f"{name}_grid.png"), grid, upscale=3)
+    print(json.dumps(result, indent=2))
+
+
+def _rfid(originals, reconstructions, batch: int = 50) -> float:
+    """rFID: Fréchet distance between Inception features of the real images and of their reconstructions (uint8,
+    as pytorch-fid reads image files). Meaningful with thousands of images; with a few hundred it is biased high."""
+    from ldm_jax.evaluation import fid
+
+    try:
+        params = fid.load_fid_inception(_FID_WEIGHTS.value)
+    except ValueError as e:
+        raise app.UsageError(f"--fid_weights={_FID_WEIGHTS.value!r}: {e}") from e
+    stats = []
+    for images in (originals, reconstructions):
+        acc = fid.FeatureStatistics()
+        for i in range(0, len(images), batch):
+            acc.update(fid.inception_features(params, images[i : i + batch]))
+        stats.append((acc.mean(), acc.covariance()))
+    return float(fid.frechet_distance(*stats[0], *stats[1]))
+
+
+def _evaluate_autoencoder():
+    """Reconstruction quality of a first-stage run's EMA weights on ``--split``: PSNR, SSIM, L1, LPIPS (when the
+    run's VGG16 weights are configured), rFID (with ``--fid_weights``), codebook usage for VQ models."""
+    import numpy as np
+
+    from ldm_jax import config_lib
+    from ldm_jax.data import pipeline
+    from ldm_jax.imaging import make_grid, to_uint8
+    from ldm_jax.tasks import build_task
+    from ldm_jax.training import checkpoint
+
+    config = config_lib.load_config(os.path.join(_WORKDIR.value, "config.json"))
+    for flag, value in (("--inpaint", _INPAINT.value), ("--noise_level", _NOISE_LEVEL.value)):
+        if value:
+            raise app.UsageError(f"{flag} does not apply to an autoencoder run")
+    task = build_task(config)
+    try:
+        params, _, step = checkpoint.load_trained_params(_WORKDIR.value, "ema")
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from e
+    frozen = {}
+    if config.loss.perceptual_weight > 0 and os.path.isfile(config.loss.lpips_vgg_weights):
+        frozen["lpips"] = task.lpips_params()
+    if _NUM.value < 1:
+        raise app.UsageError(f"--num_examples={_NUM.value}: must be >= 1")
+    images = pipeline.first_images(config.data, _SPLIT.value, _NUM.value)
+    t0 = time.perf_counter()
+    rec, metrics = task.evaluate(params, images, frozen)
+    originals = to_uint8(images)
+    if _FID_WEIGHTS.value:
+        metrics["rfid"] = _rfid(originals, rec)
+    result = dict(
+        split=_SPLIT.value,
+        dataset=config.data.name,
+        num_examples=int(images.shape[0]),
+        checkpoint_step=step,
+        seconds=time.perf_counter() - t0,
+        autoencoder=metrics,
+    )
+    k = min(8, images.shape[0])
+    logging.info("autoencoder on %s (%d examples): %s", _SPLIT.value, images.shape[0], metrics)
+    _write_result(result, f"eval_{_SPLIT.value}", make_grid(np.concatenate([originals[:k], rec[:k]]), ncol=k))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -86,12 +171,14 @@ def main(argv):
     from ldm_jax import jax_setup
     from ldm_jax.data import pipeline, shapes
     from ldm_jax.evaluation import attributes, image_metrics
-    from ldm_jax.imaging import make_grid, save_png, to_uint8
+    from ldm_jax.imaging import make_grid, to_uint8
     from ldm_jax.tasks import load_for_sampling
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
     jax_setup.configure()
+    if _task_of(_WORKDIR.value) == "autoencoder":
+        return _evaluate_autoencoder()
     try:
         task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, tasks=TASKS)
     except (FileNotFoundError, ValueError) as e:
@@ -180,18 +267,11 @@ def main(argv):
             )
             grid_rows = [originals, to_uint8(pipeline.to_model_range(originals) * keep), images]
     suffix = "_inpaint" if _INPAINT.value else ""
-    path = os.path.join(_WORKDIR.value, f"eval_{_SPLIT.value}{suffix}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
     k = min(8, n)
-    save_png(
-        os.path.join(_WORKDIR.value, f"eval_{_SPLIT.value}{suffix}_grid.png"),
-        make_grid(np.concatenate([rows[:k] for rows in grid_rows]), ncol=k),
-        upscale=3,
-    )
     logging.info("%s on %s (%d examples): %s", kind, _SPLIT.value, n, result)
-    print(json.dumps(result, indent=2))
+    _write_result(
+        result, f"eval_{_SPLIT.value}{suffix}", make_grid(np.concatenate([rows[:k] for rows in grid_rows]), ncol=k)
+    )
 
 
 if __name__ == "__main__":

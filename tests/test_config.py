@@ -3,17 +3,21 @@ import os
 import pytest
 from cli import run_module
 
-from configs import autoencoder_kl, class_cond, txt2img, unconditional
+from configs import autoencoder_kl, autoencoder_vq, class_cond, txt2img, unconditional
 from ldm_jax import config_lib
 from ldm_jax.training.sharding import check_batch_size, make_mesh
 
 
-@pytest.mark.parametrize("module", [autoencoder_kl, txt2img, class_cond, unconditional])
-def test_every_preset_validates(module):
+@pytest.mark.parametrize("module", [autoencoder_kl, autoencoder_vq, txt2img, class_cond, unconditional])
+def test_every_preset_validates(module, tmp_path):
+    vgg = tmp_path / "vgg16.safetensors"  # the zoo presets need a user-supplied VGG16 file for LPIPS
+    vgg.write_bytes(b"")
     for p in module.PRESETS:
         c = module.get_config(p)
         if c.task != "autoencoder" and not c.first_stage.workdir:
             c.first_stage.workdir = "somewhere"
+        if c.task == "autoencoder" and c.loss.perceptual_weight > 0 and not c.loss.lpips_vgg_weights:
+            c.loss.lpips_vgg_weights = str(vgg)
         config_lib.validate(c)
 
 
@@ -36,6 +40,7 @@ def test_pod_scale_txt2img_describes_the_paper_setup():
         ("sample.guidance_rescale", 1.5, "sample.guidance_rescale=1.5"),
         ("diffusion.loss_weighting", "p2", "diffusion.loss_weighting='p2'"),
         ("diffusion.rescale_betas_zero_snr", True, "needs prediction_type 'v_prediction' or 'sample'"),
+        ("data.name", "photo_crops", "data.name='photo_crops': has images only"),
     ],
 )
 def test_validate_names_the_bad_field(field, value, match):

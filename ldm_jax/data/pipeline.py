@@ -13,7 +13,7 @@ import grain.python as grain
 import jax
 import numpy as np
 
-from ldm_jax.data import shapes
+from ldm_jax.data import photos, shapes
 from ldm_jax.data.tokenizer import CLIPTokenizer
 
 
@@ -42,7 +42,12 @@ class Preprocess(grain.MapTransform):
 
 
 def data_source(data_config, split: str):
-    builder = shapes.get_builder(data_config.config, data_config.data_dir)
+    if data_config.name == "shapes_captions":
+        builder = shapes.get_builder(data_config.config, data_config.data_dir)
+    elif data_config.name == "photo_crops":
+        builder = photos.get_builder(data_config.config, data_config.data_dir)
+    else:
+        raise ValueError(f"data.name={data_config.name!r}: must be one of ('shapes_captions', 'photo_crops')")
     size = builder.builder_config.image_size
     if size != data_config.image_size:
         raise ValueError(

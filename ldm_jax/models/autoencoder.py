@@ -16,44 +16,46 @@ from ldm_jax.models.layers import Downsample, ResnetBlock, SpatialSelfAttention,
 
 Dtype = Any
 
-# Named first-stage sizes. "kl_f8" is the LDM paper's / Stable Diffusion's KL-f8 autoencoder.
+
+def _kl(block_out_channels, latent_channels, layers_per_block=2, norm_groups=32):
+    return dict(
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_groups=norm_groups,
+        init_logvar=0.0,
+        kind="kl",
+        mid_attention=True,
+    )
+
+
+def _vq(block_out_channels, embed_dim, num_codes):
+    return dict(
+        block_out_channels=block_out_channels,
+        layers_per_block=2,
+        latent_channels=embed_dim,
+        embed_dim=embed_dim,
+        num_codes=num_codes,
+        l2_codes=False,
+        norm_groups=32,
+        kind="vq",
+        mid_attention=True,
+    )
+
+
+# Named first-stage sizes. "kl_f8" is the LDM paper's / Stable Diffusion's KL-f8 autoencoder; the kl_* and vq_*
+# entries follow the paper's model zoo (models/first_stage_models). Attention at intermediate resolutions
+# (kl-f16/f32's and vq-f8/f16's attn_resolutions) is not modelled: mid-block attention only.
 AUTOENCODER_VARIANTS = {
-    "tiny_f4": dict(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_groups=8,
-        init_logvar=0.0,
-        kind="kl",
-        mid_attention=True,
-    ),
-    "tiny_f8": dict(
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_groups=8,
-        init_logvar=0.0,
-        kind="kl",
-        mid_attention=True,
-    ),
-    "kl_f4": dict(
-        block_out_channels=(128, 256, 512),
-        layers_per_block=2,
-        latent_channels=3,
-        norm_groups=32,
-        init_logvar=0.0,
-        kind="kl",
-        mid_attention=True,
-    ),
-    "kl_f8": dict(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_groups=32,
-        init_logvar=0.0,
-        kind="kl",
-        mid_attention=True,
-    ),
+    "tiny_f4": _kl((32, 64, 64), 4, layers_per_block=1, norm_groups=8),
+    "tiny_f8": _kl((32, 64, 64, 64), 4, layers_per_block=1, norm_groups=8),
+    "kl_f4": _kl((128, 256, 512), 3),
+    "kl_f8": _kl((128, 256, 512, 512), 4),
+    "kl_f16": _kl((128, 128, 256, 256, 512), 16),
+    "kl_f32": _kl((128, 128, 256, 256, 512, 512), 64),
+    "vq_f4": _vq((128, 256, 512), 3, 8192),
+    "vq_f8": _vq((128, 256, 256, 512), 4, 16384),
+    "vq_f16": _vq((128, 128, 256, 256, 512), 8, 16384),
 }
 
 

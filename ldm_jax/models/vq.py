@@ -24,6 +24,7 @@ class Quantized(NamedTuple):
     codebook_loss: jax.Array  # scalar: ||sg(z) - e||^2, moves the codes
     commitment_loss: jax.Array  # scalar: ||z - sg(e)||^2, keeps the encoder near its codes (weighted by beta)
     perplexity: jax.Array  # scalar: exp(entropy of code usage in the batch); num_codes when usage is uniform
+    z: jax.Array  # [B, h, w, d] the latents as matched against the codes (unit-normalised with l2_codes)
 
 
 class VectorQuantizer(nn.Module):
@@ -31,6 +32,9 @@ class VectorQuantizer(nn.Module):
 
     num_codes: int
     dim: int
+    # Match and quantise unit-normalised latents against unit-normalised codes (cosine similarity; Yu et al. 2022,
+    # ViT-VQGAN): keeps every code in play on the sphere instead of a few large-norm codes winning.
+    l2_codes: bool = False
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -43,9 +47,16 @@ class VectorQuantizer(nn.Module):
             self.param_dtype,
         )
 
+    def codes(self) -> jax.Array:
+        """The codebook as quantisation uses it: [num_codes, dim]."""
+        codes = self.embedding.astype(jnp.float32)
+        return _unit(codes) if self.l2_codes else codes
+
     def __call__(self, z: jax.Array) -> Quantized:
         z = z.astype(jnp.float32)
-        codes = self.embedding.astype(jnp.float32)
+        if self.l2_codes:
+            z = _unit(z)
+        codes = self.codes()
         flat = z.reshape(-1, self.dim)
         # ||z||^2 + ||e||^2 - 2 z.e, as the reference computes it; argmin picks the first of equal distances.
         dist = (
@@ -58,13 +69,18 @@ class VectorQuantizer(nn.Module):
         codebook_loss = jnp.mean(jnp.square(e - jax.lax.stop_gradient(z)))
         commitment_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
         z_q = z + jax.lax.stop_gradient(e - z)
-        usage = jnp.mean(jax.nn.one_hot(idx, self.num_codes, dtype=jnp.float32), axis=0)
+        # segment_sum, not a mean of one-hots: [N, K] one-hots are gigabytes at pod batch sizes with 16k codes.
+        usage = jax.ops.segment_sum(jnp.ones_like(idx, jnp.float32), idx, self.num_codes) / idx.shape[0]
         perplexity = jnp.exp(-jnp.sum(usage * jnp.log(usage + 1e-10)))
-        return Quantized(z_q, idx.reshape(z.shape[:-1]), codebook_loss, commitment_loss, perplexity)
+        return Quantized(z_q, idx.reshape(z.shape[:-1]), codebook_loss, commitment_loss, perplexity, z)
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """indices [B, h, w] -> code vectors [B, h, w, dim]."""
-        return self.embedding.astype(jnp.float32)[indices]
+        return self.codes()[indices]
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class VQModel(nn.Module):
@@ -75,6 +91,7 @@ class VQModel(nn.Module):
     latent_channels: int = 3
     embed_dim: int = 3
     num_codes: int = 8192
+    l2_codes: bool = False
     in_channels: int = 3
     norm_groups: int = 32
     mid_attention: bool = True
@@ -96,7 +113,9 @@ class VQModel(nn.Module):
         one = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
         self.quant_conv = nn.Conv(self.embed_dim, **one)
         self.post_quant_conv = nn.Conv(self.latent_channels, **one)
-        self.quantize = VectorQuantizer(self.num_codes, self.embed_dim, param_dtype=self.param_dtype)
+        self.quantize = VectorQuantizer(
+            self.num_codes, self.embed_dim, l2_codes=self.l2_codes, param_dtype=self.param_dtype
+        )
 
     def encode(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, 3] in [-1, 1] -> continuous latents [B, H/f, W/f, embed_dim] (not yet quantised)."""

@@ -48,21 +48,27 @@ def _check_finite(metrics: dict, step: int) -> None:
 def make_train_step(config, task, mesh):
     """(init_state(rng), jitted step, state shardings, abstract state) for ``task`` on ``mesh``.
 
-    The step is ``train_step`` with the task's loss and the optimizer bound by ``functools.partial``; the state is
+    The step is ``train_step`` with the task's loss and the optimizer bound by ``functools.partial`` (or the task's
+    own, e.g. ``training.gan.gan_train_step``); the state is
     donated and stays sharded as ``tree_shardings`` says, batches are split over every device.
     """
-    tx, lr_schedule = make_optimizer(config.optim, config.train.num_steps)
+    make_step = getattr(task, "make_step", None)  # tasks with their own step (the adversarial first stage)
+    if make_step is not None:
+        init_state, step = make_step(config.train.num_steps)
+    else:
+        tx, lr_schedule = make_optimizer(config.optim, config.train.num_steps)
+        step = functools.partial(
+            train_step, loss_fn=task.loss_fn, tx=tx, lr_schedule=lr_schedule, ema_decay=config.optim.ema_decay
+        )
 
-    def init_state(rng):
-        return TrainState.create(task.init_params(rng), tx)
+        def init_state(rng):
+            return TrainState.create(task.init_params(rng), tx)
 
     abstract = jax.eval_shape(init_state, jax.random.key(0))
     state_shardings = tree_shardings(abstract, mesh)
     repl = replicated(mesh)
     step_fn = jax.jit(
-        functools.partial(
-            train_step, loss_fn=task.loss_fn, tx=tx, lr_schedule=lr_schedule, ema_decay=config.optim.ema_decay
-        ),
+        step,
         in_shardings=(state_shardings, repl, batch_sharding(mesh), repl),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),

@@ -1,0 +1,175 @@
+"""The adversarial first-stage step: autoencoder (generator) and patch discriminator updated in one jitted call.
+
+As in taming-transformers / CompVis latent-diffusion (``LPIPSWithDiscriminator``, ``VQLPIPSWithDiscriminator``):
+
+  generator  loss = nll + reg + d_weight * disc_factor * g_loss,   g_loss = -mean(D(rec))
+  d_weight       = ||grad_L nll|| / (||grad_L g_loss|| + 1e-4), clipped to [0, 1e4], times ``disc_weight``
+                   (L: the decoder's last layer; the weight balances the two terms' pull on the output)
+  discriminator  loss = disc_factor * hinge or vanilla loss on D(x) and D(sg(rec))
+  disc_factor    = ``disc_factor`` from step ``disc_start`` on, 0 before
+
+``nll`` and ``reg`` come from the task (L1/LPIPS reconstruction with learned log-variance and KL, or codebook and
+commitment terms). One forward of the autoencoder serves both updates: the discriminator sees the reconstructions
+of this step's generator forward, taken before the generator's update; the reference runs the autoencoder a second
+time after it, which costs a forward and changes nothing in expectation. Before ``disc_start`` the adversarial
+backward pass and the discriminator update are skipped (``lax.cond``) rather than multiplied by zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax.training.state import TrainState, ema_decay_at, ema_update
+
+DISC_LOSSES = ("hinge", "vanilla")
+ADAPTIVE_WEIGHT_EPS = 1e-4
+ADAPTIVE_WEIGHT_MAX = 1e4
+
+# rec_loss_fn(params, loss_params, frozen, batch, rng) -> (nll, reg, reconstructions [B, H, W, C], aux dict)
+RecLossFn = Callable[[Any, Any, Any, dict, jax.Array], tuple[jax.Array, jax.Array, jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class GANTrainState(TrainState):
+    loss_params: Any  # trained by the generator's optimizer beside ``params`` (the learned log-variance)
+    disc_params: Any  # {} when the discriminator is off
+    disc_opt_state: Any
+    model_state: Any  # updated outside the optimizers: EMA codebook statistics, {} otherwise
+
+    @classmethod
+    def create_gan(cls, params, loss_params, disc_params, model_state, tx, disc_tx) -> "GANTrainState":
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init({"model": params, "loss": loss_params}),
+            loss_params=loss_params,
+            disc_params=disc_params,
+            disc_opt_state=disc_tx.init(disc_params),
+            model_state=model_state,
+        )
+
+
+def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
+    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def vanilla_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
+    return 0.5 * (jnp.mean(jax.nn.softplus(-logits_real)) + jnp.mean(jax.nn.softplus(logits_fake)))
+
+
+def disc_loss_fn(name: str):
+    if name not in DISC_LOSSES:
+        raise ValueError(f"disc.loss={name!r}: must be one of {DISC_LOSSES}")
+    return hinge_d_loss if name == "hinge" else vanilla_d_loss
+
+
+def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, disc_weight: float) -> jax.Array:
+    """The generator's adversarial weight from the two losses' gradients at the decoder's last layer."""
+    w = jnp.linalg.norm(nll_grad.ravel()) / (jnp.linalg.norm(g_grad.ravel()) + ADAPTIVE_WEIGHT_EPS)
+    return jnp.clip(w, 0.0, ADAPTIVE_WEIGHT_MAX) * disc_weight
+
+
+def gan_train_step(
+    state: GANTrainState,
+    frozen: Any,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    rec_loss_fn: RecLossFn,
+    last_layer: Callable[[Any], jax.Array],
+    disc_apply: Callable[[Any, jax.Array], jax.Array] | None,
+    disc_loss: Callable[[jax.Array, jax.Array], jax.Array],
+    disc_start: int,
+    disc_weight: float,
+    disc_factor: float,
+    update_model_state: Callable[[Any, Any, dict], tuple[Any, Any]] | None,
+    tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    ema_decay: float,
+) -> tuple[GANTrainState, dict]:
+    """One generator and one discriminator update. ``disc_apply`` None: no discriminator (reconstruction only)."""
+    step_rng = jax.random.fold_in(rng, state.step)
+    x = batch["image"]
+    gen = {"model": state.params, "loss": state.loss_params}
+    disc_on = state.step >= disc_start
+
+    def forward(g):
+        nll, reg, rec, aux = rec_loss_fn(g["model"], g["loss"], frozen, batch, step_rng)
+        g_loss = -jnp.mean(disc_apply(state.disc_params, rec)) if disc_apply is not None else jnp.zeros(())
+        return (nll, reg, g_loss), (rec, aux)
+
+    (nll, reg, g_loss), pullback, (rec, aux) = jax.vjp(forward, gen, has_aux=True)
+    zero = jnp.zeros(())
+    (rec_grads,) = pullback((jnp.ones(()), jnp.ones(()), zero))
+    metrics = {"nll": nll, "reg": reg}
+    if disc_apply is not None:
+
+        def adversarial():
+            (g_grads,) = pullback((zero, zero, jnp.ones(())))
+            # ``reg`` (KL or codebook terms) does not reach the decoder's last layer, so there the gradient of
+            # nll + reg is the gradient of nll: no third backward pass.
+            w = adaptive_weight(last_layer(rec_grads["model"]), last_layer(g_grads["model"]), disc_weight)
+            return g_grads, w
+
+        def off():
+            return jax.tree.map(jnp.zeros_like, gen), zero
+
+        g_grads, d_weight = jax.lax.cond(disc_on, adversarial, off)
+        factor = jnp.where(disc_on, disc_factor, 0.0)
+        grads = jax.tree.map(lambda a, b: a + d_weight * factor * b, rec_grads, g_grads)
+        loss = nll + reg + d_weight * factor * g_loss
+        metrics.update(g_loss=g_loss, d_weight=d_weight, disc_factor=factor)
+    else:
+        grads, loss = rec_grads, nll + reg
+
+    updates, opt_state = tx.update(grads, state.opt_state, gen)
+    gen = optax.apply_updates(gen, updates)
+    params, model_state = gen["model"], state.model_state
+    if update_model_state is not None:
+        params, model_state = update_model_state(params, model_state, aux)
+
+    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    if disc_apply is not None:
+        fake = jax.lax.stop_gradient(rec)
+
+        def d_objective(dp):
+            real_logits, fake_logits = disc_apply(dp, x), disc_apply(dp, fake)
+            return disc_factor * disc_loss(real_logits, fake_logits), (jnp.mean(real_logits), jnp.mean(fake_logits))
+
+        def d_update():
+            (d_loss, (lr_, lf_)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(disc_params)
+            d_updates, new_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
+            return optax.apply_updates(disc_params, d_updates), new_opt, d_loss, lr_, lf_
+
+        def d_skip():
+            return disc_params, disc_opt_state, zero, zero, zero
+
+        disc_params, disc_opt_state, d_loss, logits_real, logits_fake = jax.lax.cond(disc_on, d_update, d_skip)
+        metrics.update(disc_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
+
+    ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
+    metrics = {
+        "train/loss": loss,
+        "train/grad_norm": optax.global_norm(grads),
+        "train/lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+        **{f"train/{k}": v for k, v in metrics.items()},
+        **{f"train/{k}": v for k, v in aux.items() if not k.startswith("_")},
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        ema_params=ema,
+        opt_state=opt_state,
+        loss_params=gen["loss"],
+        disc_params=disc_params,
+        disc_opt_state=disc_opt_state,
+        model_state=model_state,
+    )
+    return new_state, metrics

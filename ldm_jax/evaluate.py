@@ -42,6 +42,12 @@ _NOISE_LEVEL = flags.DEFINE_integer("noise_level", None, "superres runs: noise l
 _FID_WEIGHTS = flags.DEFINE_string(
     "fid_weights", "", "Autoencoder runs: FID Inception weights (pytorch-fid's, as .safetensors/.npz) for rFID."
 )
+_LPIPS_VGG = flags.DEFINE_string(
+    "lpips_vgg_weights",
+    "",
+    "Autoencoder runs: VGG16 weights for LPIPS (default: the run's loss.lpips_vgg_weights when its perceptual term "
+    "was on). Lets a run trained without LPIPS be scored with it.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 TASKS = ("txt2img", "class_cond", "inpainting", "superres")
@@ -139,9 +145,21 @@ def _evaluate_autoencoder():
         params, _, step = checkpoint.load_trained_params(_WORKDIR.value, "ema")
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from e
-    frozen = {}
-    if config.loss.perceptual_weight > 0 and os.path.isfile(config.loss.lpips_vgg_weights):
+    frozen, not_computed = {}, {}
+    vgg = _LPIPS_VGG.value or (config.loss.lpips_vgg_weights if config.loss.perceptual_weight > 0 else "")
+    if _LPIPS_VGG.value and not os.path.isfile(_LPIPS_VGG.value):
+        raise app.UsageError(f"--lpips_vgg_weights={_LPIPS_VGG.value!r}: no such file")
+    if not vgg:
+        not_computed["lpips"] = "no VGG16 weights: the run trained without LPIPS and --lpips_vgg_weights is unset"
+    elif not os.path.isfile(vgg):
+        # The run's file may live on the machine that trained it; say so in the result rather than fail the rest.
+        not_computed["lpips"] = f"the run's loss.lpips_vgg_weights={vgg!r} is not on this machine"
+        logging.warning("LPIPS not computed: %s", not_computed["lpips"])
+    else:
+        config.loss.lpips_vgg_weights = vgg
         frozen["lpips"] = task.lpips_params()
+    if not _FID_WEIGHTS.value:
+        not_computed["rfid"] = "--fid_weights unset"
     if _NUM.value < 1:
         raise app.UsageError(f"--num_examples={_NUM.value}: must be >= 1")
     images = pipeline.first_images(config.data, _SPLIT.value, _NUM.value)
@@ -157,6 +175,7 @@ def _evaluate_autoencoder():
         checkpoint_step=step,
         seconds=time.perf_counter() - t0,
         autoencoder=metrics,
+        not_computed=not_computed,
     )
     k = min(8, images.shape[0])
     logging.info("autoencoder on %s (%d examples): %s", _SPLIT.value, images.shape[0], metrics)

@@ -40,6 +40,9 @@ def first_stage_workdir(tmp_path_factory, data_dir):
 
     config = autoencoder_kl.get_config("tiny")
     config.data.data_dir = data_dir
+    # The diffusion tests need a first stage, not its GAN (test_first_stage covers that); no discriminator saves
+    # each xdist worker its compile.
+    config.disc.enabled = False
     workdir = str(tmp_path_factory.mktemp("ae"))
     train_and_evaluate(config, workdir)
     return workdir

@@ -216,12 +216,28 @@ def test_vq_with_lpips_and_ema_codebook_trains_through_the_loop(data_dir, tmp_pa
         rtol=1e-5,
     )
     assert os.path.exists(os.path.join(workdir, "previews", "reconstructions_0000008.png"))
-    run_module("ldm_jax.evaluate", f"--workdir={workdir}", "--split=validation", "--num_examples=16")
+    proc = run_module("ldm_jax.evaluate", f"--workdir={workdir}", "--split=validation", "--num_examples=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "eval_validation.json")) as f:
         result = json.load(f)
     for key in ("psnr", "ssim", "lpips", "codebook_used_fraction", "perplexity"):
         assert np.isfinite(result["autoencoder"][key]), (key, result)
     assert 0 < result["autoencoder"]["codebook_used_fraction"] <= 1
+    assert set(result["not_computed"]) == {"rfid"}, result
+    # The VGG16 file moved: --lpips_vgg_weights points the evaluation at it, same score.
+    moved = str(tmp_path / "moved_vgg16.safetensors")
+    os.rename(c.loss.lpips_vgg_weights, moved)
+    proc = run_module(
+        "ldm_jax.evaluate",
+        f"--workdir={workdir}",
+        "--split=validation",
+        "--num_examples=16",
+        f"--lpips_vgg_weights={moved}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_validation.json")) as f:
+        again = json.load(f)
+    assert again["autoencoder"]["lpips"] == pytest.approx(result["autoencoder"]["lpips"], rel=1e-5)
 
 
 def _smoothed(cluster):

@@ -115,6 +115,7 @@ def test_autoencoder_loss_falls_on_one_batch(data_dir):
     config = autoencoder_kl.get_config("tiny")
     config.data.data_dir = data_dir
     config.optim.lr = 3e-3
+    config.disc.enabled = False  # the reconstruction objective alone; the GAN is tested in test_first_stage
     task = build_task(config)
     loader = pipeline.make_loader(config.data, "train", config.data.global_batch_size)
     batch = next(iter(loader))

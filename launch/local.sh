@@ -3,6 +3,8 @@
 #   bash launch/local.sh demo   # install, train the KL autoencoder, then txt2img, sample prompts, evaluate
 #   bash launch/local.sh test   # install with test extras (+ the PyTorch reference env .venv-ref), check
 #                               # formatting, run the test suite
+#   bash launch/local.sh train --config=configs/txt2img.py:demo --workdir=runs/x [more ldm_jax.train flags]
+#                               # install, then one training run with the remaining arguments
 # The virtual environment lives in .venv (override with VENV=...). Python 3.12 is preferred (faster jax on CPU);
 # 3.11 works.
 set -euo pipefail
@@ -50,6 +52,11 @@ case "$mode" in
     echo "stage wall times (s): autoencoder $((t1 - t0)), txt2img $((t2 - t1)), sample $((t3 - t2)), evaluate $((t4 - t3))"
     echo "samples: $RUNS/samples/grid.png (manifest.jsonl beside it); evaluation: $RUNS/txt2img/eval_heldout.json"
     ;;
+  train)
+    shift
+    "$PY" -m pip install -q -e .
+    exec "$PY" -m ldm_jax.train "$@"
+    ;;
   test)
     "$PY" -m pip install -q -e '.[test]'
     REF_VENV="${REF_VENV:-.venv-ref}"
@@ -68,7 +75,7 @@ case "$mode" in
     "$PY" -m pytest -q --durations=10 -n "${PYTEST_WORKERS:-2}" --dist loadfile tests
     ;;
   *)
-    echo "usage: $0 demo|test" >&2
+    echo "usage: $0 demo|test|train [ldm_jax.train flags]" >&2
     exit 2
     ;;
 esac

@@ -15,7 +15,8 @@ import ml_collections
 from ldm_jax.diffusion.objectives import LOSS_WEIGHTINGS, PREDICTION_TYPES
 from ldm_jax.diffusion.samplers import SamplerOptions
 from ldm_jax.diffusion.schedules import SCHEDULES
-from ldm_jax.training.optim import LR_SCHEDULES
+from ldm_jax.models.remat import REMAT_POLICIES
+from ldm_jax.training.optim import LR_SCALING, LR_SCHEDULES
 
 TASKS = ("autoencoder", "txt2img", "class_cond", "unconditional", "inpainting", "superres")
 TEXT_TASKS = ("txt2img", "inpainting")  # conditioned on text: a text encoder, prompts, negative prompts
@@ -53,7 +54,9 @@ def latent_diffusion_base(task: str, preset: str) -> ml_collections.ConfigDict:
     c = run_header(task, preset)
     c.first_stage = ml_collections.ConfigDict(dict(workdir="", weights="ema"))
     c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
-    c.unet = ml_collections.ConfigDict(dict(use_linear_projection=False, dropout=0.0))
+    # remat_policy: rematerialisation of the UNet's blocks (ldm_jax/models/remat.py), trading compute for memory;
+    # "full" or "dots" for large models and batches, "none" (fastest) when everything fits.
+    c.unet = ml_collections.ConfigDict(dict(use_linear_projection=False, dropout=0.0, remat_policy="none"))
     c.diffusion = diffusion_section()
     return c
 
@@ -87,6 +90,9 @@ def optim_section(
             weight_decay=0.01,
             grad_clip=1.0,
             ema_decay=ema_decay,
+            # Peak lr = lr x (data.global_batch_size / base_batch_size) ** {none: 0, linear: 1, sqrt: 0.5}.
+            lr_scaling="none",
+            base_batch_size=256,
         )
     )
 
@@ -102,6 +108,13 @@ def train_section(
             keep_checkpoints=3,
             async_checkpointing=True,
             preview_every=preview_every,  # 0 disables preview grids during training
+            # Gradient accumulation: the global batch is split into this many micro-batches inside the step.
+            grad_accum_steps=1,
+            # Steps in a row with a non-finite loss or gradient (each skipped, params unchanged) that stop the run.
+            max_nonfinite_streak=5,
+            compilation_cache_dir="",  # persistent XLA compilation cache shared by runs ("" = off)
+            # Log a digest of every local batch to <workdir>/data_order/process_<i>.jsonl (audits resume / data).
+            record_data_order=False,
         )
     )
 
@@ -194,7 +207,9 @@ def first_stage_schedule(c, size: str) -> None:
     if size == "zoo":
         c.data = data_section("256px", 256, 64)
         c.data.name = "photo_crops"
-        c.optim = optim_section(lr=4.5e-6 * 64, warmup_steps=0, ema_decay=0.9999)
+        c.optim = optim_section(lr=4.5e-6, warmup_steps=0, ema_decay=0.9999)
+        # The reference's rule: base_lr x (batch per GPU x GPUs): 4.5e-6 x 64 = 2.88e-4 at this batch.
+        c.optim.update(lr_scaling="linear", base_batch_size=1)
         c.train = train_section(num_steps=200_000, log_every=100, checkpoint_every=5000, preview_every=5000)
     elif size in ("demo", "photos"):
         c.data = data_section("32px", 32, 16)
@@ -297,6 +312,8 @@ def _validate_common(c) -> None:
     _check(o.schedule in LR_SCHEDULES, "optim.schedule", o.schedule, f"must be one of {LR_SCHEDULES}")
     _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _check(o.lr_scaling in LR_SCALING, "optim.lr_scaling", o.lr_scaling, f"must be one of {tuple(LR_SCALING)}")
+    _check(o.base_batch_size >= 1, "optim.base_batch_size", o.base_batch_size, "must be >= 1")
     _check(0.0 <= o.final_lr_fraction <= 1.0, "optim.final_lr_fraction", o.final_lr_fraction, "must be in [0, 1]")
     t = c.train
     _check(t.num_steps >= 1, "train.num_steps", t.num_steps, "must be >= 1")
@@ -304,6 +321,20 @@ def _validate_common(c) -> None:
         _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
     _check(t.preview_every >= 0, "train.preview_every", t.preview_every, "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    _check(
+        d.global_batch_size % t.grad_accum_steps == 0,
+        "train.grad_accum_steps",
+        t.grad_accum_steps,
+        f"must divide data.global_batch_size={d.global_batch_size}",
+    )
+    _check(
+        t.grad_accum_steps == 1 or c.task != "autoencoder",
+        "train.grad_accum_steps",
+        t.grad_accum_steps,
+        "must be 1 for the first stage (its adversarial step weighs the GAN term by full-batch gradient norms)",
+    )
+    _check(t.max_nonfinite_streak >= 1, "train.max_nonfinite_streak", t.max_nonfinite_streak, "must be >= 1")
     for name in ("data", "fsdp"):
         v = c.mesh[name]
         _check(v == -1 or v >= 1, f"mesh.{name}", v, "must be -1 (fill) or >= 1")
@@ -326,6 +357,9 @@ def validate_autoencoder_model(m, image_size: int, prefix: str = "model") -> Non
     _check(image_size % f == 0, "data.image_size", image_size, f"must be divisible by the autoencoder's factor f={f}")
     _check(m.latent_channels >= 1, f"{prefix}.latent_channels", m.latent_channels, "must be >= 1")
     _check(m.layers_per_block >= 1, f"{prefix}.layers_per_block", m.layers_per_block, "must be >= 1")
+    _check(
+        m.remat_policy in REMAT_POLICIES, f"{prefix}.remat_policy", m.remat_policy, f"must be one of {REMAT_POLICIES}"
+    )
 
 
 def validate(c) -> None:
@@ -373,6 +407,7 @@ def validate(c) -> None:
                 f"entry {lev} must be >= 1 and divide {ch} channels",
             )
     _check(0.0 <= u.dropout < 1.0, "unet.dropout", u.dropout, "must be in [0, 1)")
+    _check(u.remat_policy in REMAT_POLICIES, "unet.remat_policy", u.remat_policy, f"must be one of {REMAT_POLICIES}")
     if c.task in TEXT_TASKS:
         _validate_text_encoder(c.text_encoder)
         if c.task == "inpainting":
@@ -579,6 +614,9 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 def _fill_new_fields(config) -> ml_collections.ConfigDict:
     """Adds fields introduced after a workdir was written, with the defaults that reproduce its old behaviour."""
+    for name in ("unet", "model"):  # the UNet of diffusion runs, the model of autoencoder runs
+        if name in config and "remat_policy" not in config[name]:
+            config[name].remat_policy = "none"
     if config.get("task") != "txt2img":
         return config
     for name, defaults in (("diffusion", diffusion_section()), ("sample", sample_section(("",)))):

@@ -3,6 +3,15 @@
   python -m ldm_jax.train --config=configs/txt2img.py:demo --workdir=runs/demo/txt2img [--config.optim.lr=3e-5]
 
 Trains ``config.task`` (see ``configs/``) in ``--workdir``, resuming from its latest checkpoint when present.
+
+Multi-process (several hosts, or one process per GPU): the same command in every process. On a TPU pod slice and
+under SLURM (``srun``) the cluster is detected; elsewhere pass the coordinator (process 0's host:port), the process
+count and each process's id (or set LDM_JAX_COORDINATOR_ADDRESS, LDM_JAX_NUM_PROCESSES, LDM_JAX_PROCESS_ID):
+
+  python -m ldm_jax.train --config=... --workdir=<shared> --coordinator_address=10.0.0.1:1234 --num_processes=2 \
+      --process_id=0     # and --process_id=1 in the other process
+
+See ``ldm_jax/training/distributed.py`` and ``launch/``.
 """
 
 from __future__ import annotations
@@ -13,18 +22,38 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, previews and config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-process: process 0's host:port (default: $LDM_JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process: number of processes (default: $LDM_JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process: this process's id in [0, num_processes) (default: $LDM_JAX_PROCESS_ID)."
+)
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids",
+    None,
+    "GPU ids this process uses, comma-separated (default: $LDM_JAX_LOCAL_DEVICE_IDS; under SLURM, JAX's default "
+    "is the one GPU numbered SLURM_LOCALID).",
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax.training.loop import train_and_evaluate
     from ldm_jax import jax_setup
+    from ldm_jax.training import distributed
+    from ldm_jax.training.loop import train_and_evaluate
     from ldm_jax.training.reporting import quiet_library_logs
 
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
     jax_setup.configure()
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
+    except ValueError as e:  # names the missing or invalid flag / environment variable
+        raise app.UsageError(str(e)) from e
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

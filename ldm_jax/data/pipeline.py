@@ -1,12 +1,19 @@
 """Input pipeline: grain over the TFDS data source -> per-host numpy batches -> global ``jax.Array`` batches.
 
-Each process reads only its shard of the records (``ShardOptions(process_index, process_count)``); shuffling is a
-deterministic function of ``data.shuffle_seed``; the iterator's position is checkpointable (see
-``training/checkpoint.py``).
+The order of examples is a pure function of (``data.shuffle_seed``, step) and does not depend on the number of
+processes or devices: global batch ``s`` holds positions ``s * G ... (s + 1) * G - 1`` of an endless stream that
+visits every record once per epoch in a fresh seeded permutation (the last ``N mod G`` records of each epoch's
+permutation are dropped). Process ``p`` of ``P`` reads only its contiguous share of each global batch, positions
+``s * G + p * G / P ...``, which is the block of rows ``jax.make_array_from_process_local_data`` gives it. So a
+resumed run needs only the step to continue with exactly the examples an uninterrupted run would have seen, on any
+number of hosts, and 2 processes x 4 devices see the same global batches as 1 process x 8 devices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from typing import Optional
 
 import grain.python as grain
@@ -41,13 +48,27 @@ class Preprocess(grain.MapTransform):
         return out
 
 
+@contextlib.contextmanager
+def _preparation_lock(data_dir: str, name: str):
+    """Serialises first-use preparation between processes sharing ``data_dir`` (hosts of one job, parallel test
+    workers): the first prepares, the others wait and then find the dataset ready. A file lock rather than a
+    collective, so that no code path has to be entered by every process."""
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{name}.prepare.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def data_source(data_config, split: str):
-    if data_config.name == "shapes_captions":
-        builder = shapes.get_builder(data_config.config, data_config.data_dir)
-    elif data_config.name == "photo_crops":
-        builder = photos.get_builder(data_config.config, data_config.data_dir)
-    else:
-        raise ValueError(f"data.name={data_config.name!r}: must be one of ('shapes_captions', 'photo_crops')")
+    builders = {"shapes_captions": shapes.get_builder, "photo_crops": photos.get_builder}
+    if data_config.name not in builders:
+        raise ValueError(f"data.name={data_config.name!r}: must be one of {tuple(builders)}")
+    data_dir = data_config.data_dir or shapes.default_data_dir()
+    with _preparation_lock(data_dir, f"{data_config.name}-{data_config.config}"):
+        builder = builders[data_config.name](data_config.config, data_dir)
     size = builder.builder_config.image_size
     if size != data_config.image_size:
         raise ValueError(
@@ -63,6 +84,53 @@ def first_images(data_config, split: str, count: int) -> np.ndarray:
     return to_model_range(np.stack([source[i]["image"] for i in range(n)]))
 
 
+class GlobalOrder:
+    """Record index of every position of the run's example stream (see the module docstring)."""
+
+    def __init__(self, num_records: int, global_batch_size: int, seed: int, shuffle: bool = True):
+        self.num_records = num_records
+        self.global_batch_size = global_batch_size
+        self.steps_per_epoch = num_records // global_batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"data.global_batch_size={global_batch_size}: larger than the split ({num_records} records)"
+            )
+        self.seed = seed
+        self.shuffle = shuffle
+        self._epoch, self._perm = -1, None
+
+    def record(self, position: int) -> int:
+        epoch, offset = divmod(position, self.steps_per_epoch * self.global_batch_size)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+        return int(self._perm[offset])
+
+
+class _ProcessShare:
+    """A random-access view of this process's share of the stream from ``start_step`` on: local index ``i`` is
+    row ``i mod L`` of this process's block of global batch ``start_step + i // L`` (``L`` local batch size)."""
+
+    def __init__(self, source, order: GlobalOrder, start_step: int, num_steps: int, process_index: int, local: int):
+        self.source, self.order = source, order
+        self.start_step, self.num_steps = start_step, num_steps
+        self.process_index, self.local = process_index, local
+
+    def __len__(self) -> int:
+        return self.num_steps * self.local
+
+    def __getitem__(self, i: int):
+        step, row = divmod(int(i), self.local)
+        g = self.order.global_batch_size
+        return self.source[self.order.record((self.start_step + step) * g + self.process_index * self.local + row)]
+
+
+# An "endless" run's stream length in steps: large enough for any run, small enough for grain's int64 indices.
+_ENDLESS_STEPS = 2**40
+
+
 def make_loader(
     data_config,
     split: str,
@@ -71,21 +139,23 @@ def make_loader(
     labeling: Optional[str] = None,
     shuffle: bool = True,
     num_epochs: Optional[int] = None,
+    start_step: int = 0,
 ) -> grain.DataLoader:
-    """A grain loader yielding this process's share (global_batch_size / process_count) of every batch."""
+    """A grain loader yielding this process's share (global_batch_size / process_count) of every global batch,
+    from global batch ``start_step`` on (``num_epochs`` None: endless)."""
     source = data_source(data_config, split)
-    local = global_batch_size // jax.process_count()
+    count = jax.process_count()
+    if global_batch_size % count:
+        raise ValueError(f"data.global_batch_size={global_batch_size}: must be divisible by the process count {count}")
+    local = global_batch_size // count
+    order = GlobalOrder(len(source), global_batch_size, data_config.shuffle_seed, shuffle)
+    total = _ENDLESS_STEPS if num_epochs is None else num_epochs * order.steps_per_epoch
+    share = _ProcessShare(source, order, start_step, max(total - start_step, 0), jax.process_index(), local)
     sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardOptions(
-            shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True
-        ),
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=data_config.shuffle_seed,
+        num_records=len(share), shard_options=grain.NoSharding(), shuffle=False, num_epochs=1, seed=0
     )
     return grain.DataLoader(
-        data_source=source,
+        data_source=share,
         sampler=sampler,
         operations=[Preprocess(tokenizer, labeling), grain.Batch(local, drop_remainder=True)],
         worker_count=data_config.worker_count,

@@ -335,6 +335,7 @@ def first_stage_config(fields: dict, image_size: int):
     c.preset = "converted"
     model = {k: v for k, v in fields.items() if k not in ("scaling_factor", "sample_size")}
     model.setdefault("init_logvar", 0.0)
+    model.setdefault("remat_policy", "none")
     c.model = ml_collections.ConfigDict(model)
     c.data.image_size = image_size
     return c

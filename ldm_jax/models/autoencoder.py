@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
+from ldm_jax.models.remat import remat
 
 Dtype = Any
 
@@ -26,6 +27,7 @@ def _kl(block_out_channels, latent_channels, layers_per_block=2, norm_groups=32)
         init_logvar=0.0,
         kind="kl",
         mid_attention=True,
+        remat_policy="none",  # rematerialisation of every ResNet block and the mid attention (models/remat.py)
     )
 
 
@@ -40,6 +42,7 @@ def _vq(block_out_channels, embed_dim, num_codes):
         norm_groups=32,
         kind="vq",
         mid_attention=True,
+        remat_policy="none",
     )
 
 
@@ -83,18 +86,21 @@ class Encoder(nn.Module):
     out_channels: int
     norm_groups: int = 32
     mid_attention: bool = True
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(groups=self.norm_groups, eps=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_block = remat(ResnetBlock, self.remat_policy)
+        mid_attention_block = remat(SpatialSelfAttention, self.remat_policy)
         h = nn.Conv(self.block_out_channels[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(
             x
         )
         for lev, ch in enumerate(self.block_out_channels):
             for j in range(self.layers_per_block):
-                h = ResnetBlock(ch, name=f"down_blocks_{lev}_resnets_{j}", **kw)(h)
+                h = resnet_block(ch, name=f"down_blocks_{lev}_resnets_{j}", **kw)(h)
             if lev != len(self.block_out_channels) - 1:
                 h = Downsample(
                     ch,
@@ -104,12 +110,12 @@ class Encoder(nn.Module):
                     name=f"down_blocks_{lev}_downsamplers_0",
                 )(h)
         ch = self.block_out_channels[-1]
-        h = ResnetBlock(ch, name="mid_block_resnets_0", **kw)(h)
+        h = resnet_block(ch, name="mid_block_resnets_0", **kw)(h)
         if self.mid_attention:
-            h = SpatialSelfAttention(
+            h = mid_attention_block(
                 self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
             )(h)
-        h = ResnetBlock(ch, name="mid_block_resnets_1", **kw)(h)
+        h = resnet_block(ch, name="mid_block_resnets_1", **kw)(h)
         h = nn.GroupNorm(
             self.norm_groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
         )(h)
@@ -123,23 +129,26 @@ class Decoder(nn.Module):
     out_channels: int = 3
     norm_groups: int = 32
     mid_attention: bool = True
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         kw = dict(groups=self.norm_groups, eps=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_block = remat(ResnetBlock, self.remat_policy)
+        mid_attention_block = remat(SpatialSelfAttention, self.remat_policy)
         chans = list(reversed(self.block_out_channels))
         h = nn.Conv(chans[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(z)
-        h = ResnetBlock(chans[0], name="mid_block_resnets_0", **kw)(h)
+        h = resnet_block(chans[0], name="mid_block_resnets_0", **kw)(h)
         if self.mid_attention:
-            h = SpatialSelfAttention(
+            h = mid_attention_block(
                 self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
             )(h)
-        h = ResnetBlock(chans[0], name="mid_block_resnets_1", **kw)(h)
+        h = resnet_block(chans[0], name="mid_block_resnets_1", **kw)(h)
         for i, ch in enumerate(chans):
             for j in range(self.layers_per_block + 1):
-                h = ResnetBlock(ch, name=f"up_blocks_{i}_resnets_{j}", **kw)(h)
+                h = resnet_block(ch, name=f"up_blocks_{i}_resnets_{j}", **kw)(h)
             if i != len(chans) - 1:
                 h = Upsample(ch, dtype=self.dtype, param_dtype=self.param_dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
         h = nn.GroupNorm(
@@ -161,6 +170,8 @@ class AutoencoderKL(nn.Module):
     # a negative value starts training with little posterior noise, which short runs need to reconstruct at all.
     init_logvar: float = 0.0
     mid_attention: bool = True
+    # Rematerialisation of the encoder's and decoder's blocks (models/remat.py): memory, not parameters or results.
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -172,6 +183,7 @@ class AutoencoderKL(nn.Module):
         kw = dict(
             norm_groups=self.norm_groups,
             mid_attention=self.mid_attention,
+            remat_policy=self.remat_policy,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

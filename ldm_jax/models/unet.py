@@ -21,6 +21,7 @@ from ldm_jax.models.layers import (
     Upsample,
     timestep_embedding,
 )
+from ldm_jax.models.remat import remat
 
 Dtype = Any
 
@@ -59,6 +60,8 @@ class UNet(nn.Module):
         transformer blocks then attend to the feature map in both attention layers (as LDM does without context).
       num_classes: > 0 adds a learned class embedding to the timestep embedding, with one extra row (index
         ``num_classes``) for the null class that classifier-free guidance conditions on.
+      remat_policy: rematerialisation of every ResNet block and SpatialTransformer (a name in
+        ``ldm_jax.models.remat.REMAT_POLICIES``); changes memory and compute, never the parameters or the result.
     """
 
     in_channels: int = 4
@@ -74,6 +77,7 @@ class UNet(nn.Module):
     use_linear_projection: bool = False
     dropout: float = 0.0
     num_classes: int = 0
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -85,7 +89,8 @@ class UNet(nn.Module):
         return heads, ch // heads
 
     def _resnet(self, ch: int, name: str) -> ResnetBlock:
-        return ResnetBlock(
+        # Argument 3 (self = 0) is the Python bool ``deterministic``: static under remat.
+        return remat(ResnetBlock, self.remat_policy, static_argnums=(3,))(
             ch,
             groups=self.norm_groups,
             eps=1e-5,
@@ -98,7 +103,7 @@ class UNet(nn.Module):
 
     def _transformer(self, level: int, name: str) -> SpatialTransformer:
         heads, head_dim = self._heads(level)
-        return SpatialTransformer(
+        return remat(SpatialTransformer, self.remat_policy)(
             heads,
             head_dim,
             depth=self.transformer_depth,

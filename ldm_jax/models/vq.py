@@ -95,6 +95,7 @@ class VQModel(nn.Module):
     in_channels: int = 3
     norm_groups: int = 32
     mid_attention: bool = True
+    remat_policy: str = "none"  # of the encoder's and decoder's blocks (models/remat.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -103,7 +104,12 @@ class VQModel(nn.Module):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self):
-        kw = dict(norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(
+            norm_groups=self.norm_groups,
+            remat_policy=self.remat_policy,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         self.encoder = Encoder(
             self.block_out_channels, self.layers_per_block, self.latent_channels, mid_attention=self.mid_attention, **kw
         )

@@ -42,6 +42,7 @@ def build_autoencoder(model_config, dtype: str = "float32"):
         latent_channels=m["latent_channels"],
         norm_groups=m["norm_groups"],
         mid_attention=m.get("mid_attention", True),
+        remat_policy=m.get("remat_policy", "none"),  # converted models' fields lack it
         dtype=jnp.dtype(dtype),
     )
     kind = m.get("kind", "kl")
@@ -131,9 +132,9 @@ class AutoencoderTask:
     def make_step(self, lr_schedule_total_steps: int):
         """(init_state(rng), the step function to jit) for the training loop."""
         c = self.config
-        tx, lr_schedule = make_optimizer(c.optim, lr_schedule_total_steps)
+        tx, lr_schedule = make_optimizer(c.optim, lr_schedule_total_steps, c.data.global_batch_size)
         # The discriminator has its own optimizer (and moments) with the same settings, as in the reference.
-        disc_tx, _ = make_optimizer(c.optim, lr_schedule_total_steps)
+        disc_tx, _ = make_optimizer(c.optim, lr_schedule_total_steps, c.data.global_batch_size)
         disc_apply = None
         if self.disc is not None:
             disc = self.disc

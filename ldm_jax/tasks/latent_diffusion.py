@@ -46,7 +46,8 @@ def load_first_stage(config):
     fs_config = config_lib.load_config(os.path.join(workdir, "config.json"))
     if fs_config.task != "autoencoder":
         raise ValueError(f"first_stage.workdir={workdir!r}: holds a {fs_config.task!r} run, not an autoencoder")
-    return build_autoencoder(fs_config.model, config.dtype), fs_config
+    # Frozen, the first stage is never differentiated: remat would only recompute. (Older workdirs lack the field.)
+    return build_autoencoder(dict(fs_config.model, remat_policy="none"), config.dtype), fs_config
 
 
 class LatentDiffusionTask:
@@ -88,6 +89,7 @@ class LatentDiffusionTask:
             use_linear_projection=u.use_linear_projection,
             dropout=u.dropout,
             num_classes=num_classes,
+            remat_policy=u.remat_policy,
             dtype=self.dtype,
         )
         self.schedule = schedule_from_config(config.diffusion)

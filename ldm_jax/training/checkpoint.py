@@ -1,12 +1,17 @@
-"""Orbax checkpoints of a run: train state, data-iterator position and JSON metadata, saved together.
+"""Orbax checkpoints of a run: train state and JSON metadata, saved together.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data,meta}``. Saves are asynchronous; Orbax writes each step into a
-temporary directory and renames it when complete, so an interrupted save never leaves a checkpoint that restores.
+Layout: ``<workdir>/checkpoints/<step>/{state,meta}``. The data position needs no item of its own: it is the step
+(``data/pipeline.py``). Every process takes part in a save (each writes the shards it holds); saves are
+asynchronous, and Orbax writes each step into a temporary directory and renames it when complete, so a save
+interrupted by ``kill -9`` never leaves a checkpoint that restores. A state restores onto any mesh: the target
+shardings come from the restoring run. (Checkpoints of earlier versions also hold a grain ``data`` item, which is
+ignored.)
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Optional
 
 import grain.checkpoint as grain_ckpt
@@ -30,17 +35,15 @@ class Checkpointer:
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
-    def save(self, step: int, state: Any, meta: dict, data_iterator=None, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if data_iterator is not None:
-            items["data"] = grain_ckpt.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        _inject_fault("during_save", step)
+        return saved
 
-    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores onto the shardings carried by ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct``)."""
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        if data_iterator is not None:
-            items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["meta"]
 
@@ -52,6 +55,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _inject_fault(where: str, step: int) -> None:
+    """Fault injection for the crash tests: ``LDM_JAX_KILL_AT=during_save:<step>`` sends this process SIGKILL right
+    after the asynchronous save of ``step`` has started (its files half-written), as a preemption without notice
+    would. Unset in normal runs."""
+    spec = os.environ.get("LDM_JAX_KILL_AT", "")
+    if spec and spec == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -11,8 +11,13 @@ As in taming-transformers / CompVis latent-diffusion (``LPIPSWithDiscriminator``
 ``nll`` and ``reg`` come from the task (L1/LPIPS reconstruction with learned log-variance and KL, or codebook and
 commitment terms). One forward of the autoencoder serves both updates: the discriminator sees the reconstructions
 of this step's generator forward, taken before the generator's update; the reference runs the autoencoder a second
-time after it, which costs a forward and changes nothing in expectation. Before ``disc_start`` the adversarial
-backward pass and the discriminator update are skipped (``lax.cond``) rather than multiplied by zero.
+time after it, which costs a forward and changes nothing in expectation.
+
+Before ``disc_start`` the adversarial backward pass and the discriminator update are still computed, and their
+results are discarded with ``jnp.where`` (the discriminator's parameters and optimizer state stay as they were), as
+the reference also computes them. Not a ``lax.cond``: XLA:CPU runs the convolutions inside a conditional's branch
+about 20x slower (photos_f4 model, batch 16: 11 s per step in the branch vs 0.54 s outside it; computing both
+and selecting costs 0.67 s per step in either phase).
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.training.state import TrainState, ema_decay_at, ema_update
+from ldm_jax.training.state import (
+    TrainState,
+    counter_metrics,
+    ema_decay_at,
+    ema_update,
+    skip_if_nonfinite,
+    zero_counters,
+)
 
 DISC_LOSSES = ("hinge", "vanilla")
 ADAPTIVE_WEIGHT_EPS = 1e-4
@@ -52,6 +64,7 @@ class GANTrainState(TrainState):
             disc_params=disc_params,
             disc_opt_state=disc_tx.init(disc_params),
             model_state=model_state,
+            **zero_counters(),
         )
 
 
@@ -118,10 +131,8 @@ def gan_train_step(
             w = adaptive_weight(last_layer(rec_grads["model"]), last_layer(g_grads["model"]), disc_weight)
             return g_grads, w
 
-        def off():
-            return jax.tree.map(jnp.zeros_like, gen), zero
-
-        g_grads, d_weight = jax.lax.cond(disc_on, adversarial, off)
+        g_grads, d_weight = adversarial()
+        d_weight = jnp.where(disc_on, d_weight, 0.0)
         factor = jnp.where(disc_on, disc_factor, 0.0)
         grads = jax.tree.map(lambda a, b: a + d_weight * factor * b, rec_grads, g_grads)
         loss = nll + reg + d_weight * factor * g_loss
@@ -143,15 +154,13 @@ def gan_train_step(
             real_logits, fake_logits = disc_apply(dp, x), disc_apply(dp, fake)
             return disc_factor * disc_loss(real_logits, fake_logits), (jnp.mean(real_logits), jnp.mean(fake_logits))
 
-        def d_update():
-            (d_loss, (lr_, lf_)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(disc_params)
-            d_updates, new_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
-            return optax.apply_updates(disc_params, d_updates), new_opt, d_loss, lr_, lf_
-
-        def d_skip():
-            return disc_params, disc_opt_state, zero, zero, zero
-
-        disc_params, disc_opt_state, d_loss, logits_real, logits_fake = jax.lax.cond(disc_on, d_update, d_skip)
+        (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(disc_params)
+        d_updates, new_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
+        updated = (optax.apply_updates(disc_params, d_updates), new_opt)
+        disc_params, disc_opt_state = jax.tree.map(
+            lambda new, old: jnp.where(disc_on, new, old), updated, (disc_params, disc_opt_state)
+        )
+        d_loss, logits_real, logits_fake = (jnp.where(disc_on, v, zero) for v in (d_loss, logits_real, logits_fake))
         metrics.update(disc_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
 
     ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
@@ -163,7 +172,6 @@ def gan_train_step(
         **{f"train/{k}": v for k, v in aux.items() if not k.startswith("_")},
     }
     new_state = state.replace(
-        step=state.step + 1,
         params=params,
         ema_params=ema,
         opt_state=opt_state,
@@ -172,4 +180,8 @@ def gan_train_step(
         disc_opt_state=disc_opt_state,
         model_state=model_state,
     )
-    return new_state, metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["train/grad_norm"])
+    if disc_apply is not None:
+        finite &= jnp.isfinite(metrics["train/disc_loss"])
+    new_state = skip_if_nonfinite(state, new_state, finite)
+    return new_state, {**metrics, **counter_metrics(new_state)}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import signal
 import time
 
 import jax
@@ -39,10 +42,60 @@ def _log_compiled(compiled, seconds: float) -> None:
         )
 
 
-def _check_finite(metrics: dict, step: int) -> None:
-    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-    if bad:
-        raise FloatingPointError(f"non-finite training metrics at step {step}: {bad}")
+def _check_nonfinite(state, max_streak: int, step: int) -> None:
+    """Stops the run when ``max_streak`` steps in a row had a non-finite loss or gradient (each was skipped)."""
+    worst = int(jax.device_get(state.nonfinite_max_streak))
+    if worst >= max_streak:
+        total = int(jax.device_get(state.nonfinite_total))
+        raise FloatingPointError(
+            f"{worst} steps in a row had a non-finite loss or gradient (by step {step}; {total} skipped in all; "
+            f"train.max_nonfinite_streak={max_streak}): the updates were skipped and the run stopped. Lower "
+            "optim.lr, enable optim.grad_clip, or check the data; the last checkpoint holds the last good state."
+        )
+
+
+class _PreemptionFlag:
+    """SIGTERM sets a flag that the loop reads between steps (single-process runs). Multi-process runs leave the
+    signal to JAX's preemption sync manager, which Orbax's ``reached_preemption`` asks, so that every host stops
+    at the same step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _DataOrderLog:
+    """``train.record_data_order``: one line per step, {step, sha1 of this process's batch}, appended to
+    ``<workdir>/data_order/process_<i>.jsonl``; a resumed run appends again, so re-run steps appear twice."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self._file = None
+        if enabled:
+            os.makedirs(os.path.join(workdir, "data_order"), exist_ok=True)
+            path = os.path.join(workdir, "data_order", f"process_{jax.process_index()}.jsonl")
+            self._file = open(path, "a")
+
+    def record(self, step: int, local_batch: dict) -> None:
+        if self._file is not None:
+            h = hashlib.sha1()
+            for k in sorted(local_batch):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(local_batch[k]).tobytes())
+            self._file.write(json.dumps({"step": step, "sha1": h.hexdigest()}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def make_train_step(config, task, mesh):
@@ -56,9 +109,14 @@ def make_train_step(config, task, mesh):
     if make_step is not None:
         init_state, step = make_step(config.train.num_steps)
     else:
-        tx, lr_schedule = make_optimizer(config.optim, config.train.num_steps)
+        tx, lr_schedule = make_optimizer(config.optim, config.train.num_steps, config.data.global_batch_size)
         step = functools.partial(
-            train_step, loss_fn=task.loss_fn, tx=tx, lr_schedule=lr_schedule, ema_decay=config.optim.ema_decay
+            train_step,
+            loss_fn=task.loss_fn,
+            tx=tx,
+            lr_schedule=lr_schedule,
+            ema_decay=config.optim.ema_decay,
+            accum_steps=config.train.grad_accum_steps,
         )
 
         def init_state(rng):
@@ -105,11 +163,22 @@ def _match_init_params(src, target, source_name: str):
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one."""
     config_lib.validate(config)
+    train_cfg = config.train
+    if train_cfg.compilation_cache_dir:
+        # Every process compiles the same programs: a shared cache directory saves each later run the compile.
+        jax.config.update("jax_compilation_cache_dir", train_cfg.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     check_batch_size(config.data.global_batch_size, mesh)
+    if train_cfg.grad_accum_steps > 1:
+        check_batch_size(
+            config.data.global_batch_size // train_cfg.grad_accum_steps,
+            mesh,
+            field=f"data.global_batch_size / train.grad_accum_steps = {config.data.global_batch_size} / "
+            f"{train_cfg.grad_accum_steps}; a micro-batch",
+        )
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     task = build_task(config)
-    train_cfg = config.train
 
     ckpt = ckpt_lib.Checkpointer(workdir, train_cfg.keep_checkpoints, train_cfg.async_checkpointing)
     latest = ckpt.latest_step()
@@ -121,17 +190,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     init_state, step_fn, state_shardings, abstract = make_train_step(config, task, mesh)
 
-    loader = pipeline.make_loader(
-        config.data,
-        "train",
-        config.data.global_batch_size,
-        task.tokenizer if task.uses_tokens else None,
-        getattr(task, "label_field", None),
-    )
-    data_iter = iter(loader)
     if latest is not None:
         logging.info("resuming from %s step %d", ckpt.directory, latest)
-        state, _ = ckpt.restore(latest, ckpt_lib.abstract_with_shardings(abstract, state_shardings), data_iter)
+        # Onto this run's mesh, whatever device count or mesh wrote the checkpoint.
+        state, _ = ckpt.restore(latest, ckpt_lib.abstract_with_shardings(abstract, state_shardings))
     else:
         state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
         if config.init_from:
@@ -144,9 +206,27 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
             logging.info("initialised params from %s step %d", config.init_from, src_step)
 
-    bsharding = batch_sharding(mesh)
     step = int(jax.device_get(state.step))
-    first_batch = pipeline.to_global(next(data_iter), bsharding) if step < train_cfg.num_steps else None
+    # The data position is the step: global batch s is the same on any number of processes (data/pipeline.py).
+    data_iter = iter(
+        pipeline.make_loader(
+            config.data,
+            "train",
+            config.data.global_batch_size,
+            task.tokenizer if task.uses_tokens else None,
+            getattr(task, "label_field", None),
+            start_step=step,
+        )
+    )
+    order_log = _DataOrderLog(workdir, train_cfg.record_data_order)
+    bsharding = batch_sharding(mesh)
+
+    def next_batch(at_step: int) -> dict:
+        local = next(data_iter)
+        order_log.record(at_step, local)
+        return pipeline.to_global(local, bsharding)
+
+    first_batch = next_batch(step) if step < train_cfg.num_steps else None
     if first_batch is not None:
         t0 = time.perf_counter()
         # Ahead-of-time compile: every step runs this one executable; a batch of another shape is an error.
@@ -158,19 +238,20 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         config_lib.save_config(config, os.path.join(workdir, "config.json"))
     writer = MetricWriter(workdir)
     progress = Progress(step, train_cfg.num_steps)
+    preemption = _PreemptionFlag()
     batch = first_batch
     try:
         while step < train_cfg.num_steps:
             if batch is None:
-                batch = pipeline.to_global(next(data_iter), bsharding)
+                batch = next_batch(step)
             state, metrics = compiled(state, frozen, batch, train_rng)
             batch = None
             step += 1
             if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                _check_finite(values, step)
                 values["train/steps_per_sec"] = progress.report(step, values)
                 writer.scalars(step, values)
+                _check_nonfinite(state, train_cfg.max_nonfinite_streak, step)
             if train_cfg.preview_every and (step % train_cfg.preview_every == 0 or step == train_cfg.num_steps):
                 images, eval_metrics = task.preview(state.ema_params, frozen, mesh)
                 writer.scalars(step, eval_metrics)
@@ -180,14 +261,18 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                         save_png(os.path.join(workdir, "previews", f"{name}_{step:07d}.png"), img, upscale=2)
                 if eval_metrics:
                     logging.info("step %d eval: %s", step, eval_metrics)
-            preempted = ckpt.reached_preemption(step)
+            preempted = preemption.raised or ckpt.reached_preemption(step)
             if step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps or preempted:
-                ckpt.save(step, state, meta_out, data_iter, force=True)
+                if step % train_cfg.log_every and step != train_cfg.num_steps:
+                    _check_nonfinite(state, train_cfg.max_nonfinite_streak, step)
+                ckpt.save(step, state, meta_out, force=True)
             if preempted:
                 logging.warning("preemption signal at step %d: checkpoint saved, stopping", step)
                 break
     finally:
+        preemption.restore()
         ckpt.wait()
         ckpt.close()
         writer.close()
+        order_log.close()
     return state

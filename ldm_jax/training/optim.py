@@ -5,25 +5,37 @@ from __future__ import annotations
 import optax
 
 LR_SCHEDULES = ("constant", "cosine")
+# How the peak learning rate follows the global batch: lr x (global_batch_size / base_batch_size) ** power.
+LR_SCALING = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}
 
 
-def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``optim.lr`` over ``optim.warmup_steps``, then constant or cosine decay."""
-    warm = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
+def peak_learning_rate(optim, global_batch_size: int) -> float:
+    """``optim.lr`` scaled by ``optim.lr_scaling`` for this global batch (the LDM reference scales linearly:
+    base_lr x batch x GPUs, i.e. ``lr_scaling="linear"`` with ``base_batch_size=1``)."""
+    power = LR_SCALING[optim.lr_scaling]
+    return float(optim.lr) * (global_batch_size / optim.base_batch_size) ** power
+
+
+def learning_rate_schedule(optim, total_steps: int, global_batch_size: int) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak rate over ``optim.warmup_steps``, then constant or cosine decay."""
+    peak = peak_learning_rate(optim, global_batch_size)
+    warm = optax.linear_schedule(0.0, peak, max(optim.warmup_steps, 1))
     if optim.schedule == "constant":
-        after = optax.constant_schedule(optim.lr)
+        after = optax.constant_schedule(peak)
     elif optim.schedule == "cosine":
         after = optax.cosine_decay_schedule(
-            optim.lr, max(total_steps - optim.warmup_steps, 1), alpha=optim.final_lr_fraction
+            peak, max(total_steps - optim.warmup_steps, 1), alpha=optim.final_lr_fraction
         )
     else:
         raise ValueError(f"optim.schedule={optim.schedule!r}: must be one of {LR_SCHEDULES}")
     return optax.join_schedules([warm, after], [optim.warmup_steps])
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim, total_steps: int, global_batch_size: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping (clip first, as the reference trainers do)."""
-    schedule = learning_rate_schedule(optim, total_steps)
+    schedule = learning_rate_schedule(optim, total_steps, global_batch_size)
     chain = []
     if optim.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(optim.grad_clip))

@@ -1,10 +1,12 @@
-"""Run reporting: TensorBoard event files (tensorboardX, no TensorFlow needed) and console progress with ETA.
+"""Run reporting: TensorBoard event files (tensorboardX, no TensorFlow needed), the same scalars as JSON lines in
+``<workdir>/metrics.jsonl`` (for scripts and tests), and console progress with ETA.
 
 Only process 0 writes; other processes get a writer that does nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Mapping
@@ -17,15 +19,21 @@ from absl import logging
 class MetricWriter:
     def __init__(self, logdir: str):
         self._writer = None
+        self._jsonl = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(logdir=os.path.join(logdir, "tensorboard"), flush_secs=30)
+            self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is not None:
             for k, v in values.items():
                 self._writer.add_scalar(k, float(v), step)
+            # NaN / inf as strings: JSON has no literal for them, and a skipped step's loss may be one.
+            row = {k: (float(v) if np.isfinite(v) else str(float(v))) for k, v in values.items()}
+            self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
+            self._jsonl.flush()
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         """``image``: uint8 [H, W, 3]."""
@@ -39,6 +47,7 @@ class MetricWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._jsonl.close()
 
 
 class Progress:

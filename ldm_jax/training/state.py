@@ -1,4 +1,4 @@
-"""The train state: only what training updates (step, params, EMA params, optimizer state)."""
+"""The train state: only what training updates (step, params, EMA params, optimizer state, skip counters)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ class TrainState:
     params: Any
     ema_params: Any
     opt_state: Any
+    # Steps whose loss or gradients were not finite: their update was skipped (see ``skip_if_nonfinite``).
+    nonfinite_total: jax.Array
+    nonfinite_streak: jax.Array  # consecutive, ending at the latest step
+    nonfinite_max_streak: jax.Array  # longest streak so far: the loop reads it every log_every steps
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
@@ -24,7 +28,33 @@ class TrainState:
             params=params,
             ema_params=jax.tree.map(jnp.copy, params),
             opt_state=tx.init(params),
+            **zero_counters(),
         )
+
+
+def zero_counters() -> dict:
+    zero = jnp.zeros((), jnp.int32)
+    return dict(nonfinite_total=zero, nonfinite_streak=zero, nonfinite_max_streak=zero)
+
+
+def skip_if_nonfinite(old: TrainState, new: TrainState, finite: jax.Array) -> TrainState:
+    """``new`` when the step was finite; else ``old`` with only the step and the skip counters advanced.
+
+    The step still advances on a skip, so the batch and the step's randomness are consumed exactly as in a run
+    without the bad step (resume and data order stay a function of the step)."""
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad = jnp.logical_not(finite).astype(jnp.int32)
+    streak = (old.nonfinite_streak + 1) * bad
+    return kept.replace(
+        step=old.step + 1,
+        nonfinite_total=old.nonfinite_total + bad,
+        nonfinite_streak=streak,
+        nonfinite_max_streak=jnp.maximum(old.nonfinite_max_streak, streak),
+    )
+
+
+def counter_metrics(state: TrainState) -> dict:
+    return {"train/nonfinite_skipped": state.nonfinite_total, "train/nonfinite_streak": state.nonfinite_streak}
 
 
 def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:

@@ -1,0 +1,174 @@
+"""Per-device memory of an SD-1.5-size UNet training step, from XLA's memory analysis (compile only, no execution).
+
+  python -m benchmarks.memory [--only=fp32-none-fsdp1,bf16-full-fsdp8] [--per_device_batch=8]
+
+The step is the repository's ``train_step`` (AdamW with clipping, EMA, skip-if-non-finite) with an epsilon-MSE loss
+of the UNet (configs/txt2img.py "sd" preset: channels 320/640/1280/1280, context 768) on 64x64x4 latents and a
+77x768 context given as inputs: the frozen text encoder and first stage are left out, so the numbers are the UNet's
+share. It is compiled for 8 host devices (``--xla_force_host_platform_device_count=8``) on a ('data', 'fsdp') mesh
+from ``training.sharding.make_mesh``, state shardings from ``tree_shardings``, state donated, across compute dtype
+(fp32 / bf16 with float32 parameters), ``unet.remat_policy`` (none / full) and FSDP (1 / 8). Memory comes from
+``jax.jit(...).lower(...).compile().memory_analysis()``: arguments (state + batch, per device), temporaries, and the
+total = arguments + outputs - aliased (donated) + temporaries. XLA:CPU's account, not a GPU's: fusion and
+bf16 handling differ by backend, so read the ratios between configurations more than the absolute numbers.
+Prints a markdown table. Run from the repository root (``configs`` is imported from there).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools  # noqa: E402
+import itertools  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+DTYPES = ("fp32", "bf16")
+REMATS = ("none", "full")
+FSDPS = (1, 8)
+CONFIGS = tuple(f"{d}-{r}-fsdp{f}" for d, r, f in itertools.product(DTYPES, REMATS, FSDPS))
+
+_ONLY = flags.DEFINE_list("only", [], f"Configurations to compile (default: all of {CONFIGS}).")
+_PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 8, "Examples per device.")
+_CONTEXT_LENGTH = flags.DEFINE_integer("context_length", 77, "Tokens of the (abstract) text context.")
+_LATENT_SIZE = flags.DEFINE_integer("latent_size", 64, "Latent side (64 = 512px images through a KL-f8).")
+
+GIB = 2**30
+
+
+def build_step(dtype_name: str, remat: str, fsdp: int, per_device_batch: int, context_length: int, latent: int):
+    """(jitted step, abstract arguments) of one configuration."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs import txt2img
+    from ldm_jax.diffusion import objectives
+    from ldm_jax.diffusion.schedules import schedule_from_config
+    from ldm_jax.models.unet import UNet
+    from ldm_jax.training.optim import make_optimizer
+    from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated, tree_shardings
+    from ldm_jax.training.state import TrainState
+    from ldm_jax.training.steps import train_step
+
+    config = txt2img.get_config("sd")
+    u = config.unet
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype_name]
+    unet = UNet(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(u.block_out_channels),
+        layers_per_block=u.layers_per_block,
+        attention_levels=tuple(u.attention_levels),
+        num_heads=tuple(u.num_heads),
+        head_dim=u.head_dim,
+        transformer_depth=u.transformer_depth,
+        context_dim=config.text_encoder.width,
+        norm_groups=u.norm_groups,
+        use_linear_projection=u.use_linear_projection,
+        dropout=u.dropout,
+        remat_policy=remat,
+        dtype=dtype,
+    )
+    schedule = schedule_from_config(config.diffusion)
+
+    def loss_fn(params, frozen, batch, rng):
+        # The latent diffusion task's loss on given latents and context (epsilon prediction, uniform timesteps).
+        del frozen
+        z0, context = batch["latents"], batch["context"]
+        k_t, k_noise, k_dropout = jax.random.split(rng, 3)
+        t = jax.random.randint(k_t, (z0.shape[0],), 0, schedule.num_train_timesteps)
+        noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
+        x_t = objectives.add_noise(schedule, z0, noise, t)
+        out = unet.apply({"params": params["unet"]}, x_t, t, context, train=True, rngs={"dropout": k_dropout})
+        return objectives.diffusion_loss(out, noise), {}
+
+    tx, lr_schedule = make_optimizer(config.optim, config.train.num_steps, config.data.global_batch_size)
+    step = functools.partial(
+        train_step, loss_fn=loss_fn, tx=tx, lr_schedule=lr_schedule, ema_decay=config.optim.ema_decay
+    )
+    n = len(jax.devices())
+    mesh = make_mesh(-1, fsdp)
+    b = per_device_batch * n
+
+    def init_state(rng):
+        x = jnp.zeros((1, latent, latent, 4))
+        ctx = jnp.zeros((1, context_length, config.text_encoder.width))
+        return TrainState.create({"unet": unet.init(rng, x, jnp.zeros((1,), jnp.int32), ctx)["params"]}, tx)
+
+    abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+    state_shardings = tree_shardings(abstract_state, mesh)
+    repl = replicated(mesh)
+    batch = {
+        "latents": jax.ShapeDtypeStruct((b, latent, latent, 4), jnp.float32),
+        "context": jax.ShapeDtypeStruct((b, context_length, config.text_encoder.width), jnp.float32),
+    }
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    step_fn = jax.jit(
+        step,
+        in_shardings=(state_shardings, repl, batch_sharding(mesh), repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
+    return step_fn, (abstract_state, {}, batch, rng)
+
+
+def measure(name: str) -> dict:
+    dtype_name, remat, fsdp = name.split("-")
+    step_fn, args = build_step(
+        dtype_name,
+        remat,
+        int(fsdp.removeprefix("fsdp")),
+        _PER_DEVICE_BATCH.value,
+        _CONTEXT_LENGTH.value,
+        _LATENT_SIZE.value,
+    )
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    row = dict(
+        name=name,
+        arguments=m.argument_size_in_bytes / GIB,
+        temporaries=m.temp_size_in_bytes / GIB,
+        total=total / GIB,
+        compile_s=seconds,
+    )
+    print(
+        f"{name}: arguments {row['arguments']:.2f} GiB, outputs {m.output_size_in_bytes / GIB:.2f} GiB, aliased "
+        f"{m.alias_size_in_bytes / GIB:.2f} GiB, temporaries {row['temporaries']:.2f} GiB, total "
+        f"{row['total']:.2f} GiB (compiled in {seconds:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
+def main(argv):
+    del argv
+    import jax
+
+    names = _ONLY.value or list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise app.UsageError(f"--only={unknown}: must be among {CONFIGS}")
+    if len(jax.devices()) != 8:
+        raise app.UsageError(f"needs 8 devices, got {jax.devices()} (is JAX_PLATFORMS something other than cpu?)")
+    rows = [measure(n) for n in names]
+    print(
+        f"\nSD-1.5 UNet train step, {_PER_DEVICE_BATCH.value} x {_LATENT_SIZE.value}x{_LATENT_SIZE.value}x4 latents "
+        f"per device, 8 devices, per-device XLA memory analysis\n"
+    )
+    print("| configuration | arguments GiB | temporaries GiB | total per device GiB | compile s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['arguments']:.2f} | {r['temporaries']:.2f} | {r['total']:.2f} | {r['compile_s']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

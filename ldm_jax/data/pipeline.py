@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 from typing import Optional
 
@@ -84,6 +85,12 @@ def first_images(data_config, split: str, count: int) -> np.ndarray:
     return to_model_range(np.stack([source[i]["image"] for i in range(n)]))
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_records: int, seed: int, epoch: int) -> np.ndarray:
+    # Cached per epoch and shared by grain's reader threads (lru_cache is thread-safe; a race computes it twice).
+    return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
 class GlobalOrder:
     """Record index of every position of the run's example stream (see the module docstring)."""
 
@@ -97,16 +104,12 @@ class GlobalOrder:
             )
         self.seed = seed
         self.shuffle = shuffle
-        self._epoch, self._perm = -1, None
 
     def record(self, position: int) -> int:
         epoch, offset = divmod(position, self.steps_per_epoch * self.global_batch_size)
         if not self.shuffle:
             return offset
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
-        return int(self._perm[offset])
+        return int(_epoch_permutation(self.num_records, self.seed, epoch)[offset])
 
 
 class _ProcessShare:

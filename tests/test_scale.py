@@ -50,8 +50,9 @@ def _toy_loss(params, frozen, batch, rng):
     return loss, {"mse": loss}
 
 
-def _toy(accum_steps, batch, tx):
-    step = jax.jit(
+def _toy_step(tx, accum_steps=1):
+    """The shared train step on a deterministic toy loss (so micro-batching changes nothing but the grouping)."""
+    return jax.jit(
         lambda s, b: train_step(
             s,
             {},
@@ -64,6 +65,10 @@ def _toy(accum_steps, batch, tx):
             accum_steps=accum_steps,
         )
     )
+
+
+def _toy(accum_steps, batch, tx):
+    step = _toy_step(tx, accum_steps)
     params = {"w": jax.random.normal(jax.random.key(1), (6, 6)) / 3, "b": jnp.zeros((6,))}
     return step(TrainState.create(params, tx), batch)
 
@@ -91,18 +96,7 @@ def test_a_non_finite_step_is_skipped_and_counted():
     good = {"x": rng.standard_normal((8, 6)).astype(np.float32), "y": rng.standard_normal((8, 6)).astype(np.float32)}
     bad = dict(good, y=np.full((8, 6), np.nan, np.float32))
     tx = optax.adam(0.1)
-    step = jax.jit(
-        lambda s, b: train_step(
-            s,
-            {},
-            b,
-            jax.random.key(0),
-            loss_fn=_toy_loss,
-            tx=tx,
-            lr_schedule=optax.constant_schedule(0.1),
-            ema_decay=0.9,
-        )
-    )
+    step = _toy_step(tx)
     params = {"w": jnp.ones((6, 6)) / 6, "b": jnp.zeros((6,))}
     s0 = TrainState.create(params, tx)
     s1, _ = step(s0, good)

@@ -48,7 +48,7 @@ def build_step(dtype_name: str, remat: str, fsdp: int, per_device_batch: int, co
     from configs import txt2img
     from ldm_jax.diffusion import objectives
     from ldm_jax.diffusion.schedules import schedule_from_config
-    from ldm_jax.models.unet import UNet
+    from ldm_jax.tasks.latent_diffusion import unet_from_config
     from ldm_jax.training.optim import make_optimizer
     from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated, tree_shardings
     from ldm_jax.training.state import TrainState
@@ -57,22 +57,8 @@ def build_step(dtype_name: str, remat: str, fsdp: int, per_device_batch: int, co
     config = txt2img.get_config("sd")
     u = config.unet
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype_name]
-    unet = UNet(
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=tuple(u.block_out_channels),
-        layers_per_block=u.layers_per_block,
-        attention_levels=tuple(u.attention_levels),
-        num_heads=tuple(u.num_heads),
-        head_dim=u.head_dim,
-        transformer_depth=u.transformer_depth,
-        context_dim=config.text_encoder.width,
-        norm_groups=u.norm_groups,
-        use_linear_projection=u.use_linear_projection,
-        dropout=u.dropout,
-        remat_policy=remat,
-        dtype=dtype,
-    )
+    u.remat_policy = remat
+    unet = unet_from_config(u, in_channels=4, out_channels=4, context_dim=config.text_encoder.width, dtype=dtype)
     schedule = schedule_from_config(config.diffusion)
 
     def loss_fn(params, frozen, batch, rng):

@@ -1,7 +1,6 @@
 """First-stage training to the paper's recipe: adaptive GAN weight, discriminator schedule, VQ estimator and
 codebook updates, LPIPS in the loss, configs, and a short real-image run that must improve held-out PSNR."""
 
-import functools
 import json
 import os
 
@@ -31,23 +30,8 @@ def _config(module, data_dir, **disc):
 
 def _sgd_step(task, lr=1.0):
     """The task's step with plain SGD for both players, so an update is exactly -lr x the gradient."""
-    c = task.config
     tx = optax.sgd(lr)
-    step = functools.partial(
-        gan.gan_train_step,
-        rec_loss_fn=task.rec_loss_fn,
-        last_layer=decoder_last_layer,
-        disc_apply=(lambda p, x: task.disc.apply({"params": p}, x)) if task.disc is not None else None,
-        disc_loss=gan.disc_loss_fn(c.disc.loss),
-        disc_start=c.disc.start,
-        disc_weight=c.disc.weight,
-        disc_factor=c.disc.factor,
-        update_model_state=None,
-        tx=tx,
-        disc_tx=tx,
-        lr_schedule=optax.constant_schedule(lr),
-        ema_decay=0.9,
-    )
+    step = task.gan_step(tx, tx, optax.constant_schedule(lr))
     return task.init_state(jax.random.key(0), tx, tx), jax.jit(step)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ldm_jax.data import shapes  # one default data dir for every builder
+from ldm_jax.data.prepare import prepared_builder
 
 # Photo name -> (skimage.data function, index into its result when it returns a tuple, else None).
 # Each loads from the wheel's own data folder (see tests/test_photos.py::test_photos_load_offline).
@@ -174,9 +174,4 @@ class PhotoCrops(tfds.core.GeneratorBasedBuilder):
 
 def get_builder(config_name: str, data_dir: str = "") -> PhotoCrops:
     """Returns the builder, preparing the dataset offline on first use."""
-    names = [c.name for c in PhotoCrops.BUILDER_CONFIGS]
-    if config_name not in names:
-        raise ValueError(f"data.config={config_name!r}: must be one of {names}")
-    builder = PhotoCrops(config=config_name, data_dir=data_dir or shapes.default_data_dir(), file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepared_builder(PhotoCrops, config_name, data_dir)

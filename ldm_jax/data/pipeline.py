@@ -11,10 +11,7 @@ number of hosts, and 2 processes x 4 devices see the same global batches as 1 pr
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import os
 from typing import Optional
 
 import grain.python as grain
@@ -49,27 +46,11 @@ class Preprocess(grain.MapTransform):
         return out
 
 
-@contextlib.contextmanager
-def _preparation_lock(data_dir: str, name: str):
-    """Serialises first-use preparation between processes sharing ``data_dir`` (hosts of one job, parallel test
-    workers): the first prepares, the others wait and then find the dataset ready. A file lock rather than a
-    collective, so that no code path has to be entered by every process."""
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f".{name}.prepare.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def data_source(data_config, split: str):
     builders = {"shapes_captions": shapes.get_builder, "photo_crops": photos.get_builder}
     if data_config.name not in builders:
         raise ValueError(f"data.name={data_config.name!r}: must be one of {tuple(builders)}")
-    data_dir = data_config.data_dir or shapes.default_data_dir()
-    with _preparation_lock(data_dir, f"{data_config.name}-{data_config.config}"):
-        builder = builders[data_config.name](data_config.config, data_dir)
+    builder = builders[data_config.name](data_config.config, data_config.data_dir)
     size = builder.builder_config.image_size
     if size != data_config.image_size:
         raise ValueError(

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+
+from ldm_jax.data.prepare import prepared_builder
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
@@ -206,15 +207,6 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
             yield i, generate_example(split, i, c.image_size, c.seed)
 
 
-def default_data_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "tensorflow_datasets")
-
-
 def get_builder(config_name: str, data_dir: str = "") -> ShapesCaptions:
     """Returns the builder, preparing the dataset offline on first use."""
-    names = [c.name for c in ShapesCaptions.BUILDER_CONFIGS]
-    if config_name not in names:
-        raise ValueError(f"data.config={config_name!r}: must be one of {names}")
-    builder = ShapesCaptions(config=config_name, data_dir=data_dir or default_data_dir(), file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepared_builder(ShapesCaptions, config_name, data_dir)

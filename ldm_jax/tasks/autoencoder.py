@@ -135,6 +135,11 @@ class AutoencoderTask:
         tx, lr_schedule = make_optimizer(c.optim, lr_schedule_total_steps, c.data.global_batch_size)
         # The discriminator has its own optimizer (and moments) with the same settings, as in the reference.
         disc_tx, _ = make_optimizer(c.optim, lr_schedule_total_steps, c.data.global_batch_size)
+        return functools.partial(self.init_state, tx=tx, disc_tx=disc_tx), self.gan_step(tx, disc_tx, lr_schedule)
+
+    def gan_step(self, tx, disc_tx, lr_schedule):
+        """``training.gan.gan_train_step`` bound to this task's losses, discriminator and the given optimizers."""
+        c = self.config
         disc_apply = None
         if self.disc is not None:
             disc = self.disc
@@ -142,7 +147,7 @@ class AutoencoderTask:
         update = None
         if self.kind == "vq" and c.loss.codebook_update == "ema":
             update = functools.partial(ema_codebook_update, decay=c.loss.codebook_ema_decay)
-        step = functools.partial(
+        return functools.partial(
             gan.gan_train_step,
             rec_loss_fn=self.rec_loss_fn,
             last_layer=decoder_last_layer,
@@ -157,7 +162,6 @@ class AutoencoderTask:
             lr_schedule=lr_schedule,
             ema_decay=c.optim.ema_decay,
         )
-        return functools.partial(self.init_state, tx=tx, disc_tx=disc_tx), step
 
     def setup(self, meta: dict) -> tuple[dict, dict]:
         """Frozen inputs of the step (the LPIPS network when the perceptual term is on) and metadata to checkpoint."""

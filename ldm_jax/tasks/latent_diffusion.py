@@ -40,6 +40,30 @@ GENERATION_MODES = ("txt2img", "img2img", "inpaint")
 SCALE_EXAMPLES = 256
 
 
+def unet_from_config(
+    u, *, in_channels: int, out_channels: int, context_dim: int, num_classes: int = 0, dtype=jnp.float32
+):
+    """The UNet a ``config.unet`` section describes; the widths of its input, output, context and class embedding
+    come from the rest of the task (first stage, concat conditioning, text encoder, labels)."""
+    return UNet(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=tuple(u.block_out_channels),
+        layers_per_block=u.layers_per_block,
+        attention_levels=tuple(u.attention_levels),
+        num_heads=tuple(u.num_heads),
+        head_dim=u.head_dim,
+        transformer_depth=u.transformer_depth,
+        context_dim=context_dim,
+        norm_groups=u.norm_groups,
+        use_linear_projection=u.use_linear_projection,
+        dropout=u.dropout,
+        num_classes=num_classes,
+        remat_policy=u.remat_policy,
+        dtype=dtype,
+    )
+
+
 def load_first_stage(config):
     """(autoencoder module, its config) of the run named by ``config.first_stage.workdir``."""
     workdir = config.first_stage.workdir
@@ -74,22 +98,12 @@ class LatentDiffusionTask:
                 f"unet.block_out_channels={tuple(config.unet.block_out_channels)}: {levels} levels need latents divisible "
                 f"by {2 ** (levels - 1)}, got {self.latent_shape[0]}x{self.latent_shape[1]}"
             )
-        u = config.unet
-        self.unet = UNet(
+        self.unet = unet_from_config(
+            config.unet,
             in_channels=self.latent_shape[-1] + self.concat_channels,
             out_channels=self.latent_shape[-1],
-            block_out_channels=tuple(u.block_out_channels),
-            layers_per_block=u.layers_per_block,
-            attention_levels=tuple(u.attention_levels),
-            num_heads=tuple(u.num_heads),
-            head_dim=u.head_dim,
-            transformer_depth=u.transformer_depth,
             context_dim=context_dim,
-            norm_groups=u.norm_groups,
-            use_linear_projection=u.use_linear_projection,
-            dropout=u.dropout,
             num_classes=num_classes,
-            remat_policy=u.remat_policy,
             dtype=self.dtype,
         )
         self.schedule = schedule_from_config(config.diffusion)

@@ -45,16 +45,19 @@ def main(argv):
     from ldm_jax.diffusion import samplers
     from ldm_jax.diffusion.guidance import classifier_free_guidance
     from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.training import transfer
+    from ldm_jax.training.sharding import batch_sharding, replicated
 
     jax_setup.configure()
     task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value)
     n = _BATCH.value
     prompts = [task.config.sample.prompts[i % len(task.config.sample.prompts)] for i in range(n)]
-    tokens = task.tokenizer(prompts)
-    negative = task.tokenizer([""] * n)
-    keys = jax.vmap(jax.random.key)(jnp.arange(n, dtype=jnp.uint32))
-    guidance = jnp.float32(task.config.sample.guidance_scale)
-    args = (params, frozen, tokens, negative, keys, guidance, jnp.float32(0.0), None, None)
+    rows, repl = batch_sharding(mesh), replicated(mesh)
+    tokens, negative, seeds = transfer.to_mesh(
+        (task.tokenizer(prompts), task.tokenizer([""] * n), np.arange(n, dtype=np.uint32)), rows
+    )
+    guidance, rescale = transfer.to_mesh((np.float32(task.config.sample.guidance_scale), np.float32(0.0)), repl)
+    args = (params, frozen, tokens, negative, seeds, guidance, rescale, {})
     result = {"workdir": _WORKDIR.value, "checkpoint_step": step, "devices": mesh.size, "batch": n, "samplers": []}
     for spec in _RUNS.value:
         name, steps = spec.split(":")

@@ -72,7 +72,8 @@ case "$mode" in
     # pytest exits 5 when it collects no test; that fails this script like any other non-zero code.
     # Two worker processes (PYTEST_WORKERS), each file on one worker so module fixtures are built once: XLA:CPU
     # compiles on one thread, so two workers use a 2-core CI machine about twice as well as one.
-    "$PY" -m pytest -q --durations=10 -n "${PYTEST_WORKERS:-2}" --dist loadfile tests
+    # Tests marked slow are left out (README, Tests: `-m slow` runs them); PYTEST_MARKS overrides the selection.
+    "$PY" -m pytest -q --durations=10 -n "${PYTEST_WORKERS:-2}" --dist loadfile -m "${PYTEST_MARKS:-not slow}" tests
     ;;
   *)
     echo "usage: $0 demo|test|train [ldm_jax.train flags]" >&2

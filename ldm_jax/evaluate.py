@@ -17,6 +17,9 @@ Super-resolution: each example downsampled as in training, upscaled at ``--noise
 original, next to bicubic upsampling and the first stage's own reconstruction (the ceiling a latent model can reach).
 
 Writes ``eval_<split>.json`` (``eval_<split>_inpaint.json`` for ``--inpaint``) and a grid next to it.
+
+Multi-process: the same command in every process with the ``ldm_jax.train`` multi-process flags; generation and
+reconstruction are split over every device of every process, and process 0 writes the result.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import os
 import time
 
 from absl import app, flags, logging
+
+from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion or first-stage (autoencoder) workdir.")
 _SPLIT = flags.DEFINE_enum(
@@ -49,6 +54,7 @@ _LPIPS_VGG = flags.DEFINE_string(
     "was on). Lets a run trained without LPIPS be scored with it.",
 )
 flags.mark_flags_as_required(["workdir"])
+_INITIALIZE_DISTRIBUTED = distributed.define_flags()
 
 TASKS = ("txt2img", "class_cond", "inpainting", "superres")
 CHANCE = {
@@ -97,7 +103,13 @@ def _task_of(workdir: str) -> str:
 
 
 def _write_result(result: dict, name: str, grid) -> None:
+    """Process 0 writes (every process computed the same result from the gathered images)."""
+    import jax
+
     from ldm_jax.imaging import save_png
+
+    if jax.process_index() != 0:
+        return
 
     path = os.path.join(_WORKDIR.value, f"{name}.json")
     with open(path + ".tmp", "w") as f:
@@ -134,7 +146,8 @@ def _evaluate_autoencoder():
     from ldm_jax.data import pipeline
     from ldm_jax.imaging import make_grid, to_uint8
     from ldm_jax.tasks import build_task
-    from ldm_jax.training import checkpoint
+    from ldm_jax.training import checkpoint, transfer
+    from ldm_jax.training.sharding import make_mesh, replicated
 
     config = config_lib.load_config(os.path.join(_WORKDIR.value, "config.json"))
     for flag, value in (("--inpaint", _INPAINT.value), ("--noise_level", _NOISE_LEVEL.value)):
@@ -145,6 +158,8 @@ def _evaluate_autoencoder():
         params, _, step = checkpoint.load_trained_params(_WORKDIR.value, "ema")
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from e
+    mesh = make_mesh()
+    params = transfer.to_mesh(params, replicated(mesh))
     frozen, not_computed = {}, {}
     vgg = _LPIPS_VGG.value or (config.loss.lpips_vgg_weights if config.loss.perceptual_weight > 0 else "")
     if _LPIPS_VGG.value and not os.path.isfile(_LPIPS_VGG.value):
@@ -157,14 +172,14 @@ def _evaluate_autoencoder():
         logging.warning("LPIPS not computed: %s", not_computed["lpips"])
     else:
         config.loss.lpips_vgg_weights = vgg
-        frozen["lpips"] = task.lpips_params()
+        frozen["lpips"] = transfer.to_mesh(task.lpips_params(), replicated(mesh))
     if not _FID_WEIGHTS.value:
         not_computed["rfid"] = "--fid_weights unset"
     if _NUM.value < 1:
         raise app.UsageError(f"--num_examples={_NUM.value}: must be >= 1")
     images = pipeline.first_images(config.data, _SPLIT.value, _NUM.value)
     t0 = time.perf_counter()
-    rec, metrics = task.evaluate(params, images, frozen)
+    rec, metrics = task.evaluate(params, images, frozen, mesh)
     originals = to_uint8(images)
     if _FID_WEIGHTS.value:
         metrics["rfid"] = _rfid(originals, rec)
@@ -192,10 +207,12 @@ def main(argv):
     from ldm_jax.evaluation import attributes, image_metrics
     from ldm_jax.imaging import make_grid, to_uint8
     from ldm_jax.tasks import load_for_sampling
+    from ldm_jax.training import transfer
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
     jax_setup.configure()
+    _INITIALIZE_DISTRIBUTED()
     if _task_of(_WORKDIR.value) == "autoencoder":
         return _evaluate_autoencoder()
     try:
@@ -233,11 +250,11 @@ def main(argv):
         images = task.upscale(params, frozen, mesh, low_res, seeds, options, level, _BATCH.value)
         result["generation_seconds"] = time.perf_counter() - t0
         bicubic = task.bicubic(low_res)
-        z = task.first_stage.apply(
-            {"params": frozen["first_stage"]}, pipeline.to_model_range(originals), method="encode"
-        )
+        # The ceiling, computed in this process alone (every process holds the whole first stage).
+        fs_params = transfer.to_host(frozen["first_stage"])
+        z = task.first_stage.apply({"params": fs_params}, pipeline.to_model_range(originals), method="encode")
         z = z if task.first_stage_is_vq else z.mean
-        recon = to_uint8(task.first_stage.apply({"params": frozen["first_stage"]}, z, method="decode"))
+        recon = to_uint8(task.first_stage.apply({"params": fs_params}, z, method="decode"))
         result.update(noise_level=level, scale=task.scale)
         for name, imgs in (("superres", images), ("bicubic", bicubic), ("first_stage_reconstruction", recon)):
             result[name] = {

@@ -19,6 +19,10 @@ superres; EMA weights by default) on every device.
 Writes ``<outdir>/<index>.png`` per image, ``grid.png`` (one row per prompt, class or input) and ``manifest.jsonl``
 (prompt, class or low-resolution input, seed and sampler settings per image). Relative paths in the run's config (the
 first-stage workdir) are resolved from the current directory, as during training.
+
+Multi-process (the mesh over every device of every process): the same command in every process, with the
+``ldm_jax.train`` flags ``--coordinator_address``, ``--num_processes``, ``--process_id`` (or their environment
+variables, or a detected cluster); the batches are split over all devices and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
+
+from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion training (or converted) workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
@@ -78,6 +84,7 @@ _STRENGTH = flags.DEFINE_float(
 )
 _OUTDIR = flags.DEFINE_string("outdir", "", "Output folder (default: <workdir>/samples).")
 flags.mark_flags_as_required(["workdir"])
+_INITIALIZE_DISTRIBUTED = distributed.define_flags()
 
 
 def read_prompts(prompts: list[str], prompts_file: str) -> list[str]:
@@ -113,6 +120,7 @@ def main(argv):
 
     quiet_library_logs()
     jax_setup.configure()
+    _INITIALIZE_DISTRIBUTED()
     if _NUM_PER_PROMPT.value < 1:
         raise app.UsageError(f"--num_per_prompt={_NUM_PER_PROMPT.value}: must be >= 1")
     from ldm_jax.tasks import load_for_sampling
@@ -259,6 +267,10 @@ def main(argv):
     seconds = time.perf_counter() - t0
     logging.info("%d images in %.1f s (compile included)", len(images), seconds)
 
+    import jax
+
+    if jax.process_index() != 0:
+        return  # every process generated every image (gathered over the mesh); process 0 writes them
     outdir = _OUTDIR.value or os.path.join(_WORKDIR.value, "samples")
     os.makedirs(outdir, exist_ok=True)
     settings = dict(

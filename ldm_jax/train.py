@@ -19,41 +19,25 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ldm_jax.training import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, previews and config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "Multi-process: process 0's host:port (default: $LDM_JAX_COORDINATOR_ADDRESS)."
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Multi-process: number of processes (default: $LDM_JAX_NUM_PROCESSES)."
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "Multi-process: this process's id in [0, num_processes) (default: $LDM_JAX_PROCESS_ID)."
-)
-_LOCAL_DEVICE_IDS = flags.DEFINE_list(
-    "local_device_ids",
-    None,
-    "GPU ids this process uses, comma-separated (default: $LDM_JAX_LOCAL_DEVICE_IDS; under SLURM, JAX's default "
-    "is the one GPU numbered SLURM_LOCALID).",
-)
+_INITIALIZE_DISTRIBUTED = distributed.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ldm_jax import jax_setup
-    from ldm_jax.training import distributed
     from ldm_jax.training.loop import train_and_evaluate
     from ldm_jax.training.reporting import quiet_library_logs
 
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
     jax_setup.configure()
-    try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
-    except ValueError as e:  # names the missing or invalid flag / environment variable
-        raise app.UsageError(str(e)) from e
+    _INITIALIZE_DISTRIBUTED()
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

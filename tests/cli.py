@@ -1,8 +1,10 @@
 """Running the package's command-line entry points as a user would: a fresh process from the repository root."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,3 +15,58 @@ def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.Comp
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(
+    argv: list[str], log: str, devices: int = 8, env: dict | None = None, drop: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """``argv`` from the repository root on ``devices`` fake CPU devices, stdout and stderr into the file ``log``
+    (a file, not a pipe: a chatty process never blocks on a full pipe while its peers wait for it). The environment
+    is this one without the variables whose names start with one of ``drop``, plus ``env``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(drop)} if drop else dict(os.environ)
+    env = {**inherited, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Waits for processes started together; returns their outputs. Fails, never hangs: when one exits non-zero the
+    others are killed at once (a process whose peer died waits in its next collective forever, spinning a core),
+    as are all of them at the timeout."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = []
+    for p in procs:
+        with open(p.log) as f:
+            outputs.append(f.read())
+    # A negative code: killed (by us, once a peer had died, or at the timeout).
+    bad = [f"process {i} exited with {p.returncode}:\n{out[-4000:]}" for i, (p, out) in enumerate(zip(procs, outputs))]
+    bad = [b for b, p in zip(bad, procs) if p.returncode]
+    assert not bad, "\n".join(bad)
+    return outputs
+
+
+def two_process_job(argv: list[str], log: str, devices: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+    """``argv`` as 2 processes of ``devices`` fake CPU devices each, joined over 127.0.0.1 (each gets the flags
+    ``--coordinator_address``, ``--num_processes=2``, ``--process_id``); outputs in ``<log>_<i>.log``."""
+    port = free_port()
+    flags = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [start([*argv, *flags, f"--process_id={i}"], f"{log}_{i}.log", devices, env) for i in range(2)]

@@ -2,18 +2,16 @@
 distributed system on 4 fake CPU devices each."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
+from cli import free_port, start, wait_all
+
 from ldm_jax.training import distributed
 from ldm_jax.training.distributed import resolve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {
     "LDM_JAX_COORDINATOR_ADDRESS": "10.0.0.2:5678",
     "LDM_JAX_NUM_PROCESSES": "4",
@@ -154,48 +152,24 @@ print("RESULT " + json.dumps(dict(
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two(tmp_path, args_of, env_of, timeout=120):
     """Starts processes 0 and 1 together; returns their RESULT dicts. Fails, never hangs, when one dies (the other is
     killed at once rather than left waiting for its peer) or when they are not done within ``timeout`` seconds."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("LDM_JAX_", "SLURM_", "OMPI_", "TPU_"))}
-    base.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(2)]
-    procs = []
-    try:
-        for i, (out, err) in enumerate(logs):
-            with open(out, "w") as o, open(err, "w") as e:  # files, not pipes: no deadlock on a chatty process
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-c", WORKER, json.dumps(args_of(i))],
-                        cwd=ROOT,
-                        env={**base, **env_of(i)},
-                        stdout=o,
-                        stderr=e,
-                    )
-                )
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    stderr = [err.read_text()[-3000:] for _, err in logs]
-    bad = [f"process {i} exited with {p.returncode}:\n{stderr[i]}" for i, p in enumerate(procs) if p.returncode]
-    assert not bad, "\n".join(bad)  # a negative code: killed (by us, once its peer had died, or at the timeout)
+    cluster = ("LDM_JAX_", "SLURM_", "OMPI_", "TPU_")  # this machine's own settings must not leak in
+    procs = [
+        start(
+            [sys.executable, "-c", WORKER, json.dumps(args_of(i))],
+            str(tmp_path / f"out{i}.txt"),
+            4,
+            {"JAX_PLATFORMS": "cpu", **env_of(i)},
+            drop=cluster,
+        )
+        for i in range(2)
+    ]
+    outputs = wait_all(procs, timeout)
     results = []
-    for out, _ in logs:
-        line = next(x for x in out.read_text().splitlines() if x.startswith("RESULT "))
+    for out in outputs:
+        line = next(x for x in out.splitlines() if x.startswith("RESULT "))
         results.append(json.loads(line[len("RESULT ") :]))
     return results
 
@@ -206,12 +180,12 @@ def _check(results):
 
 
 def test_two_processes_from_flags(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     _check(_run_two(tmp_path, lambda i: [address, 2, i], lambda i: {}))
 
 
 def test_a_dead_process_fails_the_run_without_hanging(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(AssertionError, match=r"process 1 exited with 1[\s\S]*--process_id=2"):
         _run_two(tmp_path, lambda i: [address, 2, 2 * i], lambda i: {})  # process 1's id is out of range
@@ -219,6 +193,6 @@ def test_a_dead_process_fails_the_run_without_hanging(tmp_path):
 
 
 def test_two_processes_from_env(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = {"LDM_JAX_COORDINATOR_ADDRESS": address, "LDM_JAX_NUM_PROCESSES": "2"}
     _check(_run_two(tmp_path, lambda i: [], lambda i: {**env, "LDM_JAX_PROCESS_ID": str(i)}))

@@ -4,23 +4,15 @@ and their checkpoint resumes in a single process."""
 import copy
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
-from cli import ROOT
+from cli import two_process_job, wait_all
 
 from configs import autoencoder_kl
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import loop
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(workdir):
@@ -35,42 +27,24 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(dat
     config.train.update(num_steps=4, log_every=1, checkpoint_every=4)
 
     two = str(tmp_path / "two")
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ldm_jax.train",
-                "--config=configs/autoencoder_kl.py:tiny",
-                f"--workdir={two}",
-                f"--config.data.data_dir={data_dir}",
-                "--config.disc.enabled=False",
-                "--config.train.num_steps=4",
-                "--config.train.log_every=1",
-                "--config.train.checkpoint_every=4",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        results = [p.communicate(timeout=420) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
-    assert "(2 processes)" in results[0][1]
+    procs = two_process_job(
+        [
+            sys.executable,
+            "-m",
+            "ldm_jax.train",
+            "--config=configs/autoencoder_kl.py:tiny",
+            f"--workdir={two}",
+            f"--config.data.data_dir={data_dir}",
+            "--config.disc.enabled=False",
+            "--config.train.num_steps=4",
+            "--config.train.log_every=1",
+            "--config.train.checkpoint_every=4",
+        ],
+        str(tmp_path / "train"),
+        devices=4,
+    )
+    outputs = wait_all(procs, timeout=420)
+    assert "(2 processes)" in outputs[0]
     # Only process 0 writes logs.
     assert os.path.exists(os.path.join(two, "metrics.jsonl")) and os.path.exists(os.path.join(two, "config.json"))
 

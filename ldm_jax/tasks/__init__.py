@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 from absl import logging
 
 from ldm_jax import config_lib
@@ -37,7 +36,7 @@ def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0, t
     ``image_size`` > 0 samples at another resolution than the run's ``data.image_size`` (the UNet is convolutional).
     ``config``: the workdir's config when the caller has already read it.
     """
-    from ldm_jax.training import checkpoint
+    from ldm_jax.training import checkpoint, transfer
     from ldm_jax.training.sharding import make_mesh, replicated
 
     if config is None:
@@ -50,6 +49,7 @@ def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0, t
     task = build_task(config)
     params, meta, step = checkpoint.load_trained_params(workdir, weights)
     frozen, _ = task.setup(meta)
-    params, frozen = jax.device_put((params, frozen), replicated(mesh))
+    # Every process read the same weights: each places its own replicas (works when the mesh spans processes).
+    params, frozen = transfer.to_mesh((params, frozen), replicated(mesh))
     logging.info("loaded %s weights of %s at step %d; %d devices", weights, workdir, step, mesh.size)
     return task, params, frozen, mesh, step

@@ -23,8 +23,9 @@ from ldm_jax.imaging import make_grid, to_uint8
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.vq import VQModel
-from ldm_jax.training import gan
+from ldm_jax.training import gan, transfer
 from ldm_jax.training.optim import make_optimizer
+from ldm_jax.training.sharding import batch_sharding, make_mesh
 
 PREVIEW_EXAMPLES = 16
 EVAL_EXAMPLES = 256
@@ -106,7 +107,7 @@ class AutoencoderTask:
         )
         self._lpips = None
         self._eval_images = None
-        self._eval_fn = None
+        self._eval_fns = {}  # mesh -> the jitted evaluation step on it
 
     # --- parameters and state -------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array):
@@ -224,29 +225,54 @@ class AutoencoderTask:
         return nll, c.codebook_weight * qloss, rec, aux
 
     # --- evaluation -----------------------------------------------------------------------------------------
-    def reconstruct(self, params, images):
-        """Posterior-mode (KL) or quantised (VQ) reconstructions and, for VQ, code indices: (rec, indices|None)."""
-        if self._eval_fn is None:
+    def _eval_step(self, mesh):
+        """Jitted ``(params, lpips params | None, images [B, H, W, 3]) -> (reconstructions, VQ code indices | None,
+        LPIPS distances [B] | None)``: posterior-mode (KL) or quantised (VQ) reconstructions, rows split over
+        ``mesh`` (the inputs are already placed there)."""
+        if mesh not in self._eval_fns:
             model, vq = self.model, self.kind == "vq"
 
-            def fn(p, x):
+            def fn(p, lpips_params, x):
                 if vq:
                     rec, q = model.apply({"params": p}, x)
-                    return rec, q.indices
-                return model.apply({"params": p}, x, jax.random.key(0), sample_posterior=False)[0], None
+                    idx = q.indices
+                else:
+                    rec, idx = model.apply({"params": p}, x, jax.random.key(0), sample_posterior=False)[0], None
+                dist = None
+                if lpips_params is not None:
+                    from ldm_jax.models.lpips import lpips_distance
 
-            self._eval_fn = jax.jit(fn)
-        return self._eval_fn(params, images)
+                    dist = lpips_distance(lpips_params, x, rec)
+                return rec, idx, dist
 
-    def evaluate(self, params, images: np.ndarray, frozen=None) -> tuple[np.ndarray, dict]:
+            self._eval_fns[mesh] = jax.jit(fn, out_shardings=batch_sharding(mesh))
+        return self._eval_fns[mesh]
+
+    def evaluate(self, params, images: np.ndarray, frozen=None, mesh=None) -> tuple[np.ndarray, dict]:
         """uint8 reconstructions of float images [N, H, W, 3] in [-1, 1] and their metrics (PSNR, SSIM, L1, LPIPS
-        when its network is loaded, codebook usage for VQ). Chunks keep memory bounded at large image sizes."""
-        recs, codes = [], []
-        for i in range(0, images.shape[0], EVAL_CHUNK):
-            rec, idx = self.reconstruct(params, jnp.asarray(images[i : i + EVAL_CHUNK]))
-            recs.append(np.asarray(rec))
+        when ``frozen`` holds its network, codebook usage for VQ).
+
+        Chunks of the images are split over ``mesh`` (default: every device of this process) and gathered back, so
+        this works when ``mesh`` spans processes; ``params`` (and ``frozen``) must live on ``mesh`` or be
+        uncommitted (e.g. fresh from ``init_params``). Every process passes the same images and gets every
+        reconstruction. Chunks bound memory at large image sizes; the last is padded with repeats, so one program
+        serves every chunk."""
+        mesh = make_mesh() if mesh is None else mesh
+        step = self._eval_step(mesh)
+        rows = batch_sharding(mesh)
+        chunk = -(-EVAL_CHUNK // mesh.size) * mesh.size
+        lpips_params = (frozen or {}).get("lpips")
+        recs, codes, dists = [], [], []
+        for i in range(0, images.shape[0], chunk):
+            x = images[i : i + chunk]
+            k = x.shape[0]
+            x = np.concatenate([x, np.repeat(x[-1:], chunk - k, axis=0)])
+            rec, idx, dist = transfer.to_host(step(params, lpips_params, transfer.to_mesh(x, rows)))
+            recs.append(rec[:k])
             if idx is not None:
-                codes.append(np.asarray(idx).ravel())
+                codes.append(idx[:k].ravel())
+            if dist is not None:
+                dists.append(dist[:k])
         rec = np.concatenate(recs)
         rec_u8, orig_u8 = to_uint8(rec), to_uint8(images)
         metrics = {
@@ -255,16 +281,8 @@ class AutoencoderTask:
         }
         if min(images.shape[1:3]) >= 11:
             metrics["ssim"] = float(np.mean(image_metrics.ssim(rec_u8, orig_u8)))
-        if frozen and "lpips" in frozen:
-            from ldm_jax.models.lpips import lpips_distance
-
-            dist = [
-                np.asarray(
-                    lpips_distance(frozen["lpips"], jnp.asarray(images[i : i + EVAL_CHUNK]), rec[i : i + EVAL_CHUNK])
-                )
-                for i in range(0, images.shape[0], EVAL_CHUNK)
-            ]
-            metrics["lpips"] = float(np.mean(np.concatenate(dist)))
+        if dists:
+            metrics["lpips"] = float(np.mean(np.concatenate(dists)))
         if codes:
             usage = np.bincount(np.concatenate(codes), minlength=self.config.model.num_codes) / sum(map(len, codes))
             nz = usage[usage > 0]
@@ -277,7 +295,7 @@ class AutoencoderTask:
         if self._eval_images is None:
             self._eval_images = pipeline.first_images(self.config.data, "validation", EVAL_EXAMPLES)
         x = self._eval_images
-        rec, metrics = self.evaluate(params, x, frozen)
+        rec, metrics = self.evaluate(params, x, frozen, mesh)
         k = min(PREVIEW_EXAMPLES, x.shape[0])
         pairs = np.stack([to_uint8(x[:k]), rec[:k]], axis=1).reshape(2 * k, *x.shape[1:])
         return {"reconstructions": make_grid(pairs, ncol=8)}, {f"eval/{k}": v for k, v in metrics.items()}

@@ -31,7 +31,7 @@ from ldm_jax.diffusion.schedules import schedule_from_config
 from ldm_jax.imaging import to_uint8
 from ldm_jax.models.unet import UNet
 from ldm_jax.tasks.autoencoder import build_autoencoder, latent_channels
-from ldm_jax.training import checkpoint
+from ldm_jax.training import checkpoint, transfer
 from ldm_jax.training.sharding import batch_sharding, replicated
 from ldm_jax.training.steps import LossFn
 
@@ -255,8 +255,8 @@ class LatentDiffusionTask:
         return classifier_free_guidance(apply, (cond, concat), (uncond, concat), guidance_scale, guidance_rescale)
 
     def generate_fn(self, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
-        """Pure ``fn(params, frozen, cond_inputs, null_inputs, keys [B], guidance_scale, guidance_rescale, images)
-        -> images [B, H, W, 3] in [-1, 1]``.
+        """Pure ``fn(params, frozen, cond_inputs, null_inputs, seeds [B] uint32, guidance_scale, guidance_rescale,
+        images) -> images [B, H, W, 3] in [-1, 1]``.
 
         ``images`` holds per-image arrays (leading axis B): "init" [B, H, W, 3] in [-1, 1] and "mask" [B, H, W, 1]
         (1 = repaint) for image-to-image and inpainting, "low_res" for super-resolution; {} otherwise.
@@ -265,8 +265,8 @@ class LatentDiffusionTask:
         by concatenation; any other model has the kept region (mask 0) replaced after every step by the init latents
         noised to the next step's level. Both start from pure noise when ``first_step`` = 0.
 
-        Image i's starting noise, posterior samples and (stochastic samplers) per-step noise come from ``keys[i]``
-        alone, so an image depends only on its own key and inputs, not on the batch it was generated in. Conditions,
+        Image i's starting noise, posterior samples and (stochastic samplers) per-step noise come from
+        ``jax.random.key(seeds[i])`` alone (seeds, not keys, enter: plain integers place on a multi-process mesh), so an image depends only on its own key and inputs, not on the batch it was generated in. Conditions,
         seeds, images and guidance are traced arguments: changing them never recompiles.
         """
         if mode not in GENERATION_MODES:
@@ -281,7 +281,8 @@ class LatentDiffusionTask:
         # diffusers), inpainting below strength 1.
         from_image = mode == "img2img" or first_step > 0
 
-        def generate(params, frozen, cond_in, null_in, keys, guidance_scale, guidance_rescale, images):
+        def generate(params, frozen, cond_in, null_in, seeds, guidance_scale, guidance_rescale, images):
+            keys = jax.vmap(jax.random.key)(seeds)
             cond = self.encode_condition(params, frozen, cond_in)
             concat = self.sampling_concat(frozen, images, keys, cond)
             uncond = self.encode_condition(params, frozen, null_in) if guided else None
@@ -303,7 +304,8 @@ class LatentDiffusionTask:
         return generate
 
     def compiled_generate(self, mesh, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
-        """``generate_fn`` jitted over ``mesh`` (batch split over every device); one program per sampler setting."""
+        """``generate_fn`` jitted over ``mesh`` (batch split over every device); one program per sampler setting.
+        Its inputs must already be on ``mesh`` (``transfer.to_mesh``): ``generate_images`` does this."""
         key = (id(mesh), options, mode, first_step)
         if key not in self._generate_cache:
             repl, batch = replicated(mesh), batch_sharding(mesh)
@@ -383,24 +385,26 @@ class LatentDiffusionTask:
         per_call = max(batch_size, 1)
         per_call = -(-per_call // mesh.size) * mesh.size
         fn = self.compiled_generate(mesh, options, mode, first_step)
-        null = self.null_inputs(per_call, negative)
+        # Every process holds every input (the same conditions, seeds and images): each places its own shards of
+        # them, and every process gets every image back, so this works on a mesh over several processes.
+        repl, rows = replicated(mesh), batch_sharding(mesh)
+        null = transfer.to_mesh(self.null_inputs(per_call, negative), rows)
+        scales = transfer.to_mesh((np.float32(guidance_scale), np.float32(guidance_rescale)), repl)
         out = []
         for start in range(0, len(conditions), per_call):
             n = min(per_call, len(conditions) - start)
             # The last chunk is padded by repeating its last entry.
             idx = [start + min(i, n - 1) for i in range(per_call)]
-            keys = jax.vmap(jax.random.key)(jnp.asarray([seeds[i] for i in idx], jnp.uint32))
-            images = fn(
-                params,
-                frozen,
-                self.condition_inputs([conditions[i] for i in idx]),
-                null,
-                keys,
-                jnp.float32(guidance_scale),
-                jnp.float32(guidance_rescale),
-                {name: x[idx] for name, x in per_image.items()},
+            cond, seed_rows, image_rows = transfer.to_mesh(
+                (
+                    self.condition_inputs([conditions[i] for i in idx]),
+                    np.asarray([seeds[i] for i in idx], np.uint32),
+                    {name: x[idx] for name, x in per_image.items()},
+                ),
+                rows,
             )
-            out.append(to_uint8(jax.device_get(images))[:n])
+            images = fn(params, frozen, cond, null, seed_rows, *scales, image_rows)
+            out.append(to_uint8(transfer.to_host(images))[:n])
         return np.concatenate(out, axis=0)
 
 

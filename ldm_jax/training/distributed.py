@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from absl import logging
 
@@ -199,3 +199,34 @@ def initialize(
         local[0].platform if local else "none",
         len(devices),
     )
+
+
+def define_flags() -> Callable[[], None]:
+    """Defines ``--coordinator_address``, ``--num_processes``, ``--process_id`` and ``--local_device_ids`` for an
+    entry point (call at its module level, once); returns the function its ``main`` calls, before any JAX
+    computation, to ``initialize`` from them (a missing or invalid setting becomes a usage error naming it)."""
+    from absl import app, flags
+
+    coordinator = flags.DEFINE_string(
+        "coordinator_address", "", "Multi-process: process 0's host:port (default: $LDM_JAX_COORDINATOR_ADDRESS)."
+    )
+    num_processes = flags.DEFINE_integer(
+        "num_processes", None, "Multi-process: number of processes (default: $LDM_JAX_NUM_PROCESSES)."
+    )
+    process_id = flags.DEFINE_integer(
+        "process_id", None, "Multi-process: this process's id in [0, num_processes) (default: $LDM_JAX_PROCESS_ID)."
+    )
+    local_device_ids = flags.DEFINE_list(
+        "local_device_ids",
+        None,
+        "GPU ids this process uses, comma-separated (default: $LDM_JAX_LOCAL_DEVICE_IDS; under SLURM, JAX's default "
+        "is the one GPU numbered SLURM_LOCALID).",
+    )
+
+    def initialize_from_flags() -> None:
+        try:
+            initialize(coordinator.value, num_processes.value, process_id.value, local_device_ids.value)
+        except ValueError as e:  # names the missing or invalid flag / environment variable
+            raise app.UsageError(str(e)) from e
+
+    return initialize_from_flags

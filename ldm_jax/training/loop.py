@@ -18,6 +18,7 @@ from ldm_jax.data import pipeline
 from ldm_jax.imaging import save_png
 from ldm_jax.tasks import build_task
 from ldm_jax.training import checkpoint as ckpt_lib
+from ldm_jax.training import transfer
 from ldm_jax.training.optim import make_optimizer
 from ldm_jax.training.reporting import MetricWriter, Progress
 from ldm_jax.training.sharding import batch_sharding, check_batch_size, make_mesh, replicated, tree_shardings
@@ -44,9 +45,9 @@ def _log_compiled(compiled, seconds: float) -> None:
 
 def _check_nonfinite(state, max_streak: int, step: int) -> None:
     """Stops the run when ``max_streak`` steps in a row had a non-finite loss or gradient (each was skipped)."""
-    worst = int(jax.device_get(state.nonfinite_max_streak))
+    worst = int(transfer.to_host(state.nonfinite_max_streak))
     if worst >= max_streak:
-        total = int(jax.device_get(state.nonfinite_total))
+        total = int(transfer.to_host(state.nonfinite_total))
         raise FloatingPointError(
             f"{worst} steps in a row had a non-finite loss or gradient (by step {step}; {total} skipped in all; "
             f"train.max_nonfinite_streak={max_streak}): the updates were skipped and the run stopped. Lower "
@@ -184,8 +185,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     latest = ckpt.latest_step()
     meta = ckpt.restore_meta(latest) if latest is not None else {}
     frozen, task_meta = task.setup(meta)
-    repl = replicated(mesh)
-    frozen = jax.device_put(frozen, repl)
+    # Every process read the same frozen weights; each places its own replicas (no cross-host transfer).
+    frozen = transfer.to_mesh(frozen, replicated(mesh))
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     init_state, step_fn, state_shardings, abstract = make_train_step(config, task, mesh)
@@ -202,11 +203,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             if adapt is not None:
                 params = adapt(params)
             params = _match_init_params(params, state.params, config.init_from)
-            params = jax.device_put(params, state_shardings.params)
+            params = transfer.to_mesh(params, state_shardings.params)
             state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
             logging.info("initialised params from %s step %d", config.init_from, src_step)
 
-    step = int(jax.device_get(state.step))
+    step = int(transfer.to_host(state.step))
     # The data position is the step: global batch s is the same on any number of processes (data/pipeline.py).
     data_iter = iter(
         pipeline.make_loader(
@@ -248,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             batch = None
             step += 1
             if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = {k: float(v) for k, v in transfer.to_host(metrics).items()}
                 values["train/steps_per_sec"] = progress.report(step, values)
                 writer.scalars(step, values)
                 _check_nonfinite(state, train_cfg.max_nonfinite_streak, step)

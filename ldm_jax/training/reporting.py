@@ -27,7 +27,7 @@ class MetricWriter:
             self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        if self._writer is not None:
+        if self._writer is not None and values:
             for k, v in values.items():
                 self._writer.add_scalar(k, float(v), step)
             # NaN / inf as strings: JSON has no literal for them, and a skipped step's loss may be one.

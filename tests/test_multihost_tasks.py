@@ -31,8 +31,8 @@ COMMON = {
     "data.global_batch_size": 8,
 }
 # Every path that puts data on the mesh is covered by the CI cases: frozen weights (first stage, frozen text
-# encoder), init_from weights (with the inpainting model's widened input), the adversarial step and in-training
-# evaluation, previews from prompts and from per-image inputs (init image and mask). The slow cases repeat those
+# encoder), init_from weights (with the inpainting model's widened input, FSDP-sharded), the adversarial step and
+# in-training evaluation, previews from prompts and from per-image inputs (init image and mask). The slow cases repeat those
 # paths with other conditioning: `pytest -m slow tests/test_multihost_tasks.py` runs them.
 CI_CASES = ["ae_vq_gan", "txt2img", "inpainting", "finetune_imported"]
 SLOW_CASES = ["ae_kl", "class_cond", "unconditional", "superres"]
@@ -61,8 +61,11 @@ def _cases(names, root, data_dir, first_stage_workdir, txt2img_workdir=None, con
         "unconditional": ("unconditional:tiny", ldm),
         "superres": ("superres:tiny", ldm),
     }
-    if txt2img_workdir:  # an inpainting model started from text-to-image weights (input widened at load)
-        specs["inpainting"] = ("inpainting:tiny", {**ldm, "init_from": txt2img_workdir})
+    if txt2img_workdir:
+        # An inpainting model started from text-to-image weights (input widened at load), with FSDP: the token
+        # embedding is split over a 2-device fsdp axis (inside each process), so init_from weights, the training
+        # state and the EMA weights the previews sample with are placed leaf by leaf.
+        specs["inpainting"] = ("inpainting:tiny", {**ldm, "init_from": txt2img_workdir, "mesh.fsdp": 2})
     if converted_pipeline:
         specs["finetune_imported"] = (
             os.path.join(converted_pipeline, "config.json"),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ldm_jax import config_lib
 from ldm_jax.data import pipeline
@@ -181,7 +182,9 @@ class LatentDiffusionTask:
     def _estimate_latent_scale(self, fs_params) -> float:
         images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
         z = jax.jit(self._encode)(fs_params, images, jax.random.key(0))
-        return float(1.0 / jnp.std(z))
+        # Each process encodes on its own first device; every process must train with the same constant (and save
+        # the same checkpoint metadata), so process 0's value is taken even if another device rounds differently.
+        return float(multihost_utils.broadcast_one_to_all(np.float32(1.0 / jnp.std(z))))
 
     def _encode(self, fs_params, images, rng):
         """Unscaled first-stage latents: a posterior sample (KL) or the continuous pre-quantisation latents (VQ)."""
@@ -305,14 +308,13 @@ class LatentDiffusionTask:
 
     def compiled_generate(self, mesh, options: samplers.SamplerOptions, mode: str = "txt2img", first_step: int = 0):
         """``generate_fn`` jitted over ``mesh`` (batch split over every device); one program per sampler setting.
-        Its inputs must already be on ``mesh`` (``transfer.to_mesh``): ``generate_images`` does this."""
+        Its inputs must already be on ``mesh`` (``transfer.to_mesh``; ``generate_images`` does this) and keep their
+        shardings: per-image inputs split over the batch axes, weights as they are (replicated, or FSDP-sharded
+        like the training state's EMA weights during previews)."""
         key = (id(mesh), options, mode, first_step)
         if key not in self._generate_cache:
-            repl, batch = replicated(mesh), batch_sharding(mesh)
             self._generate_cache[key] = jax.jit(
-                self.generate_fn(options, mode, first_step),
-                in_shardings=(repl, repl, batch, batch, batch, repl, repl, batch),
-                out_shardings=batch,
+                self.generate_fn(options, mode, first_step), out_shardings=batch_sharding(mesh)
             )
         return self._generate_cache[key]
 

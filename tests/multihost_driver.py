@@ -9,8 +9,9 @@ Each process starts the JAX distributed system exactly as ``python -m ldm_jax.tr
 2, returns (checkpoint written, everything closed) and resumes from that checkpoint to step 4. One process running
 several cases pays the interpreter, JAX and distributed start-up once instead of once per case.
 
-The spec: ``{"cases": [{"name", "config": "<module>:<preset>" or a config.json path, "set": {"dotted.field": value}, "workdir",
-"stops": [int, ...]}], "timings": "<path or empty>"}``; process 0 writes per-case wall times to ``timings``.
+The spec: ``{"cases": [{"name", "config": "<module>:<preset>" or a config.json path, "set": {"dotted.field":
+value}, "workdir", "stops": [int, ...]}], "timings": "<path or empty>"}``; process 0 writes per-case wall times to
+``timings``.
 """
 
 from __future__ import annotations

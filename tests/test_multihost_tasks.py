@@ -3,11 +3,11 @@ against 1 process x 4 devices, with previews and in-training evaluation on, and 
 step 2 and resumed from their checkpoint to step 4.
 
 Covered: the KL autoencoder, the VQ autoencoder with its discriminator (switched on at step 2, after the resume),
-txt2img, class_cond, unconditional, inpainting, superres (all on one shared tiny first stage), and fine-tuning a
-converted diffusers pipeline (``init_from`` the import, text encoder frozen). For each: the same loss and metric
-trajectory (evaluation metrics included), the same final parameters (to the tolerance ``test_multihost`` documents),
-and the same preview images. All runs of one layout share one job (``multihost_driver.py``), and the two layouts run
-at the same time, so the matrix costs three JAX start-ups.
+txt2img, class_cond, unconditional, inpainting (from txt2img weights, with FSDP), superres (all on one shared tiny
+first stage), and fine-tuning a converted diffusers pipeline (``init_from`` the import, text encoder frozen). For
+each: the same loss and metric trajectory (evaluation metrics included), the same final parameters (to the tolerance
+``test_multihost`` documents), and the same preview images. All runs of one layout share one job
+(``multihost_driver.py``), and the two layouts run at the same time, so the matrix costs three JAX start-ups.
 """
 
 import json
@@ -32,8 +32,8 @@ COMMON = {
 }
 # Every path that puts data on the mesh is covered by the CI cases: frozen weights (first stage, frozen text
 # encoder), init_from weights (with the inpainting model's widened input, FSDP-sharded), the adversarial step and
-# in-training evaluation, previews from prompts and from per-image inputs (init image and mask). The slow cases repeat those
-# paths with other conditioning: `pytest -m slow tests/test_multihost_tasks.py` runs them.
+# in-training evaluation, previews from prompts and from per-image inputs (init image and mask). The slow cases
+# repeat those paths with other conditioning: `pytest -m slow tests/test_multihost_tasks.py` runs them.
 CI_CASES = ["ae_vq_gan", "txt2img", "inpainting", "finetune_imported"]
 SLOW_CASES = ["ae_kl", "class_cond", "unconditional", "superres"]
 
@@ -164,7 +164,6 @@ def test_two_processes_train_like_one_slow(slow_matrix, case):
 
 
 def _check_same_training(two: str, one: str, case: str) -> None:
-
     m2, m1 = _metrics(two), _metrics(one)
     assert sorted(m2) == sorted(m1) == [1, 2, 3, 4]
     for step in m1:

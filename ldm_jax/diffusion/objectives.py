@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ldm_jax import rng_streams
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -95,6 +96,8 @@ def sample_noise(rng: jax.Array, shape: tuple, offset: float = 0.0, dtype=jnp.fl
     noise = jax.random.normal(rng, shape, dtype)
     if offset:
         b, c = shape[0], shape[-1]
-        shift = jax.random.normal(jax.random.fold_in(rng, 1), (b,) + (1,) * (len(shape) - 2) + (c,), dtype)
+        shift = jax.random.normal(
+            jax.random.fold_in(rng, rng_streams.OFFSET_NOISE_SHIFT), (b,) + (1,) * (len(shape) - 2) + (c,), dtype
+        )
         noise = noise + offset * shift
     return noise

@@ -12,13 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import rng_streams
 from ldm_jax.data import masks as masks_lib
 from ldm_jax.data import pipeline
 from ldm_jax.imaging import make_grid, to_uint8
 from ldm_jax.tasks.txt2img import Txt2ImgTask
-
-# The posterior-sample stream of the masked image (init images use 2): independent draws from one seed.
-MASKED_IMAGE_STREAM = 3
 
 
 class InpaintingTask(Txt2ImgTask):
@@ -46,7 +44,9 @@ class InpaintingTask(Txt2ImgTask):
     def concat_input(self, frozen, images, masks, keys) -> jax.Array:
         """[mask at latent resolution, scaled latents of the masked image]: the 1 + z concat channels."""
         masks = (masks >= 0.5).astype(jnp.float32)
-        z = self.encode_images(frozen["first_stage"], self.masked_image(images, masks), keys, MASKED_IMAGE_STREAM)
+        z = self.encode_images(
+            frozen["first_stage"], self.masked_image(images, masks), keys, rng_streams.MASKED_IMAGE_POSTERIOR
+        )
         return jnp.concatenate([self.latent_mask(masks), z * frozen["latent_scale"]], axis=-1)
 
     def training_inputs(self, params, frozen, batch, drop, rng):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import config_lib
+from ldm_jax import config_lib, rng_streams
 from ldm_jax.data import pipeline
 from ldm_jax.diffusion import objectives, samplers
 from ldm_jax.diffusion.guidance import classifier_free_guidance
@@ -191,7 +191,7 @@ class LatentDiffusionTask:
         out = self.first_stage.apply({"params": fs_params}, images, method="encode")
         return out if self.first_stage_is_vq else out.sample(rng)
 
-    def encode_images(self, fs_params, images, keys, stream: int = 2):
+    def encode_images(self, fs_params, images, keys, stream: int = rng_streams.INIT_IMAGE_POSTERIOR):
         """Unscaled latents of ``images`` for image-to-image: a posterior sample per image drawn from its own key
         (as diffusers' pipelines do; ``stream`` separates the draws for different images of one sample), or the
         pre-quantisation latents of a VQ first stage."""
@@ -215,7 +215,8 @@ class LatentDiffusionTask:
             # Condition dropout: the null condition stands in for "no condition" (classifier-free guidance).
             drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
             # A key of its own (not a sixth split) keeps the other streams, and so older runs, unchanged.
-            cond, concat = self.training_inputs(params, frozen, batch, drop, jax.random.fold_in(rng, 6))
+            concat_rng = jax.random.fold_in(rng, rng_streams.TRAINING_CONCAT_INPUTS)
+            cond, concat = self.training_inputs(params, frozen, batch, drop, concat_rng)
             t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
             noise = objectives.sample_noise(k_noise, z0.shape, cfg.offset_noise, z0.dtype)
             x_t = objectives.add_noise(schedule, z0, noise, t)
@@ -290,8 +291,10 @@ class LatentDiffusionTask:
             concat = self.sampling_concat(frozen, images, keys, cond)
             uncond = self.encode_condition(params, frozen, null_in) if guided else None
             model_fn = self.model_fn(params, cond, uncond, concat, guidance_scale, guidance_rescale)
-            x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32))(keys)
-            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+            x_T = jax.vmap(
+                lambda k: jax.random.normal(jax.random.fold_in(k, rng_streams.START_NOISE), latent_shape, jnp.float32)
+            )(keys)
+            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, rng_streams.SAMPLER_STEP_NOISE))(keys)
             kw = dict(rng=step_keys if sampler.stochastic else None)
             if from_image or blend:
                 z_init = encode(frozen["first_stage"], images["init"], keys) * frozen["latent_scale"]

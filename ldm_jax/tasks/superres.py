@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import rng_streams
 from ldm_jax.data import pipeline
 from ldm_jax.diffusion import objectives
 from ldm_jax.diffusion.schedules import make_schedule
@@ -21,8 +22,6 @@ from ldm_jax.imaging import make_grid, to_uint8
 from ldm_jax.tasks.latent_diffusion import LatentDiffusionTask
 
 DOWNSAMPLE_METHODS = ("bicubic", "linear", "lanczos3")
-# The draw of the noise added to the low-resolution image (other streams: 0 x_T, 1 step noise, 2/3 posteriors).
-LOW_RES_NOISE_STREAM = 4
 
 
 class SuperResTask(LatentDiffusionTask):
@@ -78,7 +77,9 @@ class SuperResTask(LatentDiffusionTask):
     def sampling_concat(self, frozen, images, keys, levels):
         low_res = images["low_res"]
         noise = jax.vmap(
-            lambda k: jax.random.normal(jax.random.fold_in(k, LOW_RES_NOISE_STREAM), low_res.shape[1:], jnp.float32)
+            lambda k: jax.random.normal(
+                jax.random.fold_in(k, rng_streams.LOW_RES_NOISE), low_res.shape[1:], jnp.float32
+            )
         )(keys)
         return self.concat_input(low_res, levels, noise)
 

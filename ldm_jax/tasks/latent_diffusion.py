@@ -270,8 +270,9 @@ class LatentDiffusionTask:
         noised to the next step's level. Both start from pure noise when ``first_step`` = 0.
 
         Image i's starting noise, posterior samples and (stochastic samplers) per-step noise come from
-        ``jax.random.key(seeds[i])`` alone (seeds, not keys, enter: plain integers place on a multi-process mesh), so an image depends only on its own key and inputs, not on the batch it was generated in. Conditions,
-        seeds, images and guidance are traced arguments: changing them never recompiles.
+        ``jax.random.key(seeds[i])`` alone, so an image depends only on its own seed and inputs, not on the batch it
+        was generated in. Seeds enter rather than keys because plain integers can be placed on a mesh that spans
+        processes. Conditions, seeds, images and guidance are traced arguments: changing them never recompiles.
         """
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode={mode!r}: must be one of {GENERATION_MODES}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.evaluation import fid
+from ldm_jax.interop import weight_files
 from tests.reference_env import ROOT, run_reference
 
 ORACLE = os.path.join(ROOT, "tests", "reference", "fid_oracle.py")
@@ -33,7 +34,7 @@ def reference(tmp_path_factory):
         "weights_npz": str(d / "weights.npz"),
         "weights_pth": str(d / "weights.pth"),
         # The conversion command the .pth error message prints, run on the oracle's .pth in the torch env.
-        "convert_command": fid.TORCH_TO_SAFETENSORS_PY,
+        "convert_command": weight_files.TORCH_TO_SAFETENSORS_PY,
         "converted": str(d / "converted.safetensors"),
     }
     (d / "spec.json").write_text(json.dumps(spec))
@@ -111,7 +112,7 @@ def test_weight_files(reference):
     if importlib.util.find_spec("torch") is None:
         with pytest.raises(ValueError, match="Convert it once") as err:
             fid.load_fid_inception(reference["weights_pth"])
-        assert fid.TORCH_TO_SAFETENSORS_PY in str(err.value)
+        assert weight_files.TORCH_TO_SAFETENSORS_PY in str(err.value)
     else:
         from_pth = jax.device_get(fid.load_fid_inception(reference["weights_pth"]))
         jax.tree_util.tree_map(np.testing.assert_array_equal, from_pth, want)

@@ -17,9 +17,9 @@ the 2048-d global average pool of Mixed_7c ("pool3").
 
 Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a torch state dict) is supplied by the user; we
 never download. Read it with :func:`load_fid_inception`, which takes .safetensors / .npz anywhere and the .pth
-itself where torch is importable. For machines without torch, convert it once in any Python with torch and
-safetensors with this command (:data:`TORCH_TO_SAFETENSORS_PY`; the error a .pth raises without torch prints it
-whole, paths filled in)::
+itself where torch is importable (through ``ldm_jax.interop.weight_files``, the reader every importer uses). For
+machines without torch, convert it once in any Python with torch and safetensors with this command
+(``weight_files.TORCH_TO_SAFETENSORS_PY``; the error a .pth raises without torch prints it whole, paths filled in)::
 
     python -c "import sys, torch, safetensors.torch as st; ..." IN.pth OUT.safetensors
 
@@ -32,15 +32,17 @@ the reconstructions of the same real images whose statistics form the reference.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
+
+from ldm_jax.interop.weight_files import read_state_dict
 
 FEATURE_DIM = 2048
 DEFAULT_RESIZE = 299
@@ -54,10 +56,8 @@ NUM_CLASSES = 1008
 # singular.
 FRECHET_EPS = 1e-6
 
-TORCH_TO_SAFETENSORS_PY = (
-    "import sys, torch, safetensors.torch as st; st.save_file({k: v.contiguous() for k, v in "
-    "torch.load(sys.argv[1], map_location='cpu', weights_only=True).items()}, sys.argv[2])"
-)
+# The weight file types load_fid_inception takes.
+FID_WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin")
 
 Params = dict[str, Any]
 
@@ -422,36 +422,16 @@ def fid_inception_params_from_state_dict(sd: Mapping[str, Any]) -> Params:
     return params
 
 
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    if ext == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    if ext in (".pth", ".pt", ".bin"):
-        try:
-            import torch
-        except ImportError:
-            raise ValueError(
-                f"FID Inception weights {path!r}: a torch checkpoint needs torch, which is not importable here. "
-                "Convert it once where torch and safetensors are installed:\n"
-                f'  python -c "{TORCH_TO_SAFETENSORS_PY}" {path} {os.path.splitext(path)[0]}.safetensors\n'
-                "and pass the .safetensors file."
-            ) from None
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.detach().cpu().numpy() for k, v in sd.items()}
-    raise ValueError(f"FID Inception weights {path!r}: extension {ext!r}; expected .safetensors, .npz or .pth")
-
-
 def load_fid_inception(path: str) -> Params:
     """Reads pytorch-fid's FID Inception weights (``pt_inception-2015-12-05-6726825d.pth`` or its conversion to
-    .safetensors / .npz, same key names) -> params on the default device, for :func:`inception_features`."""
-    if not os.path.exists(path):
-        raise ValueError(f"FID Inception weights {path!r}: no such file (the weights are never downloaded)")
-    return jax.device_put(fid_inception_params_from_state_dict(_read_state_dict(path)))
+    .safetensors / .npz, same key names) -> params on the default device, for :func:`inception_features`.
+
+    Raises ``weight_files.WeightFileError`` (a ``ValueError``) for a file that cannot be read, and ``ValueError``
+    naming the keys for one that does not hold the FID Inception."""
+    # allow_pickle: pytorch-fid publishes a .pth, which the user names. No .ckpt: that is a training checkpoint,
+    # never these weights, and refusing it by extension says so more plainly than a list of missing keys.
+    sd = read_state_dict(path, allow_pickle=True, suffixes=FID_WEIGHT_SUFFIXES, what="FID Inception weight file")
+    return jax.device_put(fid_inception_params_from_state_dict(sd))
 
 
 # --------------------------------------------------------------------------------------------------- statistics

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import os
 import re
-import zipfile
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from ldm_jax.interop.files import read_state_dict
 from ldm_jax.interop.state_dict import ConversionError
+from ldm_jax.interop.weight_files import read_state_dict
 
 # Kept in step with ldm_jax.models.lpips.VGG16_STAGES (not imported: that module needs jax, this one must not).
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -124,40 +123,6 @@ def lpips_heads_from_state_dict(sd: Mapping[str, np.ndarray]) -> dict:
     return out
 
 
-def read_lpips_file(path: str) -> dict[str, np.ndarray]:
-    """All arrays of a ``.safetensors`` / ``.npz`` file, or of a torch ``.pth`` / ``.pt`` / ``.ckpt`` / ``.bin``
-    file when torch is importable (read with ``torch.load(weights_only=True)``, which refuses arbitrary objects)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such LPIPS weight file")
-    if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}
-        except (zipfile.BadZipFile, ValueError, OSError) as e:
-            raise ValueError(f"{path}: not a readable .npz of plain arrays ({e})") from e
-    if path.endswith((".pth", ".pt", ".ckpt", ".bin")):
-        try:
-            import torch  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                f"{path}: a PyTorch pickle can only be read with torch installed, and torch is not importable "
-                "here; convert it to .safetensors or .npz where torch is available, or install torch"
-            ) from e
-        return _read(path, allow_pickle=True, how="torch.load(weights_only=True)")
-    if path.endswith(".safetensors"):
-        return _read(path, allow_pickle=False, how="safetensors")
-    raise ValueError(f"{path}: unknown LPIPS weight file type; expected .safetensors, .npz, .pth, .pt, .ckpt or .bin")
-
-
-def _read(path: str, allow_pickle: bool, how: str) -> dict[str, np.ndarray]:
-    try:
-        return read_state_dict(path, allow_pickle=allow_pickle)
-    except (ImportError, FileNotFoundError):
-        raise
-    except Exception as e:  # the readers' own errors (unpickling, header parsing) do not name the file
-        raise ValueError(f"{path}: {how} could not read it ({type(e).__name__}: {e})") from e
-
-
 def load_lpips_params(vgg_path: str, heads_path: str = "") -> dict:
     """The full LPIPS parameter tree (see the module docstring) from weight files.
 
@@ -167,6 +132,9 @@ def load_lpips_params(vgg_path: str, heads_path: str = "") -> dict:
       heads_path: lpips' heads file (``weights/v0.1/vgg.pth`` or a conversion of it); "" reads the shipped heads.
     Returns:
       ``{"net": {...}, "lin0": {...}, ..., "lin4": {...}}`` of float32 numpy arrays.
+    Raises:
+      ``weight_files.WeightFileError`` (a ``ValueError``) for a file that cannot be read (absent, unknown type, a
+      pickle without torch, corrupt), ``ConversionError`` for one that does not hold the trunk / heads.
     """
     if not vgg_path:
         raise ValueError(
@@ -179,8 +147,10 @@ def load_lpips_params(vgg_path: str, heads_path: str = "") -> dict:
         ("VGG16 trunk", vgg_path, vgg16_params_from_state_dict),
         ("LPIPS heads", heads_path, lpips_heads_from_state_dict),
     ):
+        # allow_pickle: the published trunk and heads are .pth files (torchvision's, lpips'), which the user names.
+        sd = read_state_dict(path, allow_pickle=True, what="LPIPS weight file")
         try:
-            tree = convert(read_lpips_file(path))
+            tree = convert(sd)
         except ConversionError as e:
             raise ConversionError(f"{path} ({what}): {e}") from e
         out.update({"net": tree} if convert is vgg16_params_from_state_dict else tree)

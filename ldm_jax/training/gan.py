@@ -18,25 +18,31 @@ results are discarded with ``jnp.where`` (the discriminator's parameters and opt
 the reference also computes them. Not a ``lax.cond``: XLA:CPU runs the convolutions inside a conditional's branch
 about 20x slower (photos_f4 model, batch 16: 11 s per step in the branch vs 0.54 s outside it; computing both
 and selecting costs 0.67 s per step in either phase).
+
+Gradient accumulation (``accum_steps = k > 1``, ``training.steps.accumulate``: the same micro-batches and
+randomness streams as the diffusion step): each micro-batch's forward gives the gradients of nll + reg and of
+g_loss, and, from its reconstructions, the discriminator's gradients; each is averaged over the micro-batches.
+d_weight is then computed from the full batch's two gradients, and the generator's gradient
+rec + d_weight * factor * adv is linear in them, so both equal the full-batch step's. The VQ EMA codebook update
+sees the whole batch: the micro-batches' latents and code indices are concatenated back in the batch's row order
+(the EMA statistics are the same segment sums as for the full batch). Metrics are means over micro-batches: exact
+for batch means, not for a codebook perplexity. The one non-exact part: a "batch"-normalised discriminator
+normalises with each micro-batch's statistics, not the full batch's (as per-GPU BatchNorm under DDP in the
+reference); with ``disc.norm="none"`` the accumulated step equals the full-batch step up to float rounding.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.training.state import (
-    TrainState,
-    counter_metrics,
-    ema_decay_at,
-    ema_update,
-    skip_if_nonfinite,
-    zero_counters,
-)
+from ldm_jax.training.state import TrainState, zero_counters
+from ldm_jax.training.steps import accumulate, finish_step
 
 DISC_LOSSES = ("hinge", "vanilla")
 ADAPTIVE_WEIGHT_EPS = 1e-4
@@ -54,7 +60,7 @@ class GANTrainState(TrainState):
     model_state: Any  # updated outside the optimizers: EMA codebook statistics, {} otherwise
 
     @classmethod
-    def create_gan(cls, params, loss_params, disc_params, model_state, tx, disc_tx) -> "GANTrainState":
+    def create_gan(cls, params, loss_params, disc_params, model_state, tx, disc_tx) -> GANTrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -106,82 +112,93 @@ def gan_train_step(
     disc_tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     ema_decay: float,
+    accum_steps: int = 1,
 ) -> tuple[GANTrainState, dict]:
-    """One generator and one discriminator update. ``disc_apply`` None: no discriminator (reconstruction only)."""
+    """One generator and one discriminator update. ``disc_apply`` None: no discriminator (reconstruction only).
+    ``accum_steps``: micro-batches the gradients are accumulated over (see the module docstring)."""
     step_rng = jax.random.fold_in(rng, state.step)
-    x = batch["image"]
     gen = {"model": state.params, "loss": state.loss_params}
     disc_on = state.step >= disc_start
-
-    def forward(g):
-        nll, reg, rec, aux = rec_loss_fn(g["model"], g["loss"], frozen, batch, step_rng)
-        g_loss = -jnp.mean(disc_apply(state.disc_params, rec)) if disc_apply is not None else jnp.zeros(())
-        return (nll, reg, g_loss), (rec, aux)
-
-    (nll, reg, g_loss), pullback, (rec, aux) = jax.vjp(forward, gen, has_aux=True)
     zero = jnp.zeros(())
-    (rec_grads,) = pullback((jnp.ones(()), jnp.ones(()), zero))
+
+    def d_objective(dp, real, fake):
+        real_logits, fake_logits = disc_apply(dp, real), disc_apply(dp, fake)
+        return disc_factor * disc_loss(real_logits, fake_logits), (jnp.mean(real_logits), jnp.mean(fake_logits))
+
+    def micro_step(b, r):
+        """The gradients of one (micro-)batch: of nll + reg and of g_loss for the generator, the discriminator's."""
+
+        def forward(g):
+            nll, reg, rec, aux = rec_loss_fn(g["model"], g["loss"], frozen, b, r)
+            g_loss = -jnp.mean(disc_apply(state.disc_params, rec)) if disc_apply is not None else jnp.zeros(())
+            return (nll, reg, g_loss), (rec, aux)
+
+        (nll, reg, g_loss), pullback, (rec, aux) = jax.vjp(forward, gen, has_aux=True)
+        (rec_grads,) = pullback((jnp.ones(()), jnp.ones(()), zero))
+        grads = {"rec": rec_grads}
+        values = {"nll": nll, "reg": reg, "aux": {k: v for k, v in aux.items() if not k.startswith("_")}}
+        rows = {k: v for k, v in aux.items() if k.startswith("_")}  # per-example latents and codes
+        if disc_apply is not None:
+            (grads["adv"],) = pullback((zero, zero, jnp.ones(())))
+            # The discriminator sees this forward's reconstructions (its parameters are fixed within the step).
+            fake = jax.lax.stop_gradient(rec)
+            (d_loss, (logits_real, logits_fake)), grads["disc"] = jax.value_and_grad(d_objective, has_aux=True)(
+                state.disc_params, b["image"], fake
+            )
+            values.update(g_loss=g_loss, disc_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
+        return grads, values, rows
+
+    like = {"rec": gen} if disc_apply is None else {"rec": gen, "adv": gen, "disc": state.disc_params}
+    grads, values, rows = accumulate(micro_step, batch, step_rng, accum_steps, like)
+    nll, reg = values["nll"], values["reg"]
     metrics = {"nll": nll, "reg": reg}
     if disc_apply is not None:
-
-        def adversarial():
-            (g_grads,) = pullback((zero, zero, jnp.ones(())))
-            # ``reg`` (KL or codebook terms) does not reach the decoder's last layer, so there the gradient of
-            # nll + reg is the gradient of nll: no third backward pass.
-            w = adaptive_weight(last_layer(rec_grads["model"]), last_layer(g_grads["model"]), disc_weight)
-            return g_grads, w
-
-        g_grads, d_weight = adversarial()
+        # From the full batch's gradients. ``reg`` (KL or codebook terms) does not reach the decoder's last layer,
+        # so there the gradient of nll + reg is the gradient of nll: no third backward pass.
+        d_weight = adaptive_weight(last_layer(grads["rec"]["model"]), last_layer(grads["adv"]["model"]), disc_weight)
         d_weight = jnp.where(disc_on, d_weight, 0.0)
         factor = jnp.where(disc_on, disc_factor, 0.0)
-        grads = jax.tree.map(lambda a, b: a + d_weight * factor * b, rec_grads, g_grads)
-        loss = nll + reg + d_weight * factor * g_loss
-        metrics.update(g_loss=g_loss, d_weight=d_weight, disc_factor=factor)
+        gen_grads = jax.tree.map(lambda a, b: a + d_weight * factor * b, grads["rec"], grads["adv"])
+        loss = nll + reg + d_weight * factor * values["g_loss"]
+        metrics.update(g_loss=values["g_loss"], d_weight=d_weight, disc_factor=factor)
     else:
-        grads, loss = rec_grads, nll + reg
+        gen_grads, loss = grads["rec"], nll + reg
 
-    updates, opt_state = tx.update(grads, state.opt_state, gen)
+    updates, opt_state = tx.update(gen_grads, state.opt_state, gen)
     gen = optax.apply_updates(gen, updates)
     params, model_state = gen["model"], state.model_state
     if update_model_state is not None:
-        params, model_state = update_model_state(params, model_state, aux)
+        params, model_state = update_model_state(params, model_state, {**values["aux"], **rows})
 
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    finite = None
     if disc_apply is not None:
-        fake = jax.lax.stop_gradient(rec)
-
-        def d_objective(dp):
-            real_logits, fake_logits = disc_apply(dp, x), disc_apply(dp, fake)
-            return disc_factor * disc_loss(real_logits, fake_logits), (jnp.mean(real_logits), jnp.mean(fake_logits))
-
-        (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(disc_params)
-        d_updates, new_opt = disc_tx.update(d_grads, disc_opt_state, disc_params)
+        d_updates, new_opt = disc_tx.update(grads["disc"], disc_opt_state, disc_params)
         updated = (optax.apply_updates(disc_params, d_updates), new_opt)
         disc_params, disc_opt_state = jax.tree.map(
             lambda new, old: jnp.where(disc_on, new, old), updated, (disc_params, disc_opt_state)
         )
-        d_loss, logits_real, logits_fake = (jnp.where(disc_on, v, zero) for v in (d_loss, logits_real, logits_fake))
+        d_loss, logits_real, logits_fake = (
+            jnp.where(disc_on, values[k], zero) for k in ("disc_loss", "logits_real", "logits_fake")
+        )
         metrics.update(disc_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
+        finite = jnp.isfinite(d_loss)
 
-    ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
-    metrics = {
-        "train/loss": loss,
-        "train/grad_norm": optax.global_norm(grads),
-        "train/lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
-        **{f"train/{k}": v for k, v in metrics.items()},
-        **{f"train/{k}": v for k, v in aux.items() if not k.startswith("_")},
-    }
     new_state = state.replace(
         params=params,
-        ema_params=ema,
         opt_state=opt_state,
         loss_params=gen["loss"],
         disc_params=disc_params,
         disc_opt_state=disc_opt_state,
         model_state=model_state,
     )
-    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["train/grad_norm"])
-    if disc_apply is not None:
-        finite &= jnp.isfinite(metrics["train/disc_loss"])
-    new_state = skip_if_nonfinite(state, new_state, finite)
-    return new_state, {**metrics, **counter_metrics(new_state)}
+    return finish_step(
+        state,
+        new_state,
+        loss=loss,
+        grads=gen_grads,
+        metrics={**metrics, **values["aux"]},
+        lr_schedule=lr_schedule,
+        ema_decay=ema_decay,
+        finite=finite,
+    )

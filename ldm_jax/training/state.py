@@ -22,7 +22,7 @@ class TrainState:
     nonfinite_max_streak: jax.Array  # longest streak so far: the loop reads it every log_every steps
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+    def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -34,7 +34,7 @@ class TrainState:
 
 def zero_counters() -> dict:
     zero = jnp.zeros((), jnp.int32)
-    return dict(nonfinite_total=zero, nonfinite_streak=zero, nonfinite_max_streak=zero)
+    return {"nonfinite_total": zero, "nonfinite_streak": zero, "nonfinite_max_streak": zero}
 
 
 def skip_if_nonfinite(old: TrainState, new: TrainState, finite: jax.Array) -> TrainState:

@@ -1,19 +1,26 @@
-"""The pure training step shared by every task.
+"""The step core every train step is built from, and the diffusion tasks' step.
 
 ``train_step(state, frozen, batch, rng) -> (state, metrics)``; the task's loss, the optimizer and constants are
 bound with ``functools.partial`` before ``jax.jit``. ``rng`` is the run's root key: the step folds in
 ``state.step`` so a resumed run draws exactly the same randomness as an uninterrupted one.
 
-With ``accum_steps = k > 1`` the batch is split into k micro-batches whose gradients are averaged in a
-``lax.scan`` inside the same compiled step (activation memory of one micro-batch, one optimizer update). Micro-batch
-i takes rows i, i + k, i + 2k, ... so that every device contributes to every micro-batch (the batch is split over
-devices in contiguous blocks) and no data moves between devices. A step whose loss or gradient norm is not finite
-changes nothing but the step and the skip counters (``state.skip_if_nonfinite``).
+The core, shared with the adversarial first stage (``training.gan.gan_train_step``):
+
+- ``accumulate(fn, batch, rng, accum_steps, grads_like)``: the gradients (and metrics) of the batch. With
+  ``accum_steps = k > 1`` the batch is split into k micro-batches whose gradients are averaged in a ``lax.scan``
+  inside the same compiled step (activation memory of one micro-batch, one optimizer update). Micro-batch i takes
+  rows i, i + k, i + 2k, ... so that every device contributes to every micro-batch (the batch is split over
+  devices in contiguous blocks) and no data moves between devices; it draws its randomness from
+  ``fold_in(rng, i)``.
+- ``finish_step(old, new, ...)``: the EMA update, the common metrics (loss, gradient norm, learning rate and the
+  task's own) and the non-finite skip: a step whose loss or gradient norm is not finite changes nothing but the
+  step and the skip counters (``state.skip_if_nonfinite``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,8 @@ from ldm_jax.training.state import TrainState, counter_metrics, ema_decay_at, em
 
 # loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# fn(batch, rng) -> (grads, values, rows): see ``accumulate``
+MicroStepFn = Callable[[dict, jax.Array], tuple[Any, Any, Any]]
 
 
 def micro_batches(batch: dict, k: int) -> dict:
@@ -36,23 +45,78 @@ def micro_batches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def merge_micro_batches(rows: Any) -> Any:
+    """The inverse of ``micro_batches``: [k, B / k, ...] leaves -> [B, ...] in the batch's row order."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), rows)
+
+
+def accumulate(fn: MicroStepFn, batch: dict, rng: jax.Array, accum_steps: int, grads_like: Any):
+    """``fn(batch, rng) -> (grads, values, rows)`` for the whole batch, computed over ``accum_steps`` micro-batches.
+
+    ``fn`` must return gradients of batch means (so the mean over equal micro-batches is the full batch's):
+      grads   summed in the scan's carry (zeros shaped like ``grads_like``), then divided by ``accum_steps``
+      values  scalars (losses, metrics): the mean over micro-batches, exact for batch means
+      rows    per-example arrays [micro-batch, ...]: concatenated back in the batch's row order, [B, ...]
+    With ``accum_steps`` 1, ``fn(batch, rng)`` itself: no scan, no reordering.
+    """
+    if accum_steps == 1:
+        return fn(batch, rng)
+
+    def body(acc, xs):
+        i, micro = xs
+        grads, values, rows = fn(micro, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, acc, grads), (values, rows)
+
+    zeros = jax.tree.map(jnp.zeros_like, grads_like)
+    grads, (values, rows) = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro_batches(batch, accum_steps)))
+
+    def mean(x):
+        return jnp.mean(x, axis=0)
+
+    return jax.tree.map(lambda g: g / accum_steps, grads), jax.tree.map(mean, values), merge_micro_batches(rows)
+
+
 def loss_and_grads(loss_fn: LossFn, params, frozen, batch: dict, rng: jax.Array, accum_steps: int = 1):
     """``(loss, aux, grads)`` of the batch mean; with ``accum_steps > 1``, averaged over micro-batches in a scan
     (micro-batch i draws its randomness from ``fold_in(rng, i)``)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if accum_steps == 1:
-        (loss, aux), grads = grad_fn(params, frozen, batch, rng)
-        return loss, aux, grads
 
-    def body(acc, xs):
-        i, micro = xs
-        (loss, aux), grads = grad_fn(params, frozen, micro, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, acc, grads), (loss, aux)
+    def micro(b, r):
+        (loss, aux), grads = grad_fn(params, frozen, b, r)
+        return grads, (loss, aux), {}
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, auxs) = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro_batches(batch, accum_steps)))
-    mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
-    return mean(losses), jax.tree.map(mean, auxs), jax.tree.map(lambda g: g / accum_steps, grads)
+    grads, (loss, aux), _ = accumulate(micro, batch, rng, accum_steps, params)
+    return loss, aux, grads
+
+
+def finish_step(
+    old: TrainState,
+    new: TrainState,
+    *,
+    loss: jax.Array,
+    grads: Any,
+    metrics: dict,
+    lr_schedule: optax.Schedule,
+    ema_decay: float,
+    finite: jax.Array | None = None,
+) -> tuple[TrainState, dict]:
+    """The tail of every train step: ``new`` (``old`` with its updates applied, EMA weights not yet) gets the EMA
+    of its params; metrics are ``train/loss``, ``train/grad_norm`` (of ``grads``), ``train/lr`` and ``metrics``
+    under ``train/``; the step is skipped unless loss, gradient norm and ``finite`` (further checks) are finite.
+    """
+    ema = ema_update(old.ema_params, new.params, ema_decay_at(old.step, ema_decay))
+    grad_norm = optax.global_norm(grads)
+    out = {
+        "train/loss": loss,
+        "train/grad_norm": grad_norm,
+        "train/lr": jnp.asarray(lr_schedule(old.step), jnp.float32),
+        **{f"train/{k}": v for k, v in metrics.items()},
+    }
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if finite is not None:
+        ok &= finite
+    new_state = skip_if_nonfinite(old, new.replace(ema_params=ema), ok)
+    return new_state, {**out, **counter_metrics(new_state)}
 
 
 def train_step(
@@ -71,14 +135,12 @@ def train_step(
     loss, aux, grads = loss_and_grads(loss_fn, state.params, frozen, batch, step_rng, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
-    grad_norm = optax.global_norm(grads)
-    metrics = {
-        "train/loss": loss,
-        "train/grad_norm": grad_norm,
-        "train/lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
-        **{f"train/{k}": v for k, v in aux.items()},
-    }
-    new_state = state.replace(params=params, ema_params=ema, opt_state=opt_state)
-    new_state = skip_if_nonfinite(state, new_state, jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    return new_state, {**metrics, **counter_metrics(new_state)}
+    return finish_step(
+        state,
+        state.replace(params=params, opt_state=opt_state),
+        loss=loss,
+        grads=grads,
+        metrics=aux,
+        lr_schedule=lr_schedule,
+        ema_decay=ema_decay,
+    )

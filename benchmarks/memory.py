@@ -48,7 +48,7 @@ def build_step(dtype_name: str, remat: str, fsdp: int, per_device_batch: int, co
     from configs import txt2img
     from ldm_jax.diffusion import objectives
     from ldm_jax.diffusion.schedules import schedule_from_config
-    from ldm_jax.tasks.latent_diffusion import unet_from_config
+    from ldm_jax.models.unet import UNetConfig
     from ldm_jax.training.optim import make_optimizer
     from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated, tree_shardings
     from ldm_jax.training.state import TrainState
@@ -58,7 +58,9 @@ def build_step(dtype_name: str, remat: str, fsdp: int, per_device_batch: int, co
     u = config.unet
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype_name]
     u.remat_policy = remat
-    unet = unet_from_config(u, in_channels=4, out_channels=4, context_dim=config.text_encoder.width, dtype=dtype)
+    unet = UNetConfig.from_config(u, "unet.").build(
+        in_channels=4, out_channels=4, context_dim=config.text_encoder.width, dtype=dtype
+    )
     schedule = schedule_from_config(config.diffusion)
 
     def loss_fn(params, frozen, batch, rng):

@@ -44,7 +44,7 @@ def main(argv):
     from ldm_jax import jax_setup
     from ldm_jax.diffusion import samplers
     from ldm_jax.diffusion.guidance import classifier_free_guidance
-    from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.tasks import load_for_sampling
     from ldm_jax.training import transfer
     from ldm_jax.training.sharding import batch_sharding, replicated
 

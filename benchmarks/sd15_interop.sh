@@ -18,7 +18,7 @@ rm -rf "$WORK/converted"
 "$REF" benchmarks/sd15_reference.py sample "$WORK/pipeline" "$SIZE" "$STEPS"
 "$PY" - "$WORK/converted" "$SIZE" "$STEPS" <<'PYEOF'
 import json, sys, time
-from ldm_jax.tasks.txt2img import load_for_sampling
+from ldm_jax.tasks import load_for_sampling
 
 workdir, size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 task, params, frozen, mesh, _ = load_for_sampling(workdir, image_size=size)

@@ -12,6 +12,7 @@ The zoo presets need VGG16 weights for LPIPS (--config.loss.lpips_vgg_weights=vg
 --config.loss.perceptual_weight=0. The small presets run without LPIPS (perceptual_weight=0, stated in the log).
 """
 
+from configs import first_stage
 from ldm_jax import config_lib
 from ldm_jax.models.autoencoder import AUTOENCODER_VARIANTS
 
@@ -23,11 +24,11 @@ def get_config(arg=None):
     preset = config_lib.parse_preset(arg, PRESETS)
     variant = preset if preset in ZOO else ("tiny_f8" if preset == "photos_f8" else "tiny_f4")
     # disc_start 50001 and disc_weight 0.5: the zoo's KL models (LPIPSWithDiscriminator settings).
-    c = config_lib.first_stage_base("kl", preset, AUTOENCODER_VARIANTS[variant], disc_start=50001, disc_weight=0.5)
+    c = first_stage.base("kl", preset, AUTOENCODER_VARIANTS[variant], disc_start=50001, disc_weight=0.5)
     if preset in ZOO:
-        config_lib.first_stage_schedule(c, "zoo")
+        first_stage.schedule(c, "zoo")
         return c
-    config_lib.first_stage_schedule(c, "tiny" if preset == "tiny" else "demo" if preset == "demo" else "photos")
+    first_stage.schedule(c, "tiny" if preset == "tiny" else "demo" if preset == "demo" else "photos")
     if preset != "tiny":
         # Full-resolution convolutions dominate CPU time, hence the narrow first level.
         c.model.block_out_channels = (16, 32, 64) if preset != "photos_f8" else (16, 32, 64, 64)

@@ -12,6 +12,7 @@ Presets:
 Options: --config.loss.codebook_update=ema (EMA codebook), --config.model.l2_codes=True (unit-normalised codes).
 """
 
+from configs import first_stage
 from ldm_jax import config_lib
 from ldm_jax.models.autoencoder import AUTOENCODER_VARIANTS
 
@@ -23,11 +24,11 @@ def get_config(arg=None):
     preset = config_lib.parse_preset(arg, PRESETS)
     model = dict(AUTOENCODER_VARIANTS[preset if preset in ZOO else "vq_f4"])
     # disc_start 0 and disc_weight 0.75: the zoo's vq-f4 (VQLPIPSWithDiscriminator settings).
-    c = config_lib.first_stage_base("vq", preset, model, disc_start=0, disc_weight=0.75)
+    c = first_stage.base("vq", preset, model, disc_start=0, disc_weight=0.75)
     if preset in ZOO:
-        config_lib.first_stage_schedule(c, "zoo")
+        first_stage.schedule(c, "zoo")
         return c
-    config_lib.first_stage_schedule(c, "tiny" if preset == "tiny" else "demo" if preset == "demo" else "photos")
+    first_stage.schedule(c, "tiny" if preset == "tiny" else "demo" if preset == "demo" else "photos")
     c.model.update(num_codes=512 if preset != "tiny" else 64)
     if preset != "tiny":
         c.model.block_out_channels = (16, 32, 64)

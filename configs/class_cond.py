@@ -15,32 +15,62 @@ colour i // 3 (red, green, blue, yellow, purple, cyan) and shape i % 3 (circle, 
 import ml_collections
 
 from ldm_jax import config_lib
+from ldm_jax.data.pipeline import data_section
+from ldm_jax.diffusion.objectives import diffusion_section
+from ldm_jax.models.unet import UNET_VARIANTS, unet_section
+from ldm_jax.tasks.latent_diffusion import sample_section
+from ldm_jax.tasks.latent_space import FirstStageConfig
+from ldm_jax.training.optim import optim_section
+from ldm_jax.training.sharding import MeshConfig
+from ldm_jax.training.train_config import train_section
 
 PRESETS = ("ldm", "demo", "tiny")
 
 
 def base_config(task: str, preset: str) -> ml_collections.ConfigDict:
-    """Everything but the conditioning, shared with configs/unconditional.py."""
-    c = config_lib.latent_diffusion_base(task, preset)
-    c.sample = config_lib.sample_section((), num_steps=50)
+    """Everything but the conditioning, shared with configs/unconditional.py and configs/superres.py."""
+    c = config_lib.run_header(task, preset)
+    c.mesh = MeshConfig.defaults()
+    c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
+    c.diffusion = diffusion_section()
+    c.sample = sample_section((), num_steps=50)
     if preset == "ldm":
-        c.first_stage.workdir = "runs/ldm/autoencoder_kl"
-        c.data = config_lib.data_section("256px", 256, 1024)
-        c.unet.update(
-            dict(
-                block_out_channels=(256, 512, 768),
-                layers_per_block=2,
-                attention_levels=(False, True, True),
-                num_heads=(8, 8, 8),
-                head_dim=32,
-                transformer_depth=1,
-                norm_groups=32,
-            )
+        c.first_stage = FirstStageConfig.defaults(workdir="runs/ldm/autoencoder_kl")
+        c.data = data_section("256px", 256, 1024)
+        c.unet = unet_section(
+            block_out_channels=(256, 512, 768),
+            layers_per_block=2,
+            attention_levels=(False, True, True),
+            num_heads=(8, 8, 8),
+            head_dim=32,
+            transformer_depth=1,
+            norm_groups=32,
         )
-        c.optim = config_lib.optim_section(lr=1e-4, warmup_steps=5000, ema_decay=0.9999)
-        c.train = config_lib.train_section(num_steps=400_000, log_every=100, checkpoint_every=5000, preview_every=5000)
-    else:
-        config_lib.small_diffusion_preset(c, preset, attention_levels=(False, True))
+        c.optim = optim_section(lr=1e-4, warmup_steps=5000, ema_decay=0.9999)
+        c.train = train_section(num_steps=400_000, log_every=100, checkpoint_every=5000, preview_every=5000)
+    elif preset == "demo":
+        c.first_stage = FirstStageConfig.defaults(workdir="runs/demo/autoencoder_kl")
+        c.data = data_section("32px", 32, 64)
+        c.unet = unet_section(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_levels=(False, True),
+            num_heads=(4, 4),
+            head_dim=0,
+            transformer_depth=1,
+            norm_groups=8,
+        )
+        c.optim = optim_section(lr=1e-3, warmup_steps=100, ema_decay=0.995, schedule="cosine")
+        c.optim.final_lr_fraction = 0.1
+        c.train = train_section(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=500)
+        c.sample.num_steps = 25
+    else:  # tiny
+        c.first_stage = FirstStageConfig.defaults(workdir="")  # tests fill this in
+        c.data = data_section("tiny", 16, 8)
+        c.unet = unet_section(UNET_VARIANTS["tiny"], block_out_channels=(16, 32), num_heads=(2, 2), norm_groups=8)
+        c.optim = optim_section(lr=1e-3, warmup_steps=2, ema_decay=0.9)
+        c.train = train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
+        c.sample.num_steps = 4
     return c
 
 

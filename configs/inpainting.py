@@ -14,10 +14,9 @@ inpainting models were started), so training begins from exactly the text-to-ima
 Presets: sd (default, pod scale), demo (CPU minutes), tiny (tests); see configs/txt2img.py.
 """
 
-import ml_collections
-
 from configs import txt2img
 from ldm_jax import config_lib
+from ldm_jax.tasks.concat_inputs import InpaintingConfig
 
 PRESETS = txt2img.PRESETS
 
@@ -25,12 +24,10 @@ PRESETS = txt2img.PRESETS
 def get_config(arg=None):
     c = txt2img.get_config(config_lib.parse_preset(arg, PRESETS))
     c.task = "inpainting"
-    c.inpainting = ml_collections.ConfigDict(
-        dict(
-            max_boxes=3,  # each training mask is the union of 1..max_boxes random boxes
-            min_box_fraction=0.1,  # box sides, as fractions of the image side
-            max_box_fraction=0.6,
-            full_mask_prob=0.25,  # masks covering the whole image (text-to-image from the same model)
-        )
+    # Each training mask is the union of 1..max_boxes random boxes with sides between min_box_fraction and
+    # max_box_fraction of the image side; full_mask_prob of them cover the whole image (text-to-image from the same
+    # model).
+    c.inpainting = InpaintingConfig.defaults(
+        max_boxes=3, min_box_fraction=0.1, max_box_fraction=0.6, full_mask_prob=0.25
     )
     return c

@@ -14,10 +14,9 @@ Presets:
   tiny           4 -> 16 px, for tests
 """
 
-import ml_collections
-
 from configs.class_cond import PRESETS, base_config
 from ldm_jax import config_lib
+from ldm_jax.tasks.concat_inputs import SuperResConfig
 
 PRESETS = tuple(PRESETS)
 
@@ -25,18 +24,16 @@ PRESETS = tuple(PRESETS)
 def get_config(arg=None):
     preset = config_lib.parse_preset(arg, PRESETS)
     c = base_config("superres", preset)
-    c.superres = ml_collections.ConfigDict(
-        dict(
-            scale=4,  # output side / low-resolution side
-            downsample="bicubic",  # how training inputs are made: antialiased bicubic, linear or lanczos3
-            # Noise augmentation: levels 0..max_noise_level of the DDPM schedule below (SD x4 upscaler's). 0 disables
-            # it (no level input).
-            max_noise_level=350,
-            noise_schedule="scaled_linear",
-            noise_timesteps=1000,
-            noise_beta_start=0.0001,
-            noise_beta_end=0.02,
-        )
+    # Output side / low-resolution side 4, training inputs by antialiased bicubic downsampling; noise augmentation
+    # with levels 0..350 of the SD x4 upscaler's DDPM schedule (max_noise_level=0 disables it: no level input).
+    c.superres = SuperResConfig.defaults(
+        scale=4,
+        downsample="bicubic",
+        max_noise_level=350,
+        noise_schedule="scaled_linear",
+        noise_timesteps=1000,
+        noise_beta_start=0.0001,
+        noise_beta_end=0.02,
     )
     c.diffusion.cond_drop_prob = 0.0  # nothing to drop: the low-resolution image always conditions
     c.sample.guidance_scale = 1.0  # unused: super-resolution is not guided

@@ -10,42 +10,64 @@ Presets:
   tiny          16x16, for tests
 """
 
-import ml_collections
-
 from ldm_jax import config_lib
+from ldm_jax.data.pipeline import data_section
+from ldm_jax.diffusion.objectives import diffusion_section
 from ldm_jax.models.text_encoders import TEXT_ENCODER_VARIANTS
-from ldm_jax.models.unet import UNET_VARIANTS
+from ldm_jax.models.unet import UNET_VARIANTS, unet_section
+from ldm_jax.tasks.conditioners import text_encoder_section
+from ldm_jax.tasks.latent_diffusion import sample_section
+from ldm_jax.tasks.latent_space import FirstStageConfig
+from ldm_jax.training.optim import optim_section
+from ldm_jax.training.sharding import MeshConfig
+from ldm_jax.training.train_config import train_section
 
 PRESETS = ("sd", "demo", "tiny")
+PROMPTS = (
+    "a large red circle in the center on a black background",
+    "a small blue square at the top left on a white background",
+    "a large yellow triangle at the bottom right on a gray background",
+    "a small green circle on the left on a black background",
+)
 
 
 def get_config(arg=None):
     preset = config_lib.parse_preset(arg, PRESETS)
-    c = config_lib.latent_diffusion_base("txt2img", preset)
-    c.text_encoder = ml_collections.ConfigDict(
-        dict(vocab_size=49408, activation="quick_gelu", output_layer=-1, pad_token="eot", trainable=True)
-    )
-    c.sample = config_lib.sample_section(
-        (
-            "a large red circle in the center on a black background",
-            "a small blue square at the top left on a white background",
-            "a large yellow triangle at the bottom right on a gray background",
-            "a small green circle on the left on a black background",
-        ),
-        num_steps=50,
-    )
-
+    c = config_lib.run_header("txt2img", preset)
+    c.mesh = MeshConfig.defaults()
+    c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
+    c.diffusion = diffusion_section()
+    c.sample = sample_section(PROMPTS, num_steps=50)
     if preset == "sd":
-        c.first_stage.workdir = "runs/sd/autoencoder_kl"
-        c.data = config_lib.data_section("256px", 256, 2048)
-        c.text_encoder.update(TEXT_ENCODER_VARIANTS["clip_vit_l14"])
-        c.unet.update(UNET_VARIANTS["sd15"])
-        c.optim = config_lib.optim_section(lr=1e-4, warmup_steps=10_000, ema_decay=0.9999)
-        c.train = config_lib.train_section(num_steps=500_000, log_every=100, checkpoint_every=5000, preview_every=5000)
-    else:
-        config_lib.small_diffusion_preset(c, preset)
-        if preset == "demo":
-            c.text_encoder.update(TEXT_ENCODER_VARIANTS["tiny"])
-        else:
-            c.text_encoder.update(dict(width=32, layers=1, heads=2, max_length=16))
+        c.first_stage = FirstStageConfig.defaults(workdir="runs/sd/autoencoder_kl")
+        c.data = data_section("256px", 256, 2048)
+        c.text_encoder = text_encoder_section(TEXT_ENCODER_VARIANTS["clip_vit_l14"])
+        c.unet = unet_section(UNET_VARIANTS["sd15"])
+        c.optim = optim_section(lr=1e-4, warmup_steps=10_000, ema_decay=0.9999)
+        c.train = train_section(num_steps=500_000, log_every=100, checkpoint_every=5000, preview_every=5000)
+    elif preset == "demo":
+        c.first_stage = FirstStageConfig.defaults(workdir="runs/demo/autoencoder_kl")
+        c.data = data_section("32px", 32, 64)
+        c.text_encoder = text_encoder_section(TEXT_ENCODER_VARIANTS["tiny"])
+        c.unet = unet_section(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_levels=(True, True),
+            num_heads=(4, 4),
+            head_dim=0,
+            transformer_depth=1,
+            norm_groups=8,
+        )
+        c.optim = optim_section(lr=1e-3, warmup_steps=100, ema_decay=0.995, schedule="cosine")
+        c.optim.final_lr_fraction = 0.1
+        c.train = train_section(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=500)
+        c.sample.num_steps = 25
+    else:  # tiny
+        c.first_stage = FirstStageConfig.defaults(workdir="")  # tests fill this in
+        c.data = data_section("tiny", 16, 8)
+        c.text_encoder = text_encoder_section(dict(width=32, layers=1, heads=2, max_length=16))
+        c.unet = unet_section(UNET_VARIANTS["tiny"], block_out_channels=(16, 32), num_heads=(2, 2), norm_groups=8)
+        c.optim = optim_section(lr=1e-3, warmup_steps=2, ema_decay=0.9)
+        c.train = train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
+        c.sample.num_steps = 4
     return c

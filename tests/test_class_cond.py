@@ -49,11 +49,11 @@ def test_class_labels_condition_the_model_and_dropout_uses_the_null_class(class_
     from ldm_jax.tasks import load_for_sampling
 
     task, params, frozen, mesh, step = load_for_sampling(class_cond_workdir)
-    assert step == 8 and task.num_classes == 18
+    assert step == 8 and task.conditioner.num_classes == 18
     # The class embedding has a row for the null class that guidance uses.
     assert params["unet"]["class_embedding"]["embedding"].shape[0] == 19
     drop = jnp.array([True, False, True, False])
-    labels = task.training_condition(params, frozen, {"label": jnp.array([3, 4, 5, 6])}, drop)
+    labels = task.conditioner.training_condition(params, frozen, {"label": jnp.array([3, 4, 5, 6])}, drop)
     np.testing.assert_array_equal(labels, [18, 4, 18, 6])
     options = task.sampler_options(num_steps=4)
     traces = count_generate_traces(task)

@@ -80,7 +80,7 @@ def test_inpainting_training_feeds_mask_and_masked_image_latents_to_the_unet(txt
     size = images.shape[1]
     masks = jnp.stack([masks_lib.box_mask(size, 2, 4, 6, 8)] * 4)
     keys = jax.random.split(jax.random.key(0), 4)
-    concat_input = jax.jit(task.concat_input)
+    concat_input = jax.jit(task.concat.concat_input)
     concat = concat_input(frozen, images, masks, keys)
     f = task.first_stage.downsampling_factor
     np.testing.assert_array_equal(concat[..., :1], masks[:, ::f, ::f])
@@ -185,7 +185,7 @@ def test_superres_conditions_on_the_noised_low_res_image(txt2img_config):
     config.data, config.first_stage = txt2img_config.data, txt2img_config.first_stage
     task = build_task(config)
     images = jnp.asarray(pipeline.first_images(config.data, "train", 4))
-    low = task.degrade(images)
+    low = task.concat.degrade(images)
     assert low.shape == (4, 4, 4, 3)  # 16 px / scale 4
     # Antialiased: each low-res pixel is close to the mean of its 4x4 block.
     blocks = images.reshape(4, 4, 4, 4, 4, 3).mean(axis=(2, 4))
@@ -193,8 +193,8 @@ def test_superres_conditions_on_the_noised_low_res_image(txt2img_config):
     h = task.latent_shape[0]
     noise = jax.random.normal(jax.random.key(0), low.shape)
     levels = jnp.array([0, 10, 100, 350])
-    noised = task.concat_input(low, levels, noise)
-    want = objectives.add_noise(task.low_res_schedule, low, noise, levels)
+    noised = task.concat.concat_input(low, levels, noise)
+    want = objectives.add_noise(task.concat.low_res_schedule, low, noise, levels)
     np.testing.assert_allclose(noised, jax.image.resize(want, (4, h, h, 3), "bicubic"), atol=1e-6)
     # The level reaches the UNet as its class input.
     assert task.unet.num_classes == config.superres.max_noise_level + 1
@@ -207,17 +207,17 @@ def test_superres_output_follows_its_own_input(superres_workdir):
     rng = np.random.default_rng(0)
     low = rng.uniform(-1, 1, (3, 4, 4, 3)).astype(np.float32)
     options = task.sampler_options(num_steps=3)
-    out = task.upscale(params, frozen, mesh, low, [1, 1, 1], options, 20, 8)
+    out = task.generate_images(params, frozen, mesh, [20] * 3, [1, 1, 1], options, batch_size=8, low_res=low)
     assert out.shape == (3, 16, 16, 3)
-    alone = task.upscale(params, frozen, mesh, low[2:], [1], options, 20, 8)
+    alone = task.generate_images(params, frozen, mesh, [20], [1], options, batch_size=8, low_res=low[2:])
     np.testing.assert_array_equal(out[2], alone[0])
     assert not np.array_equal(out[0], out[1])  # same seed, different inputs
     with pytest.raises(
         ValueError, match="noise levels \\[351, 351, 351\\]: must be integers in \\[0, superres.max_noise_level=350\\]"
     ):
-        task.upscale(params, frozen, mesh, low, [1, 1, 1], options, 351, 8)
+        task.generate_images(params, frozen, mesh, [351] * 3, [1, 1, 1], options, batch_size=8, low_res=low)
     with pytest.raises(ValueError, match="low_res shape"):
-        task.upscale(params, frozen, mesh, low[:, :2], [1, 1, 1], options, 20, 8)
+        task.generate_images(params, frozen, mesh, [20] * 3, [1, 1, 1], options, batch_size=8, low_res=low[:, :2])
 
 
 def test_superres_cli_upscales_files_and_names_bad_inputs(superres_workdir, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from cli import run_module
 
 from configs import autoencoder_kl, autoencoder_vq, class_cond, txt2img, unconditional
-from ldm_jax import config_lib
+from ldm_jax.tasks import validate_config
 from ldm_jax.training.sharding import check_batch_size, make_mesh
 
 
@@ -18,7 +18,7 @@ def test_every_preset_validates(module, tmp_path):
             c.first_stage.workdir = "somewhere"
         if c.task == "autoencoder" and c.loss.perceptual_weight > 0 and not c.loss.lpips_vgg_weights:
             c.loss.lpips_vgg_weights = str(vgg)
-        config_lib.validate(c)
+        validate_config(c)
 
 
 def test_pod_scale_txt2img_describes_the_paper_setup():
@@ -49,7 +49,7 @@ def test_validate_names_the_bad_field(field, value, match):
     section, key = field.split(".")
     c[section][key] = value
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
-        config_lib.validate(c)
+        validate_config(c)
 
 
 def test_unknown_preset_lists_the_allowed_ones():
@@ -93,4 +93,4 @@ def test_class_cond_config_names_the_bad_field(field, value, match):
     section, _, name = field.rpartition(".")
     (c[section] if section else c)[name] = value
     with pytest.raises(ValueError, match=match):
-        config_lib.validate(c)
+        validate_config(c)

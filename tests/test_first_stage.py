@@ -12,11 +12,10 @@ import pytest
 from cli import run_module
 
 from configs import autoencoder_kl, autoencoder_vq
-from ldm_jax import config_lib
 from ldm_jax.data import pipeline
 from ldm_jax.models.discriminator import NLayerDiscriminator, min_image_size
 from ldm_jax.models.vq import VQModel
-from ldm_jax.tasks import build_task
+from ldm_jax.tasks import build_task, validate_config
 from ldm_jax.tasks.autoencoder import decoder_last_layer, ema_codebook_update
 from ldm_jax.training import gan
 
@@ -232,13 +231,13 @@ def _smoothed(cluster):
 def test_perceptual_term_absent_only_when_said(tmp_path):
     c = autoencoder_kl.get_config("kl_f8")
     with pytest.raises(ValueError, match="loss.lpips_vgg_weights=''.*perceptual_weight=0"):
-        config_lib.validate(c)
+        validate_config(c)
     c.loss.perceptual_weight = 0.0
-    config_lib.validate(c)
+    validate_config(c)
     c.loss.perceptual_weight = 1.0
     c.loss.lpips_vgg_weights = str(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="no such file"):
-        config_lib.validate(c)
+        validate_config(c)
     # The CLI stops before any device work, naming the field, and writes nothing.
     workdir = str(tmp_path / "run")
     proc = run_module("ldm_jax.train", "--config=configs/autoencoder_vq.py:vq_f4", f"--workdir={workdir}", timeout=120)
@@ -260,7 +259,7 @@ def test_first_stage_fields_are_checked(field, value, match):
     section, name = field.split(".")
     c[section][name] = value
     with pytest.raises(ValueError, match=match):
-        config_lib.validate(c)
+        validate_config(c)
 
 
 def test_short_real_image_run_improves_held_out_psnr(tmp_path):

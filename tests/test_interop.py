@@ -7,6 +7,7 @@ and runs our models on the same inputs.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 from reference_env import ROOT, run_reference
 
-from ldm_jax.interop import stable_diffusion
+from ldm_jax.evaluation import fid
 from ldm_jax.interop import files as wfiles
+from ldm_jax.interop import lpips_weights, stable_diffusion, weight_files
 from ldm_jax.interop.state_dict import ConversionError, params_from_state_dict
 
 ORACLE = os.path.join(ROOT, "tests", "reference", "oracle.py")
@@ -321,7 +323,7 @@ def _sampling_inputs(task, params, frozen, x_T, cond, uncond, num_steps, guidanc
 
 @pytest.mark.parametrize("name", ["pipeline", "pipeline_sd2"])
 def test_imported_pipeline_samples_like_stable_diffusion_pipeline(reference, converted_pipeline, name, tmp_path):
-    from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.tasks import load_for_sampling
 
     folder, inputs, ref = reference[name]
     workdir = converted_pipeline
@@ -332,8 +334,8 @@ def test_imported_pipeline_samples_like_stable_diffusion_pipeline(reference, con
     assert task.config.latent_scale == pytest.approx(0.18215) and step == 0
     tokens = task.tokenizer(PROMPTS)
     np.testing.assert_array_equal(tokens, ref["ids"])
-    ctx = jax.jit(task.text_encoder.apply)({"params": params["text"]}, tokens)
-    null = jax.jit(task.text_encoder.apply)({"params": params["text"]}, task.tokenizer([""] * len(PROMPTS)))
+    ctx = jax.jit(task.conditioner.text_encoder.apply)({"params": params["text"]}, tokens)
+    null = jax.jit(task.conditioner.text_encoder.apply)({"params": params["text"]}, task.tokenizer([""] * len(PROMPTS)))
     errs = {"prompt embeddings": _max_err(ctx, ref["cond"]), "empty-prompt embeddings": _max_err(null, ref["uncond"])}
     # From the reference's own embeddings, so that the sampler and UNet are compared alone.
     z0 = jax.jit(_sampling_inputs, static_argnums=(0, 6, 7))(
@@ -362,7 +364,7 @@ def test_imported_inpainting_pipeline_samples_like_stable_diffusion_inpaint_pipe
     assert task.config.task == "inpainting" and task.unet.in_channels == 9
     fs = frozen["first_stage"]
     binary = (inputs["mask"] >= 0.5).astype(np.float32)
-    masked = task.masked_image(jnp.asarray(inputs["image"]), jnp.asarray(binary))
+    masked = task.concat.masked_image(jnp.asarray(inputs["image"]), jnp.asarray(binary))
     mean = task.first_stage.apply({"params": fs}, masked, method="encode").mean * frozen["latent_scale"]
     errs = {
         "masked image": _max_err(masked, ref["masked_image"]),
@@ -463,9 +465,136 @@ def test_safetensors_reader_handles_bfloat16(tmp_path):
     path = tmp_path / "bf16.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + bits.tobytes())
     np.testing.assert_array_equal(np.asarray(wfiles.read_state_dict(str(path))["w"], np.float32), values)
-    raw = wfiles._read_safetensors_raw(str(path))["w"]
+    raw = weight_files._read_safetensors_raw(str(path))["w"]
     assert raw.dtype == np.float32
     np.testing.assert_array_equal(raw, values)
+
+
+# ---- the one weight-file reader (interop/weight_files.py) ---------------------------------------------------------
+
+
+def _write_safetensors_by_hand(path, tensors):
+    """{name: (safetensors dtype tag, array whose bytes to store)} -> a .safetensors file (safetensors.numpy cannot
+    write bfloat16)."""
+    header, data = {}, b""
+    for key, (tag, array) in tensors.items():
+        raw = np.ascontiguousarray(array).tobytes()
+        header[key] = {"dtype": tag, "shape": list(array.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def _read_by_each_importer(path, monkeypatch):
+    """{importer: the state dict its entry point read from ``path``}. The conversions after the read are replaced by
+    recorders, so one small file serves for all (the conversions have their own tests)."""
+    seen = {}
+
+    def recorder(who):
+        return lambda sd: seen.__setitem__(who, sd) or {}
+
+    monkeypatch.setattr(lpips_weights, "vgg16_params_from_state_dict", recorder("LPIPS trunk"))
+    monkeypatch.setattr(lpips_weights, "lpips_heads_from_state_dict", recorder("LPIPS heads"))
+    monkeypatch.setattr(fid, "fid_inception_params_from_state_dict", recorder("FID"))
+    lpips_weights.load_lpips_params(path, path)
+    fid.load_fid_inception(path)
+    seen["reader"] = weight_files.read_state_dict(path)
+    return seen
+
+
+def test_every_importer_reads_a_file_the_same_way(tmp_path, monkeypatch):
+    """The converter, LPIPS and FID get the same arrays from the same file: keys as stored, dtypes as stored except
+    bfloat16, which becomes float32 exactly."""
+    values = np.array([[1.5, -2.25], [0.0078125, 65280.0]], np.float32)  # exact in bfloat16 and float16
+    bf16_bits = (values.view(np.uint32) >> 16).astype(np.uint16)
+    want = {"w32": values, "w16": values.astype(np.float16), "wbf": values, "i64": np.arange(4).reshape(2, 2)}
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    tags = {"w32": "F32", "w16": "F16", "wbf": "BF16", "i64": "I64"}
+    stored = {
+        k: (tags[k], bf16_bits if k == "wbf" else v.astype(np.int64) if k == "i64" else v) for k, v in want.items()
+    }
+    _write_safetensors_by_hand(folder / "model.safetensors", stored)
+    np.savez(tmp_path / "weights.npz", **want)
+    for path in (folder / "model.safetensors", tmp_path / "weights.npz"):
+        reads = _read_by_each_importer(str(path), monkeypatch)
+        if path.suffix == ".safetensors":
+            reads["converter"] = wfiles.read_component(str(folder), "model")
+        assert len(reads) == 4 + (path.suffix == ".safetensors")
+        for who, sd in reads.items():
+            assert sorted(sd) == sorted(want), (path.name, who)
+            for key, value in want.items():
+                assert sd[key].dtype == value.dtype, (path.name, who, key, sd[key].dtype)
+                np.testing.assert_array_equal(sd[key], value, err_msg=f"{path.name} read by {who}: {key}")
+
+
+@pytest.mark.parametrize(
+    "name, content, error, message",
+    [
+        ("absent.safetensors", None, weight_files.WeightFileNotFound, "no such file"),
+        ("weights.txt", b"x", weight_files.WeightFileError, r"unknown .*type \(extension '\.txt'\); expected"),
+        ("broken.safetensors", b"\x08" + b"\x00" * 7 + b"not json", weight_files.WeightFileError, "safetensors could"),
+        ("broken.npz", b"not a zip", weight_files.WeightFileError, r"not a readable \.npz"),
+        ("objects.npz", "object array", weight_files.WeightFileError, r"not a readable \.npz.*allow_pickle"),
+        ("weights.bin", b"never unpickled", weight_files.TorchUnavailable, "torch is not importable.*Convert it once"),
+    ],
+)
+def test_every_importer_refuses_a_bad_file_the_same_way(tmp_path, monkeypatch, name, content, error, message):
+    """The same bad file gives the same error class from the converter, LPIPS and FID, naming the path and what was
+    wrong; the classes are also the built-in errors callers catch (all ValueError; FileNotFoundError, ...)."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # as where torch is not installed (the .bin case)
+    path = tmp_path / name
+    if content == "object array":
+        np.savez(path, a=np.array([{"code": "runs when unpickled"}, 1], dtype=object))
+    elif content is not None:
+        path.write_bytes(content)
+    entries = {
+        "converter": lambda: stable_diffusion.load_single_file(str(path), allow_pickle=True),
+        "LPIPS": lambda: lpips_weights.load_lpips_params(str(path)),
+        "FID": lambda: fid.load_fid_inception(str(path)),
+    }
+    for who, read in entries.items():
+        with pytest.raises(weight_files.WeightFileError) as e:
+            read()
+        assert type(e.value) is error, (who, type(e.value))
+        assert str(e.value).startswith(f"{path}: ") and re.search(message, str(e.value), re.DOTALL), (who, str(e.value))
+    if error is weight_files.TorchUnavailable:
+        # The converter's own policy: no pickle without allow_pickle, torch or not.
+        with pytest.raises(weight_files.PickleNotAllowed, match="--allow_pickle"):
+            stable_diffusion.load_single_file(str(path))
+    for cls, builtin in (
+        (weight_files.WeightFileNotFound, FileNotFoundError),
+        (weight_files.PickleNotAllowed, PermissionError),
+        (weight_files.TorchUnavailable, ImportError),
+    ):
+        assert issubclass(cls, builtin) and issubclass(cls, ValueError)
+
+
+def test_only_the_one_reader_opens_weight_files():
+    """No module but interop/weight_files.py calls torch.load or safetensors' load_file / safe_open: a second reader
+    would drift from the shared one in dtypes, keys and errors. The converter's single-file path calls
+    files.read_state_dict, which must be the shared reader itself."""
+    import ast
+
+    package = os.path.join(ROOT, "ldm_jax")
+    offenders = []
+    for folder, _, names in os.walk(package):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            if os.path.relpath(path, package) == os.path.join("interop", "weight_files.py"):
+                continue
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+                if called in ("load_file", "safe_open") or (owner == "torch" and called == "load"):
+                    offenders.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not offenders, f"weight files read outside interop/weight_files.py: {offenders}"
+    assert wfiles.read_state_dict is weight_files.read_state_dict
 
 
 def test_penultimate_layer_text_encoder_exports_as_shorter_clip():
@@ -494,7 +623,7 @@ def test_compvis_layout_matches_diffusers_reference_converter():
 
 def test_export_round_trip_through_diffusers(txt2img_workdir, tmp_path):
     """A workdir trained by ldm_jax -> diffusers folder -> StableDiffusionPipeline (PyTorch): same outputs."""
-    from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.tasks import load_for_sampling
 
     out = str(tmp_path / "exported")
     cmd = [sys.executable, "-m", "ldm_jax.export", f"--workdir={txt2img_workdir}", f"--out={out}"]
@@ -532,7 +661,7 @@ def test_export_round_trip_through_diffusers(txt2img_workdir, tmp_path):
     fs = frozen["first_stage"]
     post = task.first_stage.apply({"params": fs}, inputs["x"], method="encode")
     dec = task.first_stage.apply({"params": fs}, inputs["z"], method="decode")
-    hidden = task.text_encoder.apply({"params": p["text"]}, inputs["ids"].astype(np.int32))
+    hidden = task.conditioner.text_encoder.apply({"params": p["text"]}, inputs["ids"].astype(np.int32))
     errs = {
         "unet": _max_err(unet_out, ref["unet_sample"]),
         "vae mean": _max_err(post.mean, ref["vae_mean"]),
@@ -540,7 +669,7 @@ def test_export_round_trip_through_diffusers(txt2img_workdir, tmp_path):
         "text": _max_err(hidden, ref["clip_hidden"]),
         "prompt embeddings": _max_err(hidden, ref["cond"]),
     }
-    null = task.text_encoder.apply({"params": p["text"]}, task.tokenizer([""] * 2))
+    null = task.conditioner.text_encoder.apply({"params": p["text"]}, task.tokenizer([""] * 2))
     z0 = _sampling_inputs(task, p, frozen, inputs["x_T"], hidden, null, 3, 4.0)
     errs["pipeline latents"] = _max_err(z0, ref["latents"])
     print("export round trip: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))

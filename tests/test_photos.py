@@ -5,7 +5,7 @@ import socket
 import numpy as np
 import pytest
 
-from ldm_jax import config_lib
+from ldm_jax.tasks import validate_config
 from ldm_jax.data import photos, pipeline
 
 
@@ -109,7 +109,7 @@ def test_prepared_images_are_real_rgb_crops_of_the_split_photos(photo_dir):
 
 
 def test_grain_loader_yields_model_range_batches(photo_dir):
-    data = config_lib.data_section("tiny", 16, 8)
+    data = pipeline.data_section("tiny", 16, 8)
     data.name = "photo_crops"
     data.data_dir = photo_dir
     batch = next(iter(pipeline.make_loader(data, "validation", data.global_batch_size, num_epochs=1)))
@@ -121,7 +121,7 @@ def test_grain_loader_yields_model_range_batches(photo_dir):
 
 
 def test_unknown_dataset_and_size_mismatch_are_rejected(photo_dir):
-    data = config_lib.data_section("tiny", 32, 8)
+    data = pipeline.data_section("tiny", 32, 8)
     data.name = "photo_crops"
     data.data_dir = photo_dir
     with pytest.raises(ValueError, match="data.image_size=32"):
@@ -136,6 +136,6 @@ def test_config_validation_names_the_dataset_field():
     config = autoencoder_kl.get_config("tiny")
     config.data.name = "imagenet"
     with pytest.raises(ValueError, match=r"data\.name='imagenet'.*photo_crops"):
-        config_lib.validate(config)
+        validate_config(config)
     config.data.name = "photo_crops"
-    config_lib.validate(config)
+    validate_config(config)

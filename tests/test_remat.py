@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import config_lib
+from ldm_jax.tasks import validate_config
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.remat import REMAT_POLICIES
 from ldm_jax.models.unet import UNet
@@ -144,16 +145,17 @@ def test_config_validates_and_defaults_remat_policy(tmp_path):
     assert c.unet.remat_policy == "none"
     c.unet.remat_policy = "bogus"
     with pytest.raises(ValueError, match="unet.remat_policy"):
-        config_lib.validate(c)
+        validate_config(c)
     ae = autoencoder_kl.get_config("tiny")
     ae.model.remat_policy = "all"
     with pytest.raises(ValueError, match="model.remat_policy"):
-        config_lib.validate(ae)
-    # Workdirs written before the field existed load with "none".
-    for config in (txt2img.get_config("tiny"), autoencoder_kl.get_config("tiny")):
+        validate_config(ae)
+    # A config without the field is refused, naming it (0.1 shipped no older format to migrate).
+    for config, field in ((txt2img.get_config("tiny"), "unet"), (autoencoder_kl.get_config("tiny"), "model")):
         d = json.loads(config.to_json_best_effort())
-        d.get("unet", d.get("model")).pop("remat_policy")
+        d[field].pop("remat_policy")
+        d.get("first_stage", {})["workdir"] = "/some/ae"
         path = tmp_path / "config.json"
         path.write_text(json.dumps(d))
-        loaded = config_lib.load_config(str(path))
-        assert loaded.get("unet", loaded.get("model")).remat_policy == "none"
+        with pytest.raises(ValueError, match=f"{field}.remat_policy: missing"):
+            validate_config(config_lib.load_config(str(path)))

@@ -19,7 +19,7 @@ def test_training_wrote_logs_previews_and_config(txt2img_workdir):
 
 
 def test_generation_compiles_once_per_sampler_across_prompts_seeds_and_guidance(txt2img_workdir):
-    from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.tasks import load_for_sampling
 
     task, params, frozen, mesh, step = load_for_sampling(txt2img_workdir)
     assert step == 8 and mesh.size == 8
@@ -43,7 +43,7 @@ def test_generation_compiles_once_per_sampler_across_prompts_seeds_and_guidance(
 
 
 def test_img2img_keeps_the_init_image_at_low_strength_and_inpainting_runs(txt2img_workdir):
-    from ldm_jax.tasks.txt2img import load_for_sampling
+    from ldm_jax.tasks import load_for_sampling
 
     task, params, frozen, mesh, _ = load_for_sampling(txt2img_workdir)
     size = task.config.data.image_size

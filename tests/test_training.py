@@ -72,14 +72,16 @@ def test_loss_falls_when_overfitting_one_batch(txt2img_config):
 
 
 def test_resume_equals_uninterrupted_and_step_traced_once(txt2img_config, tmp_path, monkeypatch):
+    from ldm_jax.tasks import latent_diffusion
+
     traces = []
-    real_step = loop.train_step
+    real_step = latent_diffusion.train_step
 
     def counting_step(*args, **kwargs):
         traces.append(1)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", counting_step)
+    monkeypatch.setattr(latent_diffusion, "train_step", counting_step)
     config = copy.deepcopy(txt2img_config)
     config.train.num_steps = 8
     config.train.checkpoint_every = 3

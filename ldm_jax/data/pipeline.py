@@ -11,15 +11,51 @@ number of hosts, and 2 processes x 4 devices see the same global batches as 1 pr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
 import grain.python as grain
 import jax
+import ml_collections
 import numpy as np
 
+from ldm_jax import config_lib
 from ldm_jax.data import photos, shapes
 from ldm_jax.data.tokenizer import CLIPTokenizer
+
+BUILDERS = {"shapes_captions": shapes.get_builder, "photo_crops": photos.get_builder}  # TFDS builders in data/
+# Images only: no captions or class attributes, so no text- or class-conditioned task can train on them.
+UNLABELLED_DATASETS = ("photo_crops",)
+DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig(config_lib.Section):
+    """``config.data``: which dataset, at which size, in which batches."""
+
+    name: str = "shapes_captions"
+    config: str
+    data_dir: str = ""  # "" = ~/.cache/ldm_jax/tensorflow_datasets
+    image_size: int
+    global_batch_size: int
+    shuffle_seed: int = 0
+    worker_count: int = 0  # grain worker processes; 0 reads in the training process
+
+    def validate(self, prefix: str) -> None:
+        self.check(self.name in BUILDERS, prefix, "name", f"must be one of {tuple(BUILDERS)}")
+        self.check(self.config in DATASET_CONFIGS, prefix, "config", f"must be one of {DATASET_CONFIGS}")
+        self.check(self.global_batch_size >= 1, prefix, "global_batch_size", "must be >= 1")
+        self.check(self.worker_count >= 0, prefix, "worker_count", "must be >= 0")
+
+    @property
+    def labelled(self) -> bool:
+        """Whether examples carry captions and class attributes."""
+        return self.name not in UNLABELLED_DATASETS
+
+
+def data_section(config_name: str, image_size: int, global_batch_size: int) -> ml_collections.ConfigDict:
+    return DataConfig.defaults(config=config_name, image_size=image_size, global_batch_size=global_batch_size)
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
@@ -47,10 +83,9 @@ class Preprocess(grain.MapTransform):
 
 
 def data_source(data_config, split: str):
-    builders = {"shapes_captions": shapes.get_builder, "photo_crops": photos.get_builder}
-    if data_config.name not in builders:
-        raise ValueError(f"data.name={data_config.name!r}: must be one of {tuple(builders)}")
-    builder = builders[data_config.name](data_config.config, data_config.data_dir)
+    if data_config.name not in BUILDERS:
+        raise ValueError(f"data.name={data_config.name!r}: must be one of {tuple(BUILDERS)}")
+    builder = BUILDERS[data_config.name](data_config.config, data_config.data_dir)
     size = builder.builder_config.image_size
     if size != data_config.image_size:
         raise ValueError(

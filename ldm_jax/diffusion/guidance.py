@@ -14,6 +14,14 @@ import jax.numpy as jnp
 from ldm_jax.diffusion.samplers import ModelFn
 
 
+def validate_guidance(guidance_scale: float, guidance_rescale: float, prefix: str = "sample.") -> None:
+    """The guidance settings of a ``config.sample`` section (or of flags, with ``prefix="--"``)."""
+    if not guidance_scale >= 0:
+        raise ValueError(f"{prefix}guidance_scale={guidance_scale!r}: must be >= 0")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"{prefix}guidance_rescale={guidance_rescale!r}: must be in [0, 1]")
+
+
 def rescale_guided(guided: jax.Array, cond: jax.Array, rescale: jax.Array | float) -> jax.Array:
     """Blends ``guided`` with a copy rescaled to the conditional output's per-example std (over H, W, C).
 

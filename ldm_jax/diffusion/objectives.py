@@ -5,14 +5,55 @@ Shapes: x0, noise [B, H, W, C]; t [B] int32.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from ldm_jax import rng_streams
-from ldm_jax.diffusion.schedules import NoiseSchedule
+from ldm_jax import config_lib, rng_streams
+from ldm_jax.diffusion.schedules import SCHEDULES, NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSS_WEIGHTINGS = ("simple", "min_snr")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiffusionConfig(config_lib.Section):
+    """``config.diffusion``: the training schedule and objective (Stable Diffusion's by default)."""
+
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); pair with v_prediction
+    prediction_type: str = "epsilon"
+    loss_weighting: str = "simple"  # or "min_snr" (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+    offset_noise: float = 0.0  # std of a per-channel constant added to the training noise; 0 disables
+    cond_drop_prob: float = 0.1  # conditions replaced by the null condition this often, for classifier-free guidance
+
+    def validate(self, prefix: str) -> None:
+        self.check(self.beta_schedule in SCHEDULES, prefix, "beta_schedule", f"must be one of {SCHEDULES}")
+        self.check(
+            self.prediction_type in PREDICTION_TYPES, prefix, "prediction_type", f"must be one of {PREDICTION_TYPES}"
+        )
+        self.check(self.num_train_timesteps >= 2, prefix, "num_train_timesteps", "must be >= 2")
+        self.check(0.0 <= self.cond_drop_prob < 1.0, prefix, "cond_drop_prob", "must be in [0, 1)")
+        self.check(
+            self.loss_weighting in LOSS_WEIGHTINGS, prefix, "loss_weighting", f"must be one of {LOSS_WEIGHTINGS}"
+        )
+        self.check(self.min_snr_gamma > 0, prefix, "min_snr_gamma", "must be > 0")
+        self.check(self.offset_noise >= 0, prefix, "offset_noise", "must be >= 0")
+        self.check(
+            not (self.rescale_betas_zero_snr and self.prediction_type == "epsilon"),
+            prefix,
+            "rescale_betas_zero_snr",
+            "needs prediction_type 'v_prediction' or 'sample': at zero SNR an epsilon model cannot recover x0",
+        )
+
+
+def diffusion_section(**overrides):
+    return DiffusionConfig.defaults(**overrides)
 
 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:

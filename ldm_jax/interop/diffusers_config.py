@@ -187,18 +187,22 @@ def vae_from_diffusers(cfg: dict, what: str = "vae/config.json") -> dict[str, An
         latent_channels=int(cfg.get("latent_channels", 4 if cls == "AutoencoderKL" else 3)),
         norm_groups=int(cfg.get("norm_num_groups", 32)),
         mid_attention=bool(cfg.get("mid_block_add_attention", True)),
+        remat_policy="none",
         scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
         sample_size=int(cfg.get("sample_size") or 32),
     )
     if cls == "VQModel":
         out["embed_dim"] = int(cfg.get("vq_embed_dim") or out["latent_channels"])
         out["num_codes"] = int(cfg.get("num_vq_embeddings", 256))
+        out["l2_codes"] = False
+    else:
+        out["init_logvar"] = 0.0
     return out
 
 
 def vae_to_diffusers(model: dict, scaling_factor: float, sample_size: int) -> dict:
     n = len(model["block_out_channels"])
-    kind = model.get("kind", "kl")
+    kind = model["kind"]
     out = {
         "_class_name": "AutoencoderKL" if kind == "kl" else "VQModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -208,7 +212,7 @@ def vae_to_diffusers(model: dict, scaling_factor: float, sample_size: int) -> di
         "in_channels": 3,
         "latent_channels": int(model["latent_channels"]),
         "layers_per_block": int(model["layers_per_block"]),
-        "mid_block_add_attention": bool(model.get("mid_attention", True)),
+        "mid_block_add_attention": bool(model["mid_attention"]),
         "norm_num_groups": int(model["norm_groups"]),
         "out_channels": 3,
         "sample_size": int(sample_size),

@@ -34,7 +34,7 @@ from ldm_jax.interop.state_dict import (
 )
 from ldm_jax.models.text_encoders import CLIPTextTransformer
 from ldm_jax.models.unet import UNet
-from ldm_jax.tasks.autoencoder import build_autoencoder, latent_channels
+from ldm_jax.models.first_stage import build_autoencoder, latent_channels
 
 UNET_FIELDS = (
     "in_channels",
@@ -49,6 +49,8 @@ UNET_FIELDS = (
     "norm_groups",
     "use_linear_projection",
 )
+# The tasks whose runs a diffusers Stable Diffusion pipeline can hold (text-to-image and its inpainting models).
+EXPORTABLE_TASKS = ("txt2img", "inpainting")
 TEXT_FIELDS = ("vocab_size", "max_length", "width", "layers", "heads", "activation", "output_layer")
 
 
@@ -58,7 +60,8 @@ def build_unet(fields: dict) -> UNet:
 
 
 def build_first_stage(fields: dict):
-    return build_autoencoder(fields)
+    # The pipeline's fields carry the diffusers config's scaling factor and sample size beside the model's.
+    return build_autoencoder({k: v for k, v in fields.items() if k not in ("scaling_factor", "sample_size")})
 
 
 def build_text_encoder(fields: dict) -> CLIPTextTransformer:
@@ -81,7 +84,7 @@ def first_stage_abstract(fields: dict):
     return abstract_params(
         build_first_stage(fields),
         jnp.zeros((1, side, side, 3)),
-        *(() if fields.get("kind", "kl") == "vq" else (jax.random.key(0),)),
+        *(() if fields["kind"] == "vq" else (jax.random.key(0),)),
     )
 
 
@@ -107,7 +110,7 @@ def _convert_unet(sd, fields, what):
 
 
 def _convert_first_stage(sd, fields, what):
-    kind = "vq" if fields.get("kind") == "vq" else "vae"
+    kind = "vq" if fields["kind"] == "vq" else "vae"
     return params_from_state_dict(kind, normalize_vae_keys(sd), first_stage_abstract(fields), what, consume=True)
 
 
@@ -334,8 +337,6 @@ def first_stage_config(fields: dict, image_size: int):
     c = autoencoder_kl.get_config("kl_f8")
     c.preset = "converted"
     model = {k: v for k, v in fields.items() if k not in ("scaling_factor", "sample_size")}
-    model.setdefault("init_logvar", 0.0)
-    model.setdefault("remat_policy", "none")
     c.model = ml_collections.ConfigDict(model)
     c.data.image_size = image_size
     return c
@@ -427,13 +428,13 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     from ldm_jax.training.checkpoint import load_trained_params
 
     cfg = config_lib.load_config(os.path.join(workdir, "config.json"))
-    if cfg.task not in config_lib.TEXT_TASKS:
+    if cfg.task not in EXPORTABLE_TASKS:
         raise ValueError(f"--workdir={workdir}: holds a {cfg.task!r} run; export needs a txt2img or inpainting run")
     fs_cfg = config_lib.load_config(os.path.join(cfg.first_stage.workdir, "config.json"))
     fs_fields = fs_cfg.model.to_dict()
     # The exported pipeline's scheduler is the run's sampler, with every setting spelled out.
     sample = SamplerOptions.from_config(cfg.sample, cfg.diffusion.prediction_type).to_config()
-    if fs_fields.get("kind", "kl") != "kl":
+    if fs_fields["kind"] != "kl":
         raise ValueError("StableDiffusionPipeline needs a KL first stage (AutoencoderKL); this run's is VQ")
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out) and not overwrite:

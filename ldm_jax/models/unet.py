@@ -7,11 +7,14 @@ nothing about noise schedules or targets (see ``ldm_jax.diffusion``). Variants a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ldm_jax import config_lib
 
 from ldm_jax.models.layers import (
     Downsample,
@@ -21,7 +24,7 @@ from ldm_jax.models.layers import (
     Upsample,
     timestep_embedding,
 )
-from ldm_jax.models.remat import remat
+from ldm_jax.models.remat import REMAT_POLICIES, remat
 
 Dtype = Any
 
@@ -46,6 +49,77 @@ UNET_VARIANTS = {
         norm_groups=32,
     ),
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UNetConfig(config_lib.Section):
+    """``config.unet``: the UNet's sizes. Its input, output, context and class widths come from the task."""
+
+    block_out_channels: tuple
+    layers_per_block: int
+    attention_levels: tuple
+    num_heads: tuple
+    head_dim: int
+    transformer_depth: int
+    norm_groups: int
+    use_linear_projection: bool = False
+    dropout: float = 0.0
+    # Rematerialisation of the blocks (models/remat.py), trading compute for memory: "full" or "dots" for large
+    # models and batches, "none" (fastest) when everything fits.
+    remat_policy: str = "none"
+
+    def validate(self, prefix: str) -> None:
+        chans = tuple(self.block_out_channels)
+        n = len(chans)
+        self.check(n >= 1, prefix, "block_out_channels", "must name at least one level")
+        self.check(
+            all(ch % self.norm_groups == 0 for ch in chans),
+            prefix,
+            "block_out_channels",
+            f"every entry must be divisible by norm_groups={self.norm_groups}",
+        )
+        self.check(len(self.attention_levels) == n, prefix, "attention_levels", f"must have {n} entries, one per level")
+        self.check(len(self.num_heads) == n, prefix, "num_heads", f"must have {n} entries, one per level")
+        for lev, ch in enumerate(chans):
+            if self.head_dim > 0:
+                self.check(ch % self.head_dim == 0, prefix, "head_dim", f"must divide every level's channels {chans}")
+            else:
+                heads = self.num_heads[lev]
+                self.check(
+                    heads >= 1 and ch % heads == 0,
+                    prefix,
+                    "num_heads",
+                    f"entry {lev} must be >= 1 and divide {ch} channels",
+                    tuple(self.num_heads),
+                )
+        self.check(0.0 <= self.dropout < 1.0, prefix, "dropout", "must be in [0, 1)")
+        self.check(self.remat_policy in REMAT_POLICIES, prefix, "remat_policy", f"must be one of {REMAT_POLICIES}")
+
+    def build(self, *, in_channels: int, out_channels: int, context_dim: int, num_classes: int = 0, dtype=jnp.float32):
+        """The UNet of this section; the widths of its input, output, context and class embedding come from the
+        rest of the task (first stage, concat conditioning, text encoder, labels)."""
+        return UNet(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            attention_levels=tuple(self.attention_levels),
+            num_heads=tuple(self.num_heads),
+            head_dim=self.head_dim,
+            transformer_depth=self.transformer_depth,
+            context_dim=context_dim,
+            norm_groups=self.norm_groups,
+            use_linear_projection=self.use_linear_projection,
+            dropout=self.dropout,
+            num_classes=num_classes,
+            remat_policy=self.remat_policy,
+            dtype=dtype,
+        )
+
+
+def unet_section(variant: dict | None = None, **overrides):
+    """A ``config.unet`` section: the sizes of ``variant`` (a ``UNET_VARIANTS`` entry), then ``overrides``."""
+    return UNetConfig.defaults(**{**(variant or {}), **overrides})
 
 
 class UNet(nn.Module):

@@ -1,33 +1,100 @@
-"""What a training run optimises: one class per ``config.task``."""
+"""What a training run optimises: the task kinds of ``config.task``, built and validated from their config.
+
+Every latent diffusion kind is ``LatentDiffusionTask`` with a conditioner and a concat input (``TASKS``); the first
+stage is ``AutoencoderTask``. The interface callers rely on is in ``tasks/protocol.py``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-
-from absl import logging
+from typing import Callable
 
 from ldm_jax import config_lib
+from ldm_jax.data.pipeline import DataConfig
 from ldm_jax.tasks.autoencoder import AutoencoderTask
-from ldm_jax.tasks.class_cond import ClassCondTask
-from ldm_jax.tasks.inpainting import InpaintingTask
-from ldm_jax.tasks.superres import SuperResTask
-from ldm_jax.tasks.txt2img import Txt2ImgTask
+from ldm_jax.tasks.concat_inputs import LowResConcat, MaskConcat, NoConcat
+from ldm_jax.tasks.conditioners import ClassConditioner, NoiseLevelConditioner, NullConditioner, TextConditioner
+from ldm_jax.tasks.latent_diffusion import LatentDiffusionTask
+from ldm_jax.training.train_config import TrainConfig
+from ldm_jax.training.optim import OptimConfig
+from ldm_jax.training.sharding import MeshConfig
 
-TASK_CLASSES = {
-    "autoencoder": AutoencoderTask,
-    "txt2img": Txt2ImgTask,
-    "class_cond": ClassCondTask,
-    "unconditional": ClassCondTask,
-    "inpainting": InpaintingTask,
-    "superres": SuperResTask,
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskKind:
+    build: Callable  # config -> task
+    validate: Callable  # config -> None, raises ValueError naming the field
+    parts: tuple = ()  # the classes it is composed of (latent diffusion: conditioner, concat input)
+    labelled: bool = False  # trains on captions or class labels (not on an images-only dataset)
+
+
+def _latent(conditioner, concat) -> TaskKind:
+    return TaskKind(
+        build=lambda c: LatentDiffusionTask(c, conditioner, concat),
+        validate=lambda c: LatentDiffusionTask.validate(c, conditioner, concat),
+        parts=(conditioner, concat),
+        labelled=conditioner in (TextConditioner, ClassConditioner),
+    )
+
+
+TASKS = {
+    "autoencoder": TaskKind(AutoencoderTask, AutoencoderTask.validate),
+    "txt2img": _latent(TextConditioner, NoConcat),
+    "class_cond": _latent(ClassConditioner, NoConcat),
+    "unconditional": _latent(NullConditioner, NoConcat),
+    "inpainting": _latent(TextConditioner, MaskConcat),
+    "superres": _latent(NoiseLevelConditioner, LowResConcat),
 }
-DIFFUSION_TASKS = ("txt2img", "class_cond", "unconditional", "inpainting", "superres")
+DIFFUSION_TASKS = tuple(k for k, v in TASKS.items() if v.parts)
+
+
+def _kind(name) -> TaskKind:
+    if name not in TASKS:
+        raise ValueError(f"task={name!r}: must be one of {tuple(TASKS)}")
+    return TASKS[name]
 
 
 def build_task(config):
-    if config.task not in TASK_CLASSES:
-        raise ValueError(f"task={config.task!r}: must be one of {tuple(TASK_CLASSES)}")
-    return TASK_CLASSES[config.task](config)
+    return _kind(config.task).build(config)
+
+
+def validate_config(c) -> None:
+    """Checks a config before any device work; raises ValueError naming the first bad field."""
+    kind = _kind(c.task)
+    config_lib.check(c.dtype in DTYPES, "dtype", c.dtype, f"must be one of {DTYPES}")
+    data = DataConfig.from_config(c.data, "data.")
+    config_lib.check(
+        data.labelled or not kind.labelled,
+        "data.name",
+        data.name,
+        f"has images only (no captions or class labels); task={c.task!r} needs a labelled dataset: 'shapes_captions'",
+    )
+    OptimConfig.from_config(c.optim, "optim.")
+    train = TrainConfig.from_config(c.train, "train.")
+    config_lib.check(
+        data.global_batch_size % train.grad_accum_steps == 0,
+        "train.grad_accum_steps",
+        train.grad_accum_steps,
+        f"must divide data.global_batch_size={data.global_batch_size}",
+    )
+    MeshConfig.from_config(c.mesh, "mesh.")
+    kind.validate(c)
+
+
+def check_sample_flags(task_name: str, given: set[str]) -> None:
+    """Raises ValueError naming the ``ldm_jax.sample`` flags in ``given`` that no part of this task reads."""
+    kind = _kind(task_name)
+    read = {f for part in kind.parts for f in part.FLAGS}
+    for other in dict.fromkeys(p for k in TASKS.values() for p in k.parts):
+        stray = [f for f in other.FLAGS if f in given and f not in read]
+        if stray:
+            names = [f"--{f}" for f in other.FLAGS]
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+            verb = "needs" if len(names) == 1 else "need"
+            raise ValueError(f"{listed} {verb} {other.NEEDS}; this is a {task_name} run")
 
 
 def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0, tasks=DIFFUSION_TASKS, config=None):
@@ -36,20 +103,12 @@ def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0, t
     ``image_size`` > 0 samples at another resolution than the run's ``data.image_size`` (the UNet is convolutional).
     ``config``: the workdir's config when the caller has already read it.
     """
-    from ldm_jax.training import checkpoint, transfer
-    from ldm_jax.training.sharding import make_mesh, replicated
-
     if config is None:
         config = config_lib.load_config(os.path.join(workdir, "config.json"))
     if image_size:
         config.data.image_size = int(image_size)
     if config.task not in tasks:
         raise ValueError(f"workdir {workdir!r}: holds a {config.task!r} run; sampling needs a {' or '.join(tasks)} run")
-    mesh = make_mesh(-1, 1)
     task = build_task(config)
-    params, meta, step = checkpoint.load_trained_params(workdir, weights)
-    frozen, _ = task.setup(meta)
-    # Every process read the same weights: each places its own replicas (works when the mesh spans processes).
-    params, frozen = transfer.to_mesh((params, frozen), replicated(mesh))
-    logging.info("loaded %s weights of %s at step %d; %d devices", weights, workdir, step, mesh.size)
+    params, frozen, mesh, step = task.load_weights(workdir, weights)
     return task, params, frozen, mesh, step

@@ -10,22 +10,26 @@ The patch discriminator and the adaptive weight are in ``ldm_jax.training.gan``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from ldm_jax import config_lib
 from ldm_jax.data import pipeline
 from ldm_jax.evaluation import image_metrics
 from ldm_jax.imaging import make_grid, to_uint8
-from ldm_jax.models.autoencoder import AutoencoderKL
-from ldm_jax.models.discriminator import NLayerDiscriminator
-from ldm_jax.models.vq import VQModel
-from ldm_jax.training import gan, transfer
+from ldm_jax.models.discriminator import NORMS, NLayerDiscriminator, min_image_size
+from ldm_jax.models.first_stage import build_autoencoder, model_config
+from ldm_jax.tasks.protocol import EvalInputs, SampleInputs
+from ldm_jax.training import checkpoint, gan, transfer
 from ldm_jax.training.optim import make_optimizer
-from ldm_jax.training.sharding import batch_sharding, make_mesh
+from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated
 
 PREVIEW_EXAMPLES = 16
 EVAL_EXAMPLES = 256
@@ -34,31 +38,99 @@ CODEBOOK_UPDATES = ("loss", "ema")
 EMA_CODEBOOK_EPS = 1e-5
 
 
-def build_autoencoder(model_config, dtype: str = "float32"):
-    """The first-stage module of a config's ``model`` section: ``AutoencoderKL`` or (``kind="vq"``) ``VQModel``."""
-    m = dict(model_config)
-    common = dict(
-        block_out_channels=tuple(m["block_out_channels"]),
-        layers_per_block=m["layers_per_block"],
-        latent_channels=m["latent_channels"],
-        norm_groups=m["norm_groups"],
-        mid_attention=m.get("mid_attention", True),
-        remat_policy=m.get("remat_policy", "none"),  # converted models' fields lack it
-        dtype=jnp.dtype(dtype),
-    )
-    kind = m.get("kind", "kl")
-    if kind == "vq":
-        return VQModel(embed_dim=m["embed_dim"], num_codes=m["num_codes"], l2_codes=m.get("l2_codes", False), **common)
-    if kind != "kl":
-        raise ValueError(f"model.kind={kind!r}: must be 'kl' or 'vq'")
-    return AutoencoderKL(init_logvar=m.get("init_logvar", 0.0), **common)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _LossCommon(config_lib.Section):
+    l1_weight: float = 1.0  # per-pixel |x - x'|, the reference's pixel loss
+    l2_weight: float = 0.0  # per-pixel (x - x')^2, not in the reference; brings flat colours back faster in short runs
+    perceptual_weight: float = 1.0  # LPIPS; 0 turns the term off (explicitly: a positive weight needs weights below)
+    lpips_vgg_weights: str = ""  # VGG16 trunk, torchvision layout (.safetensors / .npz, or .pth where torch exists)
+    lpips_heads: str = ""  # LPIPS linear heads; "" = the published v0.1 heads shipped with ldm_jax
+
+    def validate(self, prefix: str) -> None:
+        for name in ("l1_weight", "l2_weight", "perceptual_weight"):
+            self.check(getattr(self, name) >= 0, prefix, name, "must be >= 0")
+        self.check(
+            self.l1_weight + self.l2_weight + self.perceptual_weight > 0,
+            prefix,
+            "l1_weight",
+            "l1_weight + l2_weight + perceptual_weight must be > 0",
+        )
+        if self.perceptual_weight > 0:
+            self.check(
+                bool(self.lpips_vgg_weights),
+                prefix,
+                "lpips_vgg_weights",
+                f"{prefix}perceptual_weight={self.perceptual_weight} needs VGG16 weights (torchvision layout; "
+                "convert vgg16-397923af.pth to .safetensors) or set loss.perceptual_weight=0 to train without the "
+                "LPIPS term",
+            )
+            self.check(os.path.isfile(self.lpips_vgg_weights), prefix, "lpips_vgg_weights", "no such file")
 
 
-def latent_channels(model_config) -> int:
-    """Channels of the latents a first stage hands the diffusion model: the code width of a VQ model (its
-    pre-quantisation latents), the posterior's channels of a KL one."""
-    m = dict(model_config)
-    return int(m["embed_dim"] if m.get("kind", "kl") == "vq" else m["latent_channels"])
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KLLossConfig(_LossCommon):
+    """``config.loss`` of a KL first stage (LDM's LPIPSWithDiscriminator)."""
+
+    kl_weight: float = 1e-6  # relative to the per-image sum of the reconstruction term, as in the reference
+    logvar_init: float = 0.0
+    learn_logvar: bool = True  # the reference declares it learned but leaves it out of its optimizer
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        self.check(self.kl_weight >= 0, prefix, "kl_weight", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VQLossConfig(_LossCommon):
+    """``config.loss`` of a VQ first stage (LDM's VQLPIPSWithDiscriminator)."""
+
+    codebook_weight: float = 1.0
+    commitment_beta: float = 0.25  # beta * ||z - sg(e)||^2 pulls the encoder to its codes
+    codebook_update: str = "loss"  # "loss": codes move by the codebook loss; "ema": running means of assignments
+    codebook_ema_decay: float = 0.99
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        self.check(self.codebook_weight >= 0, prefix, "codebook_weight", "must be >= 0")
+        self.check(self.commitment_beta >= 0, prefix, "commitment_beta", "must be >= 0")
+        self.check(self.codebook_update in CODEBOOK_UPDATES, prefix, "codebook_update",
+                   f"must be one of {CODEBOOK_UPDATES}")  # fmt: skip
+        self.check(0.0 < self.codebook_ema_decay < 1.0, prefix, "codebook_ema_decay", "must be in (0, 1)")
+
+
+LOSS_CONFIGS = {"kl": KLLossConfig, "vq": VQLossConfig}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiscConfig(config_lib.Section):
+    """``config.disc``: the patch discriminator and its adversarial term (``ldm_jax.training.gan``)."""
+
+    enabled: bool = True  # False: no discriminator at all (no parameters, no adversarial term)
+    start: int  # step from which the adversarial terms count (disc_factor is 0 before)
+    weight: float  # multiplies the adaptive weight
+    factor: float = 1.0  # disc_factor: scales both players' adversarial losses once started
+    loss: str = "hinge"  # or "vanilla" (softplus)
+    n_layers: int = 3
+    base_channels: int = 64
+    norm: str = "batch"  # "batch" (batch statistics of each call, as the reference trains) or "none"
+
+    def validate(self, prefix: str) -> None:
+        if not self.enabled:
+            return
+        self.check(self.loss in gan.DISC_LOSSES, prefix, "loss", f"must be one of {gan.DISC_LOSSES}")
+        self.check(self.norm in NORMS, prefix, "norm", f"must be one of {NORMS}")
+        for name in ("start", "weight", "factor"):
+            self.check(getattr(self, name) >= 0, prefix, name, "must be >= 0")
+        self.check(self.base_channels >= 1, prefix, "base_channels", "must be >= 1")
+        self.check(self.n_layers >= 1, prefix, "n_layers", "must be >= 1")
+
+
+def loss_section(kind: str, **overrides):
+    return LOSS_CONFIGS[kind].defaults(**overrides)
+
+
+def disc_section(start: int, weight: float, **overrides):
+    return DiscConfig.defaults(start=start, weight=weight, **overrides)
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -93,7 +165,9 @@ def ema_codebook_update(params, stats: dict, aux: dict, decay: float):
 
 
 class AutoencoderTask:
-    uses_tokens = False
+    tokenizer = None  # batches carry images only
+    label_field = None
+    EVAL_OPTIONS = ("fid_weights", "lpips_vgg_weights")
 
     def __init__(self, config):
         self.config = config
@@ -108,6 +182,24 @@ class AutoencoderTask:
         self._lpips = None
         self._eval_images = None
         self._eval_fns = {}  # mesh -> the jitted evaluation step on it
+
+    @staticmethod
+    def validate(c) -> None:
+        """The model, loss and discriminator sections and the rules between them and the data."""
+        m = model_config(c.model)
+        size = c.data.image_size
+        f = m.downsampling_factor
+        config_lib.check(size % f == 0, "data.image_size", size, f"must be divisible by the autoencoder's factor f={f}")
+        LOSS_CONFIGS[m.kind].from_config(c.loss, "loss.")
+        d = DiscConfig.from_config(c.disc, "disc.")
+        if d.enabled:
+            need = min_image_size(d.n_layers)
+            config_lib.check(
+                size >= need,
+                "disc.n_layers",
+                d.n_layers,
+                f"gives no logits on {size}px images (needs a side >= 3 * 2**n_layers = {need})",
+            )
 
     # --- parameters and state -------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array):
@@ -129,6 +221,9 @@ class AutoencoderTask:
             codes = params["quantize"]["embedding"].astype(jnp.float32)
             model_state = {"cluster_size": jnp.ones((codes.shape[0],), jnp.float32), "embed_sum": codes}
         return gan.GANTrainState.create_gan(params, loss_params, disc_params, model_state, tx, disc_tx)
+
+    def adapt_init_params(self, params: dict) -> dict:
+        return params
 
     def make_step(self, lr_schedule_total_steps: int):
         """(init_state(rng), the step function to jit) for the training loop."""
@@ -162,6 +257,7 @@ class AutoencoderTask:
             disc_tx=disc_tx,
             lr_schedule=lr_schedule,
             ema_decay=c.optim.ema_decay,
+            accum_steps=c.train.grad_accum_steps,
         )
 
     def setup(self, meta: dict) -> tuple[dict, dict]:
@@ -299,3 +395,73 @@ class AutoencoderTask:
         k = min(PREVIEW_EXAMPLES, x.shape[0])
         pairs = np.stack([to_uint8(x[:k]), rec[:k]], axis=1).reshape(2 * k, *x.shape[1:])
         return {"reconstructions": make_grid(pairs, ncol=8)}, {f"eval/{k}": v for k, v in metrics.items()}
+
+    # --- ldm_jax.sample and ldm_jax.evaluate ----------------------------------------------------------------
+    def sample_request(self, inputs: SampleInputs):
+        raise ValueError(
+            "this workdir holds an autoencoder run; sampling needs a txt2img, class_cond, unconditional, inpainting "
+            "or superres run"
+        )
+
+    def evaluate_workdir(self, workdir: str, inputs: EvalInputs) -> tuple[dict, np.ndarray, str]:
+        """Reconstruction quality of the run's EMA weights on ``inputs.split``: PSNR, SSIM, L1, LPIPS (with the
+        run's VGG16 weights or ``--lpips_vgg_weights``), rFID (with ``--fid_weights``), codebook usage for VQ."""
+        params, _, step = checkpoint.load_trained_params(workdir, "ema")
+        mesh = make_mesh()
+        params = transfer.to_mesh(params, replicated(mesh))
+        frozen, not_computed = {}, {}
+        loss = self.config.loss
+        given = inputs.lpips_vgg_weights
+        vgg = given or (loss.lpips_vgg_weights if loss.perceptual_weight > 0 else "")
+        if given and not os.path.isfile(given):
+            raise ValueError(f"--lpips_vgg_weights={given!r}: no such file")
+        if not vgg:
+            not_computed["lpips"] = "no VGG16 weights: the run trained without LPIPS and --lpips_vgg_weights is unset"
+        elif not os.path.isfile(vgg):
+            # The run's file may live on the machine that trained it; say so in the result rather than fail the rest.
+            not_computed["lpips"] = f"the run's loss.lpips_vgg_weights={vgg!r} is not on this machine"
+            logging.warning("LPIPS not computed: %s", not_computed["lpips"])
+        else:
+            loss.lpips_vgg_weights = vgg
+            frozen["lpips"] = transfer.to_mesh(self.lpips_params(), replicated(mesh))
+        if not inputs.fid_weights:
+            not_computed["rfid"] = "--fid_weights unset"
+        if inputs.num_examples < 1:
+            raise ValueError(f"--num_examples={inputs.num_examples}: must be >= 1")
+        images = pipeline.first_images(self.config.data, inputs.split, inputs.num_examples)
+        t0 = time.perf_counter()
+        rec, metrics = self.evaluate(params, images, frozen, mesh)
+        originals = to_uint8(images)
+        if inputs.fid_weights:
+            metrics["rfid"] = _rfid(inputs.fid_weights, originals, rec)
+        result = dict(
+            split=inputs.split,
+            dataset=self.config.data.name,
+            num_examples=int(images.shape[0]),
+            checkpoint_step=step,
+            seconds=time.perf_counter() - t0,
+            autoencoder=metrics,
+            not_computed=not_computed,
+        )
+        k = min(8, images.shape[0])
+        logging.info("autoencoder on %s (%d examples): %s", inputs.split, images.shape[0], metrics)
+        grid = make_grid(np.concatenate([originals[:k], rec[:k]]), ncol=k)
+        return result, grid, f"eval_{inputs.split}"
+
+
+def _rfid(weights: str, originals, reconstructions, batch: int = 50) -> float:
+    """rFID: Fréchet distance between Inception features of the real images and of their reconstructions (uint8,
+    as pytorch-fid reads image files). Meaningful with thousands of images; with a few hundred it is biased high."""
+    from ldm_jax.evaluation import fid
+
+    try:
+        params = fid.load_fid_inception(weights)
+    except ValueError as e:
+        raise ValueError(f"--fid_weights={weights!r}: {e}") from e
+    stats = []
+    for images in (originals, reconstructions):
+        acc = fid.FeatureStatistics()
+        for i in range(0, len(images), batch):
+            acc.update(fid.inception_features(params, images[i : i + batch]))
+        stats.append((acc.mean(), acc.covariance()))
+    return float(fid.frechet_distance(*stats[0], *stats[1]))

@@ -1,205 +1,155 @@
-"""What every latent diffusion task shares: the frozen first stage, the latent scale, the diffusion loss on its
-latents, and guided generation (text-to-image, image-to-image, latent inpainting) with any sampler.
+"""Latent diffusion tasks: a UNet trained on a frozen first stage's latents, composed of a conditioner and a concat
+input (``ldm_jax.tasks.TASKS`` names the pair of each ``config.task``).
 
-A subclass says what conditions the UNet (``encode_condition``, ``apply_unet``), how a batch's condition is dropped
-for classifier-free guidance (``training_condition``), and how host-side conditions become arrays
-(``condition_inputs``, ``null_inputs``). The first stage (a trained autoencoder named by ``first_stage.workdir``) is
-frozen and passed to the step as ``frozen``.
-
-Concat conditioning (inpainting and super-resolution models): a subclass whose ``concat_channels_for`` is > 0 returns,
-from
-``training_inputs`` and ``sampling_concat``, a tensor at the latent resolution that is concatenated to the noisy
-latents on the channel axis at every UNet call (the UNet's input has latent + ``concat_channels`` channels). Under
-guidance both sides see the same concat tensor; only the condition differs.
+``LatentDiffusionTask`` is the one class of every latent diffusion task: the diffusion loss and training step, guided
+generation (text-to-image, image-to-image, latent inpainting) with any sampler, previews, sampling requests and
+evaluation. What differs between tasks is asked of its two parts (``tasks/conditioners.py``,
+``tasks/concat_inputs.py``), never by name.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from ldm_jax import config_lib, rng_streams
 from ldm_jax.data import pipeline
 from ldm_jax.diffusion import objectives, samplers
-from ldm_jax.diffusion.guidance import classifier_free_guidance
+from ldm_jax.diffusion.guidance import classifier_free_guidance, validate_guidance
 from ldm_jax.diffusion.schedules import schedule_from_config
 from ldm_jax.imaging import to_uint8
-from ldm_jax.models.unet import UNet
-from ldm_jax.tasks.autoencoder import build_autoencoder, latent_channels
+from ldm_jax.models.unet import UNetConfig
+from ldm_jax.tasks.latent_space import FirstStageConfig, LatentSpace
+from ldm_jax.tasks.protocol import EvalInputs, SampleInputs, SampleRequest
 from ldm_jax.training import checkpoint, transfer
-from ldm_jax.training.sharding import batch_sharding, replicated
-from ldm_jax.training.steps import LossFn
+from ldm_jax.training.optim import make_optimizer
+from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated
+from ldm_jax.training.state import TrainState
+from ldm_jax.training.steps import LossFn, train_step
 
 GENERATION_MODES = ("txt2img", "img2img", "inpaint")
-# Training images used to estimate the latent scale (1 / std of latents), as LDM's scale_by_std does.
-SCALE_EXAMPLES = 256
+# The ldm_jax.evaluate options every latent diffusion task takes (its concat input may add more).
+EVAL_OPTIONS = ("guidance_scale", "num_steps", "sampler")
 
 
-def unet_from_config(
-    u, *, in_channels: int, out_channels: int, context_dim: int, num_classes: int = 0, dtype=jnp.float32
-):
-    """The UNet a ``config.unet`` section describes; the widths of its input, output, context and class embedding
-    come from the rest of the task (first stage, concat conditioning, text encoder, labels)."""
-    return UNet(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        block_out_channels=tuple(u.block_out_channels),
-        layers_per_block=u.layers_per_block,
-        attention_levels=tuple(u.attention_levels),
-        num_heads=tuple(u.num_heads),
-        head_dim=u.head_dim,
-        transformer_depth=u.transformer_depth,
-        context_dim=context_dim,
-        norm_groups=u.norm_groups,
-        use_linear_projection=u.use_linear_projection,
-        dropout=u.dropout,
-        num_classes=num_classes,
-        remat_policy=u.remat_policy,
-        dtype=dtype,
+def sample_section(prompts, **overrides):
+    """``config.sample``: the sampler and every option of it (``samplers.SamplerOptions``), guidance, and what
+    previews draw (``prompts`` here; the conditioner's other preview fields are added by the config)."""
+    d = samplers.SamplerOptions().to_config()  # sampler, num_steps, spacing, steps_offset, eta, karras_sigmas, ...
+    d.update(
+        prompts=tuple(prompts),  # preview grids during training
+        guidance_scale=3.0,
+        guidance_rescale=0.0,  # 0.7 with zero-terminal-SNR models (Lin et al. 2024)
+        negative_prompt="",  # the unconditional side of guidance; "" is the null condition used in training
     )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
 
 
-def load_first_stage(config):
-    """(autoencoder module, its config) of the run named by ``config.first_stage.workdir``."""
-    workdir = config.first_stage.workdir
-    fs_config = config_lib.load_config(os.path.join(workdir, "config.json"))
-    if fs_config.task != "autoencoder":
-        raise ValueError(f"first_stage.workdir={workdir!r}: holds a {fs_config.task!r} run, not an autoencoder")
-    # Frozen, the first stage is never differentiated: remat would only recompute. (Older workdirs lack the field.)
-    return build_autoencoder(dict(fs_config.model, remat_policy="none"), config.dtype), fs_config
+def with_concat(x: jax.Array, concat: jax.Array | None) -> jax.Array:
+    """The UNet input: noisy latents, then the concat-conditioning channels (diffusers' order)."""
+    return x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
 
 
 class LatentDiffusionTask:
-    uses_tokens = False
-    mask_conditioned = False  # inpainting models take the mask as input: no latent blending at sampling
-    label_field: str | None = None  # the dataset attribute batches carry as "label"
-    guided = True  # classifier-free guidance at sampling (unconditional models have nothing to guide with)
-
-    def __init__(self, config, context_dim: int, num_classes: int = 0):
+    def __init__(self, config, conditioner_cls, concat_cls):
         self.config = config
         self.dtype = jnp.dtype(config.dtype)
-        self.first_stage, fs_config = load_first_stage(config)
-        f = self.first_stage.downsampling_factor
-        if config.data.image_size % f:
-            raise ValueError(f"data.image_size={config.data.image_size}: must be divisible by the first stage's f={f}")
-        self.first_stage_is_vq = fs_config.model.get("kind", "kl") == "vq"
-        z = latent_channels(fs_config.model)
-        # Channels concatenated to the noisy latents at the UNet input (0 without concat conditioning).
-        self.concat_channels = self.concat_channels_for(z)
-        self.latent_shape = (config.data.image_size // f, config.data.image_size // f, z)
-        levels = len(config.unet.block_out_channels)
+        self.conditioner = conditioner_cls(config, self.dtype)
+        self.latents = LatentSpace(config)
+        self.concat = concat_cls(config, self.latents)
+        self.first_stage = self.latents.module
+        self.latent_shape = self.latents.shape
+        self.concat_channels = self.concat.channels
+        u = UNetConfig.from_config(config.unet, "unet.")
+        levels = len(u.block_out_channels)
         if self.latent_shape[0] % 2 ** (levels - 1):
             raise ValueError(
-                f"unet.block_out_channels={tuple(config.unet.block_out_channels)}: {levels} levels need latents divisible "
+                f"unet.block_out_channels={tuple(u.block_out_channels)}: {levels} levels need latents divisible "
                 f"by {2 ** (levels - 1)}, got {self.latent_shape[0]}x{self.latent_shape[1]}"
             )
-        self.unet = unet_from_config(
-            config.unet,
+        self.unet = u.build(
             in_channels=self.latent_shape[-1] + self.concat_channels,
             out_channels=self.latent_shape[-1],
-            context_dim=context_dim,
-            num_classes=num_classes,
+            context_dim=self.conditioner.context_dim,
+            num_classes=self.conditioner.num_classes,
             dtype=self.dtype,
         )
         self.schedule = schedule_from_config(config.diffusion)
+        self.tokenizer = self.conditioner.tokenizer
+        self.label_field = self.conditioner.label_field
+        self.encode_images = self.latents.encode_images
+        self.latent_mask = self.latents.latent_mask
         self._generate_cache = {}
 
-    # ---- conditioning: subclasses ------------------------------------------------------------------------
-    def encode_condition(self, params, frozen, inputs) -> Any:
-        """Arrays from ``condition_inputs`` -> what ``apply_unet`` takes (e.g. token ids -> text embeddings)."""
-        raise NotImplementedError
+    @classmethod
+    def validate(cls, config, conditioner_cls, concat_cls) -> None:
+        """The sections a latent diffusion run reads, and the rules between them."""
+        FirstStageConfig.from_config(config.first_stage, "first_stage.")
+        config_lib.check(config.latent_scale >= 0, "latent_scale", config.latent_scale,
+                         "must be >= 0 (0 = 1/std of training latents)")  # fmt: skip
+        UNetConfig.from_config(config.unet, "unet.")
+        objectives.DiffusionConfig.from_config(config.diffusion, "diffusion.")
+        samplers.SamplerOptions.for_run(config)
+        validate_guidance(config.sample.guidance_scale, config.sample.guidance_rescale)
+        conditioner_cls.validate(config)
+        concat_cls.validate(config)
 
-    def apply_unet(self, params, x, t, cond, train: bool = False, rngs=None) -> jax.Array:
-        raise NotImplementedError
-
-    def training_condition(self, params, frozen, batch, drop: jax.Array) -> Any:
-        """The batch's condition with examples where ``drop`` [B] is True replaced by the null condition."""
-        raise NotImplementedError
-
-    def condition_inputs(self, conditions: list) -> Any:
-        """Host-side conditions (prompts, class ids) -> arrays with a leading batch axis (None if unconditional)."""
-        raise NotImplementedError
-
-    def concat_channels_for(self, latent_channels: int) -> int:
-        """Width of the concat-conditioning input for a first stage with ``latent_channels`` (0: none)."""
-        return 0
-
-    def training_inputs(self, params, frozen, batch, drop: jax.Array, rng: jax.Array) -> tuple[Any, Any]:
-        """(condition, concat tensor [B, h, w, concat_channels] or None) of a training batch; ``drop`` as above."""
-        return self.training_condition(params, frozen, batch, drop), None
-
-    def sampling_concat(self, frozen, images: dict, keys: jax.Array, cond: Any) -> jax.Array | None:
-        """The concat tensor at sampling, from the per-image arrays ``images`` (see ``generate_fn``), image i's
-        randomness from ``keys[i]``; ``cond`` is the encoded condition. None for models without concat input."""
-        return None
-
+    # ---- parameters ----------------------------------------------------------------------------------------
     @property
     def unet_input_shape(self) -> tuple[int, int, int]:
         h, w, c = self.latent_shape
         return h, w, c + self.concat_channels
 
-    def latent_mask(self, masks: jax.Array) -> jax.Array:
-        """Pixel masks [B, H, W, 1] -> the latent grid by nearest neighbour (the top-left pixel of each cell, as
-        torch's ``interpolate(mode="nearest")`` in diffusers' inpainting pipelines)."""
-        f = self.first_stage.downsampling_factor
-        return masks[:, ::f, ::f, :]
+    def init_params(self, rng: jax.Array):
+        unet_rng, params, (context, labels) = self.conditioner.init(rng)
+        h, w, c = self.unet_input_shape
+        x, t = jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32)
+        unet = self.unet.init({"params": unet_rng}, x, t, context, class_labels=labels)["params"]
+        return {"unet": unet, **params}
 
-    def check_conditions(self, conditions: list) -> None:
-        """Raises ValueError naming conditions the model cannot take (before any device work)."""
-
-    def null_inputs(self, n: int, negative: Any = None) -> Any:
-        """The unconditional side of guidance for ``n`` images (``negative``: a negative prompt, where supported)."""
-        raise NotImplementedError
-
-    # ---- parameters ----------------------------------------------------------------------------------------
     def setup(self, meta: dict) -> tuple[dict, dict]:
-        """Loads the frozen first stage and fixes the latent scale; returns (frozen, meta)."""
-        fs_params, _, fs_step = checkpoint.load_trained_params(
-            self.config.first_stage.workdir, self.config.first_stage.weights
-        )
-        logging.info("first stage: %s at step %d", self.config.first_stage.workdir, fs_step)
+        """The frozen first stage (and frozen conditioning weights) and the latent scale; returns (frozen, meta)."""
+        fs_params, scale = self.latents.setup(meta)
         frozen = {"first_stage": fs_params}
-        self.setup_frozen_condition(frozen)
-        if "latent_scale" in meta:
-            scale = float(meta["latent_scale"])
-        elif self.config.latent_scale > 0:
-            scale = float(self.config.latent_scale)
-        else:
-            scale = self._estimate_latent_scale(fs_params)
-        logging.info("latent scale: %.5f", scale)
+        self.conditioner.setup_frozen(frozen)
         frozen["latent_scale"] = jnp.asarray(scale, jnp.float32)
         return frozen, {"latent_scale": scale}
 
-    def setup_frozen_condition(self, frozen: dict) -> None:
-        """Adds frozen conditioning weights (a frozen text encoder) to ``frozen``."""
+    def adapt_init_params(self, params: dict) -> dict:
+        return self.concat.adapt_init_params(params)
 
-    def _estimate_latent_scale(self, fs_params) -> float:
-        images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
-        z = jax.jit(self._encode)(fs_params, images, jax.random.key(0))
-        # Each process encodes on its own first device; every process must train with the same constant (and save
-        # the same checkpoint metadata), so process 0's value is taken even if another device rounds differently.
-        return float(multihost_utils.broadcast_one_to_all(np.float32(1.0 / jnp.std(z))))
+    def load_weights(self, workdir: str, weights: str = "ema", mesh=None):
+        """(params, frozen, mesh, step) of a trained workdir, replicated on ``mesh`` (default: every device)."""
+        mesh = make_mesh(-1, 1) if mesh is None else mesh
+        params, meta, step = checkpoint.load_trained_params(workdir, weights)
+        frozen, _ = self.setup(meta)
+        # Every process read the same weights: each places its own replicas (works when the mesh spans processes).
+        params, frozen = transfer.to_mesh((params, frozen), replicated(mesh))
+        logging.info("loaded %s weights of %s at step %d; %d devices", weights, workdir, step, mesh.size)
+        return params, frozen, mesh, step
 
-    def _encode(self, fs_params, images, rng):
-        """Unscaled first-stage latents: a posterior sample (KL) or the continuous pre-quantisation latents (VQ)."""
-        out = self.first_stage.apply({"params": fs_params}, images, method="encode")
-        return out if self.first_stage_is_vq else out.sample(rng)
+    @staticmethod
+    def host_first_stage(frozen):
+        """The first stage's weights in this process's memory (every process holds the whole tree)."""
+        return transfer.to_host(frozen["first_stage"])
 
-    def encode_images(self, fs_params, images, keys, stream: int = rng_streams.INIT_IMAGE_POSTERIOR):
-        """Unscaled latents of ``images`` for image-to-image: a posterior sample per image drawn from its own key
-        (as diffusers' pipelines do; ``stream`` separates the draws for different images of one sample), or the
-        pre-quantisation latents of a VQ first stage."""
-        out = self.first_stage.apply({"params": fs_params}, images, method="encode")
-        if self.first_stage_is_vq:
-            return out
-        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), out.mean.shape[1:]))(keys)
-        return out.mean + jnp.exp(0.5 * out.logvar) * eps
+    # ---- the UNet under the task's conditioning --------------------------------------------------------------
+    def apply_unet(self, params, x, t, cond, train: bool = False, rngs=None) -> jax.Array:
+        context, labels = self.conditioner.unet_inputs(cond)
+        return self.unet.apply({"params": params["unet"]}, x, t, context, train=train, rngs=rngs, class_labels=labels)
+
+    def training_inputs(self, params, frozen, batch, drop: jax.Array, rng: jax.Array) -> tuple[Any, Any]:
+        """(condition, concat tensor [B, h, w, concat_channels] or None) of a training batch; examples where
+        ``drop`` [B] is True get the null condition."""
+        cond = self.conditioner.training_condition(params, frozen, batch, drop)
+        return self.concat.training_inputs(frozen, batch, cond, rng)
 
     # ---- training ------------------------------------------------------------------------------------------
     @property
@@ -211,10 +161,11 @@ class LatentDiffusionTask:
             k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
             images = batch["image"]
             b = images.shape[0]
-            z0 = jax.lax.stop_gradient(self._encode(frozen["first_stage"], images, k_post) * frozen["latent_scale"])
+            z0 = self.latents.encode(frozen["first_stage"], images, k_post) * frozen["latent_scale"]
+            z0 = jax.lax.stop_gradient(z0)
             # Condition dropout: the null condition stands in for "no condition" (classifier-free guidance).
             drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
-            # A key of its own (not a sixth split) keeps the other streams, and so older runs, unchanged.
+            # A key of its own (not a sixth split) keeps the other streams unchanged by concat inputs.
             concat_rng = jax.random.fold_in(rng, rng_streams.TRAINING_CONCAT_INPUTS)
             cond, concat = self.training_inputs(params, frozen, batch, drop, concat_rng)
             t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
@@ -227,6 +178,35 @@ class LatentDiffusionTask:
             return loss, {"cond_dropped": jnp.mean(drop.astype(jnp.float32))}
 
         return loss_fn
+
+    def make_step(self, num_steps: int):
+        """(init_state, step): ``training.steps.train_step`` with this task's loss and the run's optimizer."""
+        c = self.config
+        tx, lr_schedule = make_optimizer(c.optim, num_steps, c.data.global_batch_size)
+        step = functools.partial(
+            train_step,
+            loss_fn=self.loss_fn,
+            tx=tx,
+            lr_schedule=lr_schedule,
+            ema_decay=c.optim.ema_decay,
+            accum_steps=c.train.grad_accum_steps,
+        )
+        return lambda rng: TrainState.create(self.init_params(rng), tx), step
+
+    # ---- previews ------------------------------------------------------------------------------------------
+    def preview_images(self, params, frozen, mesh, **images):
+        """Samples for the conditioner's preview conditions with the run's sampler and guidance and fixed seeds
+        (``images``: init image and mask, for inpainting)."""
+        s = self.config.sample
+        conditions, negative = self.conditioner.preview_conditions()
+        seeds = [self.config.seed + i for i in range(len(conditions))]
+        return self.generate_images(
+            params, frozen, mesh, conditions, seeds, self.sampler_options(), s.guidance_scale, s.guidance_rescale,
+            negative, len(conditions), **images,
+        )  # fmt: skip
+
+    def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
+        return self.concat.preview(self, params, frozen, mesh)
 
     # ---- generation ----------------------------------------------------------------------------------------
     def sampler_options(self, **overrides) -> samplers.SamplerOptions:
@@ -254,7 +234,7 @@ class LatentDiffusionTask:
             c, cc = cond_and_concat
             return self.apply_unet(params, with_concat(x, cc), t, c)
 
-        if not self.guided:
+        if not self.conditioner.guided:
             return lambda x, t: apply(x, t, (cond, concat))
         return classifier_free_guidance(apply, (cond, concat), (uncond, concat), guidance_scale, guidance_rescale)
 
@@ -276,21 +256,21 @@ class LatentDiffusionTask:
         """
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode={mode!r}: must be one of {GENERATION_MODES}")
-        first_stage = self.first_stage
+        latents = self.latents
         sampler = samplers.make_sampler(
             options, self.schedule, first_step, beta_schedule=self.config.diffusion.beta_schedule
         )
-        latent_shape, encode, guided = self.latent_shape, self.encode_images, self.guided
-        blend = mode == "inpaint" and not self.mask_conditioned
+        latent_shape, encode, guided = self.latent_shape, self.latents.encode_images, self.conditioner.guided
+        blend = mode == "inpaint" and not self.concat.mask_conditioned
         # Start from the init latents noised to the first step's level: image-to-image at any strength (at 1 too, as
         # diffusers), inpainting below strength 1.
         from_image = mode == "img2img" or first_step > 0
 
         def generate(params, frozen, cond_in, null_in, seeds, guidance_scale, guidance_rescale, images):
             keys = jax.vmap(jax.random.key)(seeds)
-            cond = self.encode_condition(params, frozen, cond_in)
-            concat = self.sampling_concat(frozen, images, keys, cond)
-            uncond = self.encode_condition(params, frozen, null_in) if guided else None
+            cond = self.conditioner.encode(params, frozen, cond_in)
+            concat = self.concat.sampling_concat(frozen, images, keys, cond)
+            uncond = self.conditioner.encode(params, frozen, null_in) if guided else None
             model_fn = self.model_fn(params, cond, uncond, concat, guidance_scale, guidance_rescale)
             x_T = jax.vmap(
                 lambda k: jax.random.normal(jax.random.fold_in(k, rng_streams.START_NOISE), latent_shape, jnp.float32)
@@ -302,10 +282,10 @@ class LatentDiffusionTask:
                 if from_image:
                     kw["x0"] = z_init
                 if blend:
-                    m = self.latent_mask(images["mask"])
+                    m = self.latents.latent_mask(images["mask"])
                     kw["blend"] = lambda x, i: m * x + (1.0 - m) * sampler.noised(z_init, x_T, i + 1)
             z0 = samplers.sample(sampler, model_fn, x_T, **kw)
-            images = first_stage.apply({"params": frozen["first_stage"]}, z0 / frozen["latent_scale"], method="decode")
+            images = latents.decode(frozen["first_stage"], z0 / frozen["latent_scale"])
             return jnp.clip(images, -1.0, 1.0)
 
         return generate
@@ -333,16 +313,13 @@ class LatentDiffusionTask:
         if mask is not None:
             if mask.ndim not in (3, 4) or mask.shape[-3:] != (size, size, 1):
                 raise ValueError(f"mask shape {mask.shape}: must be {(size, size, 1)} (the image's pixels)")
-            cells = np.asarray(self.latent_mask(np.asarray(mask).reshape((-1, size, size, 1))))
+            cells = np.asarray(self.latents.latent_mask(np.asarray(mask).reshape((-1, size, size, 1))))
             if not cells.reshape(cells.shape[0], -1).any(axis=1).all():
                 raise ValueError(
                     f"mask: no latent cell is repainted at {self.latent_shape[0]}x{self.latent_shape[1]} "
-                    f"(cells take the top-left pixel of each {self.first_stage.downsampling_factor}-pixel block)"
+                    f"(cells take the top-left pixel of each {self.latents.factor}-pixel block)"
                 )
-        if self.mask_conditioned and mask is None:
-            raise ValueError(f"{self.config.task} models need init_image and mask (the image and the region to paint)")
-        if low_res is not None:
-            raise ValueError(f"low_res images given, but a {self.config.task} model does not take them")
+        self.concat.check_images(init_image, mask, low_res)
 
     def generate_images(
         self,
@@ -373,7 +350,7 @@ class LatentDiffusionTask:
         """
         if len(conditions) != len(seeds):
             raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds: need one seed per image")
-        self.check_conditions(conditions)
+        self.conditioner.check(conditions)
         self.check_images(init_image, mask, low_res)
         given = {"init": init_image, "mask": mask, "low_res": low_res}
         per_image = {}
@@ -394,7 +371,7 @@ class LatentDiffusionTask:
         # Every process holds every input (the same conditions, seeds and images): each places its own shards of
         # them, and every process gets every image back, so this works on a mesh over several processes.
         repl, rows = replicated(mesh), batch_sharding(mesh)
-        null = transfer.to_mesh(self.null_inputs(per_call, negative), rows)
+        null = transfer.to_mesh(self.conditioner.null_inputs(per_call, negative), rows)
         scales = transfer.to_mesh((np.float32(guidance_scale), np.float32(guidance_rescale)), repl)
         out = []
         for start in range(0, len(conditions), per_call):
@@ -403,7 +380,7 @@ class LatentDiffusionTask:
             idx = [start + min(i, n - 1) for i in range(per_call)]
             cond, seed_rows, image_rows = transfer.to_mesh(
                 (
-                    self.condition_inputs([conditions[i] for i in idx]),
+                    self.conditioner.condition_inputs([conditions[i] for i in idx]),
                     np.asarray([seeds[i] for i in idx], np.uint32),
                     {name: x[idx] for name, x in per_image.items()},
                 ),
@@ -413,7 +390,43 @@ class LatentDiffusionTask:
             out.append(to_uint8(transfer.to_host(images))[:n])
         return np.concatenate(out, axis=0)
 
+    # ---- ldm_jax.sample and ldm_jax.evaluate -----------------------------------------------------------------
+    @property
+    def sample_flags(self) -> tuple[str, ...]:
+        """The task-specific ``ldm_jax.sample`` flags this task reads."""
+        return self.conditioner.FLAGS + self.concat.FLAGS
 
-def with_concat(x: jax.Array, concat: jax.Array | None) -> jax.Array:
-    """The UNet input: noisy latents, then the concat-conditioning channels (diffusers' order)."""
-    return x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
+    def sample_request(self, inputs: SampleInputs) -> SampleRequest:
+        """Checks and resolves the sampling inputs (ValueError naming the flag), before any weights load."""
+        size = inputs.image_size or self.config.data.image_size
+        images, sources, strength, out_size = self.concat.sample_images(inputs, size)
+        conditions, describe, negative, repeats = self.conditioner.sample_conditions(inputs, sources)
+        describe = [dict(d, **self.concat.describe_source(inputs, i)) for i, d in enumerate(describe)]
+        return SampleRequest(conditions, describe, repeats, negative, images, strength, out_size)
+
+    @property
+    def EVAL_OPTIONS(self) -> tuple[str, ...]:  # noqa: N802 (a constant of the task)
+        return EVAL_OPTIONS + self.concat.EVAL_OPTIONS
+
+    def evaluate_workdir(self, workdir: str, inputs: EvalInputs) -> tuple[dict, np.ndarray, str]:
+        """Generation from the conditions of ``inputs.split``'s first examples, scored as the concat input says
+        (attributes read back from the pixels, inpainting, or super-resolution against the originals)."""
+        import time
+
+        from ldm_jax.imaging import make_grid
+
+        params, frozen, mesh, step = self.load_weights(workdir)
+        source = pipeline.data_source(self.config.data, inputs.split)
+        n = min(inputs.num_examples, len(source))
+        if n < 1:
+            raise ValueError(f"--num_examples={inputs.num_examples}: must be >= 1")
+        examples = [source[i] for i in range(n)]
+        options = self.sampler_options(num_steps=inputs.num_steps, name=inputs.sampler)
+        seeds = [inputs.seed + i for i in range(n)]
+        result = dict(split=inputs.split, checkpoint_step=step, sampler=options.name, num_steps=options.num_steps)
+        t0 = time.perf_counter()
+        scores, rows = self.concat.evaluate(self, params, frozen, mesh, examples, options, seeds, inputs)
+        result.update(generation_seconds=time.perf_counter() - t0, **scores)
+        k = min(8, n)
+        grid = make_grid(np.concatenate([r[:k] for r in rows]), ncol=k)
+        return result, grid, f"eval_{inputs.split}" + ("_inpaint" if inputs.inpaint else "")

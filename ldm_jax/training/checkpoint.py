@@ -4,8 +4,7 @@ Layout: ``<workdir>/checkpoints/<step>/{state,meta}``. The data position needs n
 (``data/pipeline.py``). Every process takes part in a save (each writes the shards it holds); saves are
 asynchronous, and Orbax writes each step into a temporary directory and renames it when complete, so a save
 interrupted by ``kill -9`` never leaves a checkpoint that restores. A state restores onto any mesh: the target
-shardings come from the restoring run. (Checkpoints of earlier versions also hold a grain ``data`` item, which is
-ignored.)
+shardings come from the restoring run.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import os
 import signal
 from typing import Any, Optional
 
-import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
 
@@ -88,7 +86,6 @@ def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tupl
         item_handlers={
             "state": ocp.PyTreeCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
-            "data": grain_ckpt.CheckpointHandler(),
         },
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
     )

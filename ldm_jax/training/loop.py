@@ -1,8 +1,9 @@
-"""The training loop shared by every task: mesh, sharded init or resume, one compiled step, logging, checkpoints."""
+"""The training loop shared by every task: mesh, sharded init or resume, one compiled step, logging, checkpoints.
+
+It asks the task only what ``tasks.protocol.Task`` declares."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -16,14 +17,11 @@ from absl import logging
 from ldm_jax import config_lib
 from ldm_jax.data import pipeline
 from ldm_jax.imaging import save_png
-from ldm_jax.tasks import build_task
+from ldm_jax.tasks import build_task, validate_config
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import transfer
-from ldm_jax.training.optim import make_optimizer
 from ldm_jax.training.reporting import MetricWriter, Progress
 from ldm_jax.training.sharding import batch_sharding, check_batch_size, make_mesh, replicated, tree_shardings
-from ldm_jax.training.state import TrainState
-from ldm_jax.training.steps import train_step
 
 
 def _log_compiled(compiled, seconds: float) -> None:
@@ -102,27 +100,10 @@ class _DataOrderLog:
 def make_train_step(config, task, mesh):
     """(init_state(rng), jitted step, state shardings, abstract state) for ``task`` on ``mesh``.
 
-    The step is ``train_step`` with the task's loss and the optimizer bound by ``functools.partial`` (or the task's
-    own, e.g. ``training.gan.gan_train_step``); the state is
-    donated and stays sharded as ``tree_shardings`` says, batches are split over every device.
+    The step is the task's (``Task.make_step``); the state is donated and stays sharded as ``tree_shardings``
+    says, batches are split over every device.
     """
-    make_step = getattr(task, "make_step", None)  # tasks with their own step (the adversarial first stage)
-    if make_step is not None:
-        init_state, step = make_step(config.train.num_steps)
-    else:
-        tx, lr_schedule = make_optimizer(config.optim, config.train.num_steps, config.data.global_batch_size)
-        step = functools.partial(
-            train_step,
-            loss_fn=task.loss_fn,
-            tx=tx,
-            lr_schedule=lr_schedule,
-            ema_decay=config.optim.ema_decay,
-            accum_steps=config.train.grad_accum_steps,
-        )
-
-        def init_state(rng):
-            return TrainState.create(task.init_params(rng), tx)
-
+    init_state, step = task.make_step(config.train.num_steps)
     abstract = jax.eval_shape(init_state, jax.random.key(0))
     state_shardings = tree_shardings(abstract, mesh)
     repl = replicated(mesh)
@@ -161,9 +142,9 @@ def _match_init_params(src, target, source_name: str):
     return src
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
+def train_and_evaluate(config, workdir: str):
     """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one."""
-    config_lib.validate(config)
+    validate_config(config)
     train_cfg = config.train
     if train_cfg.compilation_cache_dir:
         # Every process compiles the same programs: a shared cache directory saves each later run the compile.
@@ -199,9 +180,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
         if config.init_from:
             params, _, src_step = ckpt_lib.load_trained_params(config.init_from, "ema")
-            adapt = getattr(task, "adapt_init_params", None)  # e.g. txt2img weights for an inpainting model
-            if adapt is not None:
-                params = adapt(params)
+            params = task.adapt_init_params(params)  # e.g. txt2img weights for an inpainting model
             params = _match_init_params(params, state.params, config.init_from)
             params = transfer.to_mesh(params, state_shardings.params)
             state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
@@ -214,8 +193,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             config.data,
             "train",
             config.data.global_batch_size,
-            task.tokenizer if task.uses_tokens else None,
-            getattr(task, "label_field", None),
+            task.tokenizer,
+            task.label_field,
             start_step=step,
         )
     )

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optax
+
+from ldm_jax import config_lib
 
 LR_SCHEDULES = ("constant", "cosine")
 # How the peak learning rate follows the global batch: lr x (global_batch_size / base_batch_size) ** power.
 LR_SCALING = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig(config_lib.Section):
+    """``config.optim``: AdamW, its learning-rate schedule, clipping and the EMA of the weights."""
+
+    lr: float
+    warmup_steps: int
+    schedule: str = "constant"
+    final_lr_fraction: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float
+    # Peak lr = lr x (data.global_batch_size / base_batch_size) ** {none: 0, linear: 1, sqrt: 0.5}.
+    lr_scaling: str = "none"
+    base_batch_size: int = 256
+
+    def validate(self, prefix: str) -> None:
+        self.check(self.lr > 0, prefix, "lr", "must be > 0")
+        self.check(self.warmup_steps >= 0, prefix, "warmup_steps", "must be >= 0")
+        self.check(self.schedule in LR_SCHEDULES, prefix, "schedule", f"must be one of {LR_SCHEDULES}")
+        self.check(0.0 <= self.ema_decay < 1.0, prefix, "ema_decay", "must be in [0, 1)")
+        self.check(self.grad_clip >= 0, prefix, "grad_clip", "must be >= 0 (0 disables clipping)")
+        self.check(self.lr_scaling in LR_SCALING, prefix, "lr_scaling", f"must be one of {tuple(LR_SCALING)}")
+        self.check(self.base_batch_size >= 1, prefix, "base_batch_size", "must be >= 1")
+        self.check(0.0 <= self.final_lr_fraction <= 1.0, prefix, "final_lr_fraction", "must be in [0, 1]")
+
+
+def optim_section(lr: float, warmup_steps: int, ema_decay: float, schedule: str = "constant"):
+    return OptimConfig.defaults(lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, schedule=schedule)
 
 
 def peak_learning_rate(optim, global_batch_size: int) -> float:

@@ -7,14 +7,31 @@ otherwise split along one dimension over ``'fsdp'`` (fully sharded data parallel
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax import config_lib
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated under FSDP: splitting them saves no memory worth the collectives.
 FSDP_MIN_SIZE = 2**14
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig(config_lib.Section):
+    """``config.mesh``: devices along each mesh axis; -1 fills the devices the other axis leaves."""
+
+    data: int = -1
+    fsdp: int = 1
+
+    def validate(self, prefix: str) -> None:
+        for name in ("data", "fsdp"):
+            v = getattr(self, name)
+            self.check(v == -1 or v >= 1, prefix, name, "must be -1 (fill) or >= 1")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:

@@ -10,28 +10,10 @@ euler_ancestral  EulerAncestralDiscreteScheduler
 
 from __future__ import annotations
 
-from ldm_jax.diffusion.samplers.base import (
-    SPACINGS,
-    ModelFn,
-    Sampler,
-    SamplerOptions,
-    sample,
-    spaced_timesteps,
-)
-from ldm_jax.diffusion.samplers.ddim import DDIM, DDPM
+from ldm_jax.diffusion.samplers.base import SPACINGS, ModelFn, Sampler, sample, spaced_timesteps
 from ldm_jax.diffusion.samplers.dpm_solver import DPMSolverPP
-from ldm_jax.diffusion.samplers.euler import Euler, EulerAncestral
-from ldm_jax.diffusion.samplers.pndm import PNDM
+from ldm_jax.diffusion.samplers.options import SAMPLERS, SamplerOptions
 from ldm_jax.diffusion.schedules import NoiseSchedule
-
-SAMPLERS = {
-    "ddpm": DDPM,
-    "ddim": DDIM,
-    "pndm": PNDM,
-    "dpmpp_2m": DPMSolverPP,
-    "euler": Euler,
-    "euler_ancestral": EulerAncestral,
-}
 
 __all__ = ["SAMPLERS", "SPACINGS", "ModelFn", "Sampler", "SamplerOptions", "make_sampler", "sample", "spaced_timesteps"]
 

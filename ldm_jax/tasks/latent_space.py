@@ -1,0 +1,102 @@
+"""The latent space of a frozen first stage: the autoencoder named by ``first_stage.workdir``, its latent grid at
+the run's image size, encoding (a posterior sample, or a VQ model's pre-quantisation latents), masks on the latent
+grid, and the latent scale (1 / std of training latents, as LDM's ``scale_by_std``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ldm_jax import config_lib, rng_streams
+from ldm_jax.data import pipeline
+from ldm_jax.models.first_stage import build_autoencoder, latent_channels
+from ldm_jax.training import checkpoint
+
+WEIGHTS = ("ema", "params")
+# Training images used to estimate the latent scale.
+SCALE_EXAMPLES = 256
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FirstStageConfig(config_lib.Section):
+    """``config.first_stage``: the trained autoencoder whose latent space the diffusion model works in."""
+
+    workdir: str
+    weights: str = "ema"
+
+    def validate(self, prefix: str) -> None:
+        self.check(bool(self.workdir), prefix, "workdir", "must name a trained autoencoder workdir")
+        self.check(self.weights in WEIGHTS, prefix, "weights", "must be 'ema' or 'params'")
+
+
+class LatentSpace:
+    def __init__(self, config):
+        self.config = config
+        workdir = config.first_stage.workdir
+        fs_config = config_lib.load_config(os.path.join(workdir, "config.json"))
+        if fs_config.task != "autoencoder":
+            raise ValueError(f"first_stage.workdir={workdir!r}: holds a {fs_config.task!r} run, not an autoencoder")
+        # Frozen, the first stage is never differentiated: remat would only recompute.
+        self.module = build_autoencoder(fs_config.model, config.dtype, remat_policy="none")
+        self.is_vq = fs_config.model.kind == "vq"
+        self.factor = f = self.module.downsampling_factor
+        size = config.data.image_size
+        if size % f:
+            raise ValueError(f"data.image_size={size}: must be divisible by the first stage's f={f}")
+        self.shape = (size // f, size // f, latent_channels(fs_config.model))
+
+    def setup(self, meta: dict) -> tuple[dict, float]:
+        """(the first stage's weights, the latent scale): the checkpoint's scale (``meta``), else the config's, else
+        estimated on training images."""
+        fs = self.config.first_stage
+        params, _, step = checkpoint.load_trained_params(fs.workdir, fs.weights)
+        logging.info("first stage: %s at step %d", fs.workdir, step)
+        if "latent_scale" in meta:
+            scale = float(meta["latent_scale"])
+        elif self.config.latent_scale > 0:
+            scale = float(self.config.latent_scale)
+        else:
+            scale = self._estimate_scale(params)
+        logging.info("latent scale: %.5f", scale)
+        return params, scale
+
+    def _estimate_scale(self, params) -> float:
+        images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
+        z = jax.jit(self.encode)(params, images, jax.random.key(0))
+        # Each process encodes on its own first device; every process must train with the same constant (and save
+        # the same checkpoint metadata), so process 0's value is taken even if another device rounds differently.
+        return float(multihost_utils.broadcast_one_to_all(np.float32(1.0 / jnp.std(z))))
+
+    def encode(self, params, images, rng):
+        """Unscaled latents for training: a posterior sample (KL) or the continuous pre-quantisation latents (VQ)."""
+        out = self.module.apply({"params": params}, images, method="encode")
+        return out if self.is_vq else out.sample(rng)
+
+    def encode_images(self, params, images, keys, stream: int = rng_streams.INIT_IMAGE_POSTERIOR):
+        """Unscaled latents of ``images`` at sampling: a posterior sample per image drawn from its own key (as
+        diffusers' pipelines do; ``stream`` separates the draws for different images of one sample), or the
+        pre-quantisation latents of a VQ first stage."""
+        out = self.module.apply({"params": params}, images, method="encode")
+        if self.is_vq:
+            return out
+        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), out.mean.shape[1:]))(keys)
+        return out.mean + jnp.exp(0.5 * out.logvar) * eps
+
+    def decode(self, params, z):
+        return self.module.apply({"params": params}, z, method="decode")
+
+    def reconstruct(self, params, images):
+        """The first stage's own reconstruction (posterior mean, or VQ latents): what a latent model can reach."""
+        z = self.module.apply({"params": params}, images, method="encode")
+        return self.decode(params, z if self.is_vq else z.mean)
+
+    def latent_mask(self, masks):
+        """Pixel masks [B, H, W, 1] -> the latent grid by nearest neighbour (the top-left pixel of each cell, as
+        torch's ``interpolate(mode="nearest")`` in diffusers' inpainting pipelines)."""
+        return masks[:, :: self.factor, :: self.factor, :]

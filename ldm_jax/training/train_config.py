@@ -1,0 +1,39 @@
+"""``config.train``: the training loop's section (how long, how often to log, preview and checkpoint, and the
+step's options)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ldm_jax import config_lib
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(config_lib.Section):
+    """``config.train``: how long, how often to log, preview and checkpoint, and the step's options."""
+
+    num_steps: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    preview_every: int  # 0 disables preview grids during training
+    # Gradient accumulation: the global batch is split into this many micro-batches inside the step.
+    grad_accum_steps: int = 1
+    # Steps in a row with a non-finite loss or gradient (each skipped, params unchanged) that stop the run.
+    max_nonfinite_streak: int = 5
+    compilation_cache_dir: str = ""  # persistent XLA compilation cache shared by runs ("" = off)
+    # Log a digest of every local batch to <workdir>/data_order/process_<i>.jsonl (audits resume / data).
+    record_data_order: bool = False
+
+    def validate(self, prefix: str) -> None:
+        self.check(self.num_steps >= 1, prefix, "num_steps", "must be >= 1")
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps", "max_nonfinite_streak"):
+            self.check(getattr(self, name) >= 1, prefix, name, "must be >= 1")
+        self.check(self.preview_every >= 0, prefix, "preview_every", "must be >= 0")
+
+
+def train_section(num_steps: int, log_every: int, checkpoint_every: int, preview_every: int):
+    return TrainConfig.defaults(
+        num_steps=num_steps, log_every=log_every, checkpoint_every=checkpoint_every, preview_every=preview_every
+    )

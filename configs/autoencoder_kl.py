@@ -3,13 +3,14 @@
 Run:
   python -m ldm_jax.train --config=configs/autoencoder_kl.py:demo --workdir=runs/demo/autoencoder_kl
 Presets:
-  kl_f8 (default)   the paper's KL-f8 (4 latent channels), 256px real photos, global batch 64 (pod scale)
+  kl_f8 (default)   the paper's KL-f8 (4 latent channels), 256px crops of your images (data.source), batch 64
   kl_f4, kl_f16, kl_f32   the zoo's other KL models (3, 16, 64 latent channels)
   demo              a small f=4 model on 32px captioned shapes: the txt2img demo's first stage (CPU minutes, no GAN)
   photos_f4, photos_f8    small f=4 / f=8 models on 32px crops of real photos (CPU-budget comparisons)
   tiny              16px, for tests
-The zoo presets need VGG16 weights for LPIPS (--config.loss.lpips_vgg_weights=vgg16.safetensors) or
---config.loss.perceptual_weight=0. The small presets run without LPIPS (perceptual_weight=0, stated in the log).
+The zoo presets train on your images (--config.data.source=folder:/data/images, webdataset:..., arrayrecord:...;
+README, Train on your own data) and need VGG16 weights for LPIPS (--config.loss.lpips_vgg_weights=vgg16.safetensors)
+or --config.loss.perceptual_weight=0. The small presets run without LPIPS (perceptual_weight=0, stated in the log).
 """
 
 from configs import first_stage

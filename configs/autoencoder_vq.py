@@ -4,7 +4,8 @@ codebook and commitment losses (or an EMA codebook), straight-through gradients.
 Run:
   python -m ldm_jax.train --config=configs/autoencoder_vq.py:photos_f4 --workdir=runs/demo/autoencoder_vq
 Presets:
-  vq_f4 (default)   the paper's VQ-f4 (3 channels, 8192 codes), 256px real photos, global batch 64 (pod scale)
+  vq_f4 (default)   the paper's VQ-f4 (3 channels, 8192 codes), 256px crops of your images (data.source), global
+                    batch 64 (pod scale)
   vq_f8, vq_f16     the zoo's VQ-f8 (4 channels) and VQ-f16 (8 channels), 16384 codes
   demo              a small f=4 model with 512 codes on 32px captioned shapes (a txt2img first stage; no GAN)
   photos_f4         the same on 32px crops of real photos (CPU-budget comparisons)

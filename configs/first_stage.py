@@ -4,7 +4,7 @@ data, optimizer and training length of the sizes their presets come in."""
 import ml_collections
 
 from ldm_jax import config_lib
-from ldm_jax.data.pipeline import data_section
+from ldm_jax.data.pipeline import SOURCE_REQUIRED, data_section
 from ldm_jax.tasks.autoencoder import disc_section, loss_section
 from ldm_jax.training.optim import optim_section
 from ldm_jax.training.sharding import MeshConfig
@@ -24,14 +24,17 @@ def base(kind: str, preset: str, model: dict, disc_start: int, disc_weight: floa
 def schedule(c, size: str) -> None:
     """Data, optimizer and training length of a first-stage run at one of the sizes its presets share:
 
-    "zoo"     the paper's recipe at 256px (Adam 0.5/0.9, lr 4.5e-6 x batch, no clipping or decay), real photos
+    "zoo"     the paper's recipe at 256px (Adam 0.5/0.9, lr 4.5e-6 x batch, no clipping or decay), on your images
+              (data.source)
     "demo"    32px captioned shapes, the txt2img demo's first stage (CPU minutes)
     "photos"  32px real-photo crops for CPU-budget comparisons (held-out photos for evaluation)
     "tiny"    16px shapes, for tests
     """
     if size == "zoo":
         c.data = data_section("256px", 256, 64)
-        c.data.name = "photo_crops"
+        c.data.name = "photo_crops"  # the embedded photos stand in only for tests of the schedule
+        c.data.source = SOURCE_REQUIRED  # your images: README, Train on your own data
+        c.data.crop, c.data.random_flip = "random", True
         c.optim = optim_section(lr=4.5e-6, warmup_steps=0, ema_decay=0.9999)
         # The reference's rule: base_lr x (batch per GPU x GPUs): 4.5e-6 x 64 = 2.88e-4 at this batch.
         c.optim.update(lr_scaling="linear", base_batch_size=1)

@@ -4,14 +4,14 @@ Run (after training the first stage named by first_stage.workdir):
   python -m ldm_jax.train --config=configs/txt2img.py:demo --workdir=runs/demo/txt2img
   python -m ldm_jax.sample --workdir=runs/demo/txt2img --prompt="a large red circle in the center on a black background"
 Presets:
-  sd (default)  pod scale: 256x256 images, KL-f8 latents (32x32x4), the SD-1.x UNet (860M) and CLIP ViT-L/14-size
-                text encoder trained from scratch, global batch 2048
+  sd (default)  pod scale: 256x256 images of your data (--config.data.source=...), KL-f8 latents (32x32x4), the
+                SD-1.x UNet (860M) and CLIP ViT-L/14-size text encoder trained from scratch, global batch 2048
   demo          32x32 images, f=4 latents (8x8x4), a small UNet and text encoder; CPU minutes
   tiny          16x16, for tests
 """
 
 from ldm_jax import config_lib
-from ldm_jax.data.pipeline import data_section
+from ldm_jax.data.pipeline import SOURCE_REQUIRED, data_section
 from ldm_jax.diffusion.objectives import diffusion_section
 from ldm_jax.models.text_encoders import TEXT_ENCODER_VARIANTS
 from ldm_jax.models.unet import UNET_VARIANTS, unet_section
@@ -41,6 +41,8 @@ def get_config(arg=None):
     if preset == "sd":
         c.first_stage = FirstStageConfig.defaults(workdir="runs/sd/autoencoder_kl")
         c.data = data_section("256px", 256, 2048)
+        c.data.source = SOURCE_REQUIRED  # your images and captions: README, Train on your own data
+        c.data.crop, c.data.random_flip = "random", True
         c.text_encoder = text_encoder_section(TEXT_ENCODER_VARIANTS["clip_vit_l14"])
         c.unet = unet_section(UNET_VARIANTS["sd15"])
         c.optim = optim_section(lr=1e-4, warmup_steps=10_000, ema_decay=0.9999)

@@ -14,6 +14,10 @@ def test_every_preset_validates(module, tmp_path):
     vgg.write_bytes(b"")
     for p in module.PRESETS:
         c = module.get_config(p)
+        if c.data.source == "required":  # pod presets train on the user's data and say so
+            with pytest.raises(ValueError, match="data.source='required': this preset trains on your data"):
+                validate_config(c)
+            c.data.source = f"folder:{tmp_path}"
         if c.task != "autoencoder" and not c.first_stage.workdir:
             c.first_stage.workdir = "somewhere"
         if c.task == "autoencoder" and c.loss.perceptual_weight > 0 and not c.loss.lpips_vgg_weights:

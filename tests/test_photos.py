@@ -113,7 +113,9 @@ def test_grain_loader_yields_model_range_batches(photo_dir):
     data.name = "photo_crops"
     data.data_dir = photo_dir
     batch = next(iter(pipeline.make_loader(data, "validation", data.global_batch_size, num_epochs=1)))
-    assert set(batch) == {"image"}
+    # Beside the images: the size-conditioning fields and the bad-record codes every source provides.
+    assert set(batch) == {"image", "original_size", "crop_offset", "_bad"}
+    assert (batch["original_size"] == 16).all() and (batch["crop_offset"] == 0).all() and (batch["_bad"] == 0).all()
     images = batch["image"]
     assert images.dtype == np.float32 and images.shape == (8, 16, 16, 3)
     assert images.min() >= -1.0 and images.max() <= 1.0

@@ -21,37 +21,73 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import config_lib
-from ldm_jax.data import photos, shapes
+from ldm_jax.data import photos, preprocess, shapes, sources
 from ldm_jax.data.tokenizer import CLIPTokenizer
 
 BUILDERS = {"shapes_captions": shapes.get_builder, "photo_crops": photos.get_builder}  # TFDS builders in data/
 # Images only: no captions or class attributes, so no text- or class-conditioned task can train on them.
 UNLABELLED_DATASETS = ("photo_crops",)
 DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
+# ``classes`` / labeling of class-conditional runs on the user's data: labels from the source itself.
+SOURCE_LABELS = "source"
+# data.source of presets that train on the user's data: validation asks for a real source.
+SOURCE_REQUIRED = "required"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig(config_lib.Section):
-    """``config.data``: which dataset, at which size, in which batches."""
+    """``config.data``: which dataset, at which size, in which batches.
+
+    ``source`` "" trains on the embedded dataset ``name`` / ``config``; otherwise it names the user's data
+    (``data/sources.py``: ``folder:``, ``webdataset:``, ``tfds:``, ``arrayrecord:``), decoded and cropped to
+    ``image_size`` (``data/preprocess.py``); ``eval_source`` (default: ``source``) feeds previews and evaluation."""
 
     name: str = "shapes_captions"
     config: str
-    data_dir: str = ""  # "" = ~/.cache/ldm_jax/tensorflow_datasets
+    data_dir: str = ""  # "" = ~/.cache/ldm_jax/tensorflow_datasets (embedded); a tfds: source's data_dir
     image_size: int
     global_batch_size: int
     shuffle_seed: int = 0
-    worker_count: int = 0  # grain worker processes; 0 reads in the training process
+    worker_count: int = 0  # grain worker processes (decoding, cropping, tokenizing); 0 reads in the training process
+    source: str = ""
+    eval_source: str = ""
+    image_key: str = "image"  # tfds: the image feature
+    caption_key: str = ""  # tfds: the caption feature ("captions/text" for coco_captions); folder metadata: column
+    label_key: str = ""  # tfds: the class-label feature
+    crop: str = "center"  # "center" or "random" square crop after resizing the shorter side
+    random_flip: bool = False
+    # The run stops when more than this fraction of the examples so far came from bad records (substituted).
+    max_bad_fraction: float = 0.05
 
     def validate(self, prefix: str) -> None:
         self.check(self.name in BUILDERS, prefix, "name", f"must be one of {tuple(BUILDERS)}")
         self.check(self.config in DATASET_CONFIGS, prefix, "config", f"must be one of {DATASET_CONFIGS}")
         self.check(self.global_batch_size >= 1, prefix, "global_batch_size", "must be >= 1")
         self.check(self.worker_count >= 0, prefix, "worker_count", "must be >= 0")
+        self.check(self.image_size >= 1, prefix, "image_size", "must be >= 1")
+        self.check(self.crop in preprocess.CROPS, prefix, "crop", f"must be one of {preprocess.CROPS}")
+        self.check(0.0 <= self.max_bad_fraction <= 1.0, prefix, "max_bad_fraction", "must be in [0, 1]")
+        if self.source == SOURCE_REQUIRED:
+            raise ValueError(
+                f"{prefix}source={self.source!r}: this preset trains on your data; set it, e.g. "
+                "--config.data.source='webdataset:/data/laion/{00000..01023}.tar', 'folder:/data/pets', "
+                "'tfds:coco_captions' (with data.data_dir, data.caption_key='captions/text'), or "
+                "'arrayrecord:/data/prepared' (python -m ldm_jax.prepare_data); see README, Train on your own data"
+            )
+        for field in ("source", "eval_source"):
+            spec = getattr(self, field)
+            if spec:
+                try:
+                    sources.check_exists(spec)
+                except sources.SourceError as e:
+                    raise ValueError(str(e).replace("data.source=", f"{prefix}{field}=", 1)) from None
+        self.check(not self.eval_source or bool(self.source), prefix, "eval_source", "needs data.source too")
 
     @property
     def labelled(self) -> bool:
-        """Whether examples carry captions and class attributes."""
-        return self.name not in UNLABELLED_DATASETS
+        """Whether examples carry captions or class labels (the user's sources are assumed to; a record without
+        one counts as bad at run time)."""
+        return bool(self.source) or self.name not in UNLABELLED_DATASETS
 
 
 def data_section(config_name: str, image_size: int, global_batch_size: int) -> ml_collections.ConfigDict:
@@ -73,7 +109,11 @@ class Preprocess(grain.MapTransform):
 
     def map(self, example: dict) -> dict:
         out = {"image": to_model_range(example["image"])}
-        if self.labeling:
+        for k in ("original_size", "crop_offset", "_bad"):
+            out[k] = example[k]
+        if self.labeling == SOURCE_LABELS:
+            out["label"] = np.int32(example["label"])
+        elif self.labeling:
             out["label"] = np.int32(shapes.class_label(example, self.labeling))
         if self.tokenizer is not None:
             text = example["caption"]
@@ -82,7 +122,21 @@ class Preprocess(grain.MapTransform):
         return out
 
 
-def data_source(data_config, split: str):
+def data_source(data_config, split: str, needs: tuple[str, ...] = ()):
+    """Random access to the examples of ``split`` (``source.get(index, position)``; ``source[i]`` is
+    ``get(i, i)``): uint8 "image" at ``data.image_size``, "caption", labels, "original_size", "crop_offset" and
+    the bad-record code "_bad". ``needs``: what an example of the user's data must have ("caption", "label")."""
+    if data_config.source:
+        spec = data_config.source
+        if split != "train" and data_config.eval_source:
+            spec = data_config.eval_source
+        raw = sources.open_source(
+            spec, data_config.data_dir, data_config.image_key, data_config.caption_key, data_config.label_key
+        )
+        training = split == "train"
+        crop = data_config.crop if training else "center"  # previews and evaluation see the same pixels every time
+        flip = data_config.random_flip and training
+        return preprocess.ExampleSource(raw, data_config.image_size, crop, flip, data_config.shuffle_seed, needs)
     if data_config.name not in BUILDERS:
         raise ValueError(f"data.name={data_config.name!r}: must be one of {tuple(BUILDERS)}")
     builder = BUILDERS[data_config.name](data_config.config, data_config.data_dir)
@@ -91,7 +145,12 @@ def data_source(data_config, split: str):
         raise ValueError(
             f"data.image_size={data_config.image_size}: dataset config {data_config.config!r} has {size}x{size} images"
         )
-    return builder.as_data_source(split=split)
+    return preprocess.EmbeddedExamples(builder.as_data_source(split=split), size)
+
+
+def source_class_names(data_config) -> list[str]:
+    """The class names of the user's source (folder sub-folders, a TFDS label feature, prepared shards)."""
+    return list(data_source(data_config, "train").class_names)
 
 
 def first_images(data_config, split: str, count: int) -> np.ndarray:
@@ -143,7 +202,8 @@ class _ProcessShare:
     def __getitem__(self, i: int):
         step, row = divmod(int(i), self.local)
         g = self.order.global_batch_size
-        return self.source[self.order.record((self.start_step + step) * g + self.process_index * self.local + row)]
+        position = (self.start_step + step) * g + self.process_index * self.local + row
+        return self.source.get(self.order.record(position), position)
 
 
 # An "endless" run's stream length in steps: large enough for any run, small enough for grain's int64 indices.
@@ -162,7 +222,8 @@ def make_loader(
 ) -> grain.DataLoader:
     """A grain loader yielding this process's share (global_batch_size / process_count) of every global batch,
     from global batch ``start_step`` on (``num_epochs`` None: endless)."""
-    source = data_source(data_config, split)
+    needs = (("caption",) if tokenizer is not None else ()) + (("label",) if labeling == SOURCE_LABELS else ())
+    source = data_source(data_config, split, needs)
     count = jax.process_count()
     if global_batch_size % count:
         raise ValueError(f"data.global_batch_size={global_batch_size}: must be divisible by the process count {count}")
@@ -182,5 +243,6 @@ def make_loader(
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
-    """Assembles process-local numpy batches into global arrays split over the mesh's batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    """Assembles process-local numpy batches into global arrays split over the mesh's batch axes (fields whose
+    name starts with "_" are host-side bookkeeping and stay behind)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items() if k[0] != "_"}

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from ldm_jax import config_lib
-from ldm_jax.data import shapes
+from ldm_jax.data import pipeline, shapes
 from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.evaluation import attributes
 from ldm_jax.models.text_encoders import CLIPTextTransformer
@@ -167,6 +167,13 @@ class TextConditioner:
         return prompts, [attributes.parse_caption(p) for p in prompts], self.config.sample.negative_prompt
 
 
+def _class_names(config) -> list[str]:
+    """Class names of a run whose labels come from its data source ([] for the shapes labelings)."""
+    if config.classes != pipeline.SOURCE_LABELS:
+        return []
+    return pipeline.source_class_names(config.data)
+
+
 class ClassConditioner:
     """A learned class embedding added to the timestep embedding; class ``num_classes`` is the null class."""
 
@@ -179,13 +186,22 @@ class ClassConditioner:
     def __init__(self, config, dtype):
         self.config = config
         self.label_field = config.classes
-        self.num_classes = shapes.num_classes(config.classes)
+        self.source_names = _class_names(config)
+        self.num_classes = len(self.source_names) if self.source_names else shapes.num_classes(config.classes)
 
     @staticmethod
     def validate(config) -> None:
-        labelings = tuple(shapes.LABELINGS)
+        labelings = tuple(shapes.LABELINGS) + (pipeline.SOURCE_LABELS,)
         config_lib.check(config.classes in labelings, "classes", config.classes, f"must be one of {labelings}")
-        n = shapes.num_classes(config.classes)
+        if config.classes == pipeline.SOURCE_LABELS:
+            config_lib.check(bool(config.data.source), "classes", config.classes,
+                             "labels from the source need data.source (class sub-folders, a TFDS label feature)")  # fmt: skip
+            names = _class_names(config)
+            config_lib.check(len(names) >= 2, "classes", config.classes,
+                             f"the source {config.data.source!r} names {len(names)} classes; need >= 2")  # fmt: skip
+            n = len(names)
+        else:
+            n = shapes.num_classes(config.classes)
         labels = tuple(config.sample.class_labels)
         config_lib.check(len(labels) >= 1, "sample.class_labels", labels, "must hold at least one class for previews")
         config_lib.check(all(0 <= x < n for x in labels), "sample.class_labels", labels, f"must be in [0, {n})")
@@ -223,6 +239,8 @@ class ClassConditioner:
             )
 
     def class_name(self, label: int) -> str:
+        if self.source_names:
+            return self.source_names[label]
         return shapes.class_name(label, self.config.classes)
 
     def preview_conditions(self) -> tuple[list, Any]:
@@ -241,6 +259,8 @@ class ClassConditioner:
 
     def eval_conditions(self, examples):
         """The examples' class labels; only the attributes the class names are scored."""
+        if self.source_names:
+            raise ValueError("attribute scoring needs the embedded shapes dataset; this run trains on data.source")
         labeling = self.config.classes
         wanted = [{a: int(e[a]) for a in shapes.LABELINGS[labeling]} for e in examples]
         return [shapes.class_label(e, labeling) for e in examples], wanted, None

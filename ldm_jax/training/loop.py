@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from ldm_jax import config_lib
-from ldm_jax.data import pipeline
+from ldm_jax.data import pipeline, preprocess
 from ldm_jax.imaging import save_png
 from ldm_jax.tasks import build_task, validate_config
 from ldm_jax.training import checkpoint as ckpt_lib
@@ -200,10 +200,13 @@ def train_and_evaluate(config, workdir: str):
     )
     order_log = _DataOrderLog(workdir, train_cfg.record_data_order)
     bsharding = batch_sharding(mesh)
+    bad_records = preprocess.BadRecordCount(config.data.source or config.data.name, config.data.max_bad_fraction)
+    bad_records.restore(meta.get("bad_records"))  # a resumed run reports and limits the whole run's bad records
 
     def next_batch(at_step: int) -> dict:
         local = next(data_iter)
         order_log.record(at_step, local)
+        bad_records.add(local["_bad"])
         return pipeline.to_global(local, bsharding)
 
     first_batch = next_batch(step) if step < train_cfg.num_steps else None
@@ -229,6 +232,7 @@ def train_and_evaluate(config, workdir: str):
             step += 1
             if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
                 values = {k: float(v) for k, v in transfer.to_host(metrics).items()}
+                values.update(bad_records.check())
                 values["train/steps_per_sec"] = progress.report(step, values)
                 writer.scalars(step, values)
                 _check_nonfinite(state, train_cfg.max_nonfinite_streak, step)
@@ -245,7 +249,8 @@ def train_and_evaluate(config, workdir: str):
             if step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps or preempted:
                 if step % train_cfg.log_every and step != train_cfg.num_steps:
                     _check_nonfinite(state, train_cfg.max_nonfinite_streak, step)
-                ckpt.save(step, state, meta_out, force=True)
+                # Every batch fetched so far trained (the next is fetched at the next step): exact counts.
+                ckpt.save(step, state, {**meta_out, "bad_records": bad_records.totals().tolist()}, force=True)
             if preempted:
                 logging.warning("preemption signal at step %d: checkpoint saved, stopping", step)
                 break

@@ -1,0 +1,738 @@
+"""Training on the user's own data (``data.source``): the four source kinds, decoding and cropping, bad records,
+training through the real loop on each kind of task, ``ldm_jax.prepare_data`` and resuming on an own source.
+
+The fixtures (tests/own_data.py) hold known bad records, so the counts asserted here are exact."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import own_data
+import pytest
+from cli import run_module
+from PIL import Image
+
+from ldm_jax.data import pipeline, preprocess, sources
+from ldm_jax.training import loop
+
+S = 16  # the tiny presets' image size
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """Every fixture dataset, built once for the module."""
+    root = tmp_path_factory.mktemp("own_data")
+    return {
+        "wds": own_data.write_webdataset(str(root / "wds")),
+        "folder": own_data.write_folder(str(root / "folder")),
+        "classes": own_data.write_class_folder(str(root / "classes")),
+        "tfds": own_data.write_tfds(str(root / "tfds")),
+        "root": root,
+    }
+
+
+def _metrics(workdir: str) -> dict[int, dict]:
+    """{step: {name: value}} from metrics.jsonl; later rows of a step (a resumed run) update earlier ones."""
+    rows = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            rows.setdefault(row.pop("step"), {}).update(row)
+    return rows
+
+
+def _finite_losses(rows: dict[int, dict]) -> None:
+    losses = [v for row in rows.values() for k, v in row.items() if k.startswith("train/") and "loss" in k]
+    assert losses, rows
+    assert all(isinstance(v, float) and np.isfinite(v) for v in losses), rows
+
+
+def _bad_counts(row: dict) -> dict[str, int]:
+    return {k.removeprefix("data/bad/"): int(v) for k, v in row.items() if k.startswith("data/bad/")}
+
+
+# --- sources --------------------------------------------------------------------------------------------------
+
+
+def test_webdataset_source_indexes_shards_and_reads_captions(own):
+    wds = own["wds"]
+    src = sources.open_source(wds["spec"])
+    assert len(src) == len(wds["keys"]) == 32 and len(src.shards) == 3
+    records = [src[i] for i in range(len(src))]
+    assert [r["key"] for r in records] == wds["keys"]
+    for r in records:
+        assert r["captions"] == wds["captions"].get(r["key"], []), r["key"]
+        assert r["label"] == -1
+        if r["key"] == own_data.WDS_TRUNCATED:
+            assert r["error"] == "truncated" and r["image"] is None
+        elif r["key"] == own_data.WDS_NOT_UTF8:
+            assert r["error"] == "caption_not_utf8" and r["image"] is not None
+        else:
+            assert r["error"] == "" and isinstance(r["image"], bytes), r["key"]
+    by_key = {r["key"]: r for r in records}
+    assert by_key[own_data.WDS_JSON_CAPTION]["captions"]  # from the .json when there is no .txt
+    assert by_key[own_data.WDS_PNG]["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    # A glob and a list name the same shards; random access does not depend on the reading order.
+    shards_dir = os.path.dirname(wds["pattern"])
+    globbed = sources.open_source(f"webdataset:{shards_dir}/*.tar")
+    listed = sources.open_source(f"webdataset:{shards_dir}/{{00000,00001,00002}}.tar")
+    assert globbed.shards == listed.shards == src.shards
+    assert [globbed[i]["key"] for i in (31, 0, 17)] == [wds["keys"][i] for i in (31, 0, 17)]
+    assert sources.expand_braces("a{8..10}/{x,y}{00..01}") == [
+        "a8/x00", "a8/x01", "a8/y00", "a8/y01", "a9/x00", "a9/x01", "a9/y00", "a9/y01",
+        "a10/x00", "a10/x01", "a10/y00", "a10/y01",
+    ]  # fmt: skip
+
+
+def test_folder_source_reads_metadata_and_sidecar_captions(own):
+    folder = own["folder"]
+    src = sources.open_source(folder["spec"])
+    assert len(src) == len(folder["files"]) == 11
+    assert src.class_names == []
+    for i in range(len(src)):
+        r = src[i]
+        assert r["error"] == "" and r["label"] == -1
+        assert r["captions"] == folder["captions"][r["key"]], r["key"]
+    keys = [src[i]["key"] for i in range(len(src))]
+    assert keys == folder["files"]
+    two = src[keys.index("chelsea.png")]["captions"]
+    assert two == ["a ginger cat", "a cat with long white whiskers"]  # a list in metadata.jsonl
+    assert len(src[keys.index("rocket_launch.jpg")]["captions"]) == 2  # sidecar lines, the blank one skipped
+
+
+def test_folder_metadata_csv_and_caption_column(own, tmp_path):
+    import csv
+    import shutil
+
+    root = tmp_path / "csv"
+    shutil.copytree(own["classes"]["root"], root)
+    labels = own["classes"]["labels"]
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "prompt", "text"])
+        for rel in labels:
+            w.writerow([rel.replace(os.sep, "/"), f"prompt for {rel}", f"text for {rel}"])
+    src = sources.open_source(f"folder:{root}")  # "text" by default
+    assert {src[i]["key"]: src[i]["captions"] for i in range(len(src))} == {r: [f"text for {r}"] for r in labels}
+    src = sources.open_source(f"folder:{root}", caption_key="prompt")  # data.caption_key names the column
+    assert src[0]["captions"] == [f"prompt for {src[0]['key']}"] and src[0]["label"] == 0
+    with pytest.raises(ValueError, match=r"data\.source=.*metadata\.csv needs a 'file_name' column and a caption"):
+        sources.open_source(f"folder:{root}", caption_key="title")
+
+
+def test_sources_survive_pickling_for_grain_workers(own):
+    """data.worker_count > 0 sends the example source to grain's worker processes."""
+    import pickle
+
+    t = own["tfds"]
+    specs = [(own["wds"]["spec"], {}), (own["folder"]["spec"], {}), (own["classes"]["spec"], {})]
+    specs.append((f"tfds:{t['name']}", dict(data_dir=t["data_dir"], caption_key="caption", label_key="label")))
+    for spec, kw in specs:
+        src = preprocess.ExampleSource(sources.open_source(spec, **kw), S, "random", True, 7, ())
+        copy_ = pickle.loads(pickle.dumps(src))
+        for position in (0, 5):
+            a, b = src.get(2, position), copy_.get(2, position)
+            assert a.keys() == b.keys(), spec
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{spec} {k}")
+
+
+def test_eval_source_feeds_previews_with_centre_crops(own):
+    data = _data_config(
+        source=own["folder"]["spec"], eval_source=own["classes"]["spec"], crop="random", random_flip=True
+    )
+    train, val = pipeline.data_source(data, "train"), pipeline.data_source(data, "validation")
+    assert len(train) == 11 and len(val) == 12
+    assert (train.crop, train.flip) == ("random", True) and (val.crop, val.flip) == ("center", False)
+    images = pipeline.first_images(data, "validation", 3)
+    assert images.shape == (3, S, S, 3) and images.dtype == np.float32 and -1 <= images.min() <= images.max() <= 1
+    np.testing.assert_array_equal(images[0], pipeline.to_model_range(val[0]["image"]))
+
+
+def test_class_folders_give_sorted_labels(own):
+    classes = own["classes"]
+    src = sources.open_source(classes["spec"])
+    assert src.class_names == list(own_data.CLASS_NAMES) == ["cat", "coffee", "rocket"]
+    assert len(src) == len(classes["labels"]) == 12
+    got = {src[i]["key"]: src[i]["label"] for i in range(len(src))}
+    assert got == classes["labels"]
+    # The same folder through the pipeline, as class_cond runs see it.
+    data = _data_config(source=classes["spec"])
+    assert pipeline.source_class_names(data) == ["cat", "coffee", "rocket"]
+
+
+def test_tfds_source_reads_a_prepared_dataset_without_tensorflow(own):
+    import sys
+
+    t = own["tfds"]
+    spec = f"tfds:{t['name']}"
+    src = sources.open_source(spec, t["data_dir"], "image", "caption", "label")
+    assert len(src) == own_data.OwnDataPhotos.SPLIT_SIZES["train"] == 9
+    assert src.class_names == list(own_data.CLASS_NAMES)
+    expected = {own_data.tfds_example("train", i)["caption"]: own_data.tfds_example("train", i) for i in range(9)}
+    seen = set()
+    for i in range(len(src)):
+        r = src[i]
+        (caption,) = r["captions"]
+        ex = expected[caption]
+        assert r["label"] == ex["label"] and r["error"] == ""
+        np.testing.assert_array_equal(r["image"], ex["image"])
+        seen.add(caption)
+    assert seen == set(expected)
+    val = sources.open_source(f"{spec}:validation", t["data_dir"], "image", "caption", "label")
+    assert len(val) == 3 and all(val[i]["captions"][0].startswith("validation") for i in range(3))
+    # Without a caption key: images and labels only.
+    bare = sources.open_source(spec, t["data_dir"], label_key="label")
+    assert bare[0]["captions"] == [] and bare[0]["label"] >= 0
+    assert "tensorflow" not in sys.modules
+    with pytest.raises(ValueError, match=r"data\.source=.*data\.caption_key='text' is not a feature"):
+        sources.open_source(spec, t["data_dir"], "image", "text")
+    with pytest.raises(ValueError, match=r"data\.source=.*data\.label_key='class'"):
+        sources.open_source(spec, t["data_dir"], "image", "caption", "class")
+    with pytest.raises(ValueError, match=r"data\.source='tfds:no_such_dataset'.*could not be opened"):
+        sources.open_source("tfds:no_such_dataset", t["data_dir"])
+
+
+def test_unusable_sources_are_named(own, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    specs = {
+        f"folder:{tmp_path}/missing": "no such folder",
+        f"folder:{empty}": "no image files",
+        f"webdataset:{tmp_path}/missing/{{00000..00001}}.tar": "no such shard",
+        f"webdataset:{tmp_path}/*.tar": "matches no file",
+        f"arrayrecord:{empty}": r"no \*\.array_record shards",
+        "images:/data": "must be KIND:PATH",
+        "folder:": "must be KIND:PATH",
+    }
+    for spec, why in specs.items():
+        with pytest.raises(ValueError, match=re.escape(f"data.source={spec!r}") + ".*" + why):
+            sources.open_source(spec)
+    not_tar = tmp_path / "0.tar"
+    not_tar.write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(ValueError, match="is not a readable tar file"):
+        sources.open_source(f"webdataset:{not_tar}")
+
+
+def test_validate_config_names_a_missing_source_before_any_device_work(own, tmp_path, monkeypatch):
+    from configs import txt2img
+
+    from ldm_jax.tasks import validate_config
+
+    config = txt2img.get_config("tiny")
+    config.first_stage.workdir = str(tmp_path)  # never read: validation fails first
+    config.data.source = f"folder:{tmp_path}/missing"
+    with pytest.raises(ValueError, match=r"data\.source='folder:.*/missing': no such folder"):
+        validate_config(config)
+    config.data.source = own["folder"]["spec"]
+    config.data.eval_source = f"webdataset:{tmp_path}/val-{{0..3}}.tar"
+    with pytest.raises(ValueError, match=r"data\.eval_source='webdataset:.*': no such shard"):
+        validate_config(config)
+    config.data.eval_source = ""
+    config.data.crop = "corner"
+    with pytest.raises(ValueError, match=r"data\.crop"):
+        validate_config(config)
+    # The training entry point stops there: no mesh, no device arrays, nothing written.
+    config.data.crop = "center"
+    config.data.source = f"folder:{tmp_path}/missing"
+    monkeypatch.setattr(loop, "make_mesh", lambda *a, **k: pytest.fail("device work before validation"))
+    with pytest.raises(ValueError, match=r"data\.source="):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+
+
+# --- decoding and cropping ----------------------------------------------------------------------------------
+
+
+def _examples(spec: str, crop="center", flip=False, seed=0, needs=()):
+    return preprocess.ExampleSource(sources.open_source(spec), S, crop, flip, seed, needs)
+
+
+def test_every_image_mode_becomes_upright_rgb_of_the_right_size(own):
+    folder = own["folder"]
+    root = folder["root"]
+    # The fixture holds the modes it claims to.
+    modes = {n: Image.open(os.path.join(root, n)).mode for n in folder["files"]}
+    assert modes["coffee_cmyk.jpg"] == "CMYK" and modes["gradient16.png"] == "I;16"
+    assert modes["rocket_rgba.png"] == "RGBA" and modes["coffee_palette.png"] == "P"
+    assert Image.open(os.path.join(root, "rotated.jpg")).getexif()[0x0112] == 6
+    src = _examples(folder["spec"])
+    keys = [src.raw[i]["key"] for i in range(len(src))]
+    ex = {k: src[i] for i, k in enumerate(keys)}
+    for k, e in ex.items():
+        assert e["image"].dtype == np.uint8 and e["image"].shape == (S, S, 3), k
+        assert e["_bad"] == 0 and e["caption"] in folder["captions"][k]
+    arrays = folder["arrays"]
+    # 16-bit grey: the 16-bit ramp is the 8-bit ramp, exactly, in all three channels.
+    np.testing.assert_array_equal(ex["gradient16.png"]["image"], np.repeat(arrays["gradient16.png"][..., None], 3, -1))
+    # CMYK: back to the RGB it was made from (within JPEG error).
+    diff = np.abs(ex["coffee_cmyk.jpg"]["image"].astype(int) - arrays["coffee_cmyk.jpg"].astype(int))
+    assert diff.mean() < 6, diff.mean()
+    # RGBA on white: the transparent half is white, the opaque half the photo.
+    np.testing.assert_array_equal(ex["rocket_rgba.png"]["image"], arrays["rocket_rgba.png"])
+    np.testing.assert_array_equal(ex["coffee_palette.png"]["image"], arrays["coffee_palette.png"])
+    # Lossless, non-square: resize is a no-op at 16 px high, the centre crop is the middle 16 of 24 columns.
+    np.testing.assert_array_equal(ex["chelsea.png"]["image"], arrays["chelsea.png"][:, 4:20])
+    assert tuple(ex["chelsea.png"]["original_size"]) == (16, 24)
+    assert tuple(ex["chelsea.png"]["crop_offset"]) == (0, 4)
+    # EXIF orientation 6: stored 24 wide x 16 high, upright 16 wide x 24 high, red above blue.
+    rot = ex["rotated.jpg"]
+    assert tuple(rot["original_size"]) == (24, 16)
+    assert tuple(rot["crop_offset"]) == (4, 0)
+    img = rot["image"].astype(int)
+    assert (img[:6, :, 0] > 180).all() and (img[:6, :, 2] < 80).all(), img[:6, :, :].mean((0, 1))
+    assert (img[-6:, :, 2] > 180).all() and (img[-6:, :, 0] < 80).all(), img[-6:, :, :].mean((0, 1))
+    # Downscaled photos keep their content (astronaut 20x20 -> 16x16).
+    astro = np.asarray(Image.open(os.path.join(root, "astronaut.jpg")).resize((S, S), Image.Resampling.LANCZOS))
+    assert np.abs(ex["astronaut.jpg"]["image"].astype(int) - astro.astype(int)).mean() < 2
+
+
+def test_to_rgb_and_resize_and_crop_directly():
+    # Palette with transparency and LA grey+alpha composite on white; float images are clipped.
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    p.putpixel((0, 0), 1)
+    p.info["transparency"] = 0
+    out = np.asarray(preprocess.to_rgb(p))
+    assert out.shape == (4, 4, 3) and tuple(out[0, 0]) == (200, 100, 50) and tuple(out[1, 1]) == (255, 255, 255)
+    la = Image.fromarray(np.stack([np.full((2, 2), 50, np.uint8), np.array([[0, 255], [255, 255]], np.uint8)], -1))
+    assert la.mode == "LA"
+    out = np.asarray(preprocess.to_rgb(la))
+    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (50, 50, 50)
+    f = Image.fromarray(np.array([[-5.0, 100.4], [300.0, 7.6]], np.float32))
+    np.testing.assert_array_equal(np.asarray(preprocess.to_rgb(f))[..., 0], [[0, 100], [255, 8]])
+    # Shorter side to the size, then the centre square; a tall image crops rows.
+    tall = Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint32).reshape(40, 20, 3).astype(np.uint8))
+    crop, (top, left) = preprocess.resize_and_crop(tall, 20, "center", np.random.default_rng(0))
+    assert (top, left) == (10, 0)
+    np.testing.assert_array_equal(crop, np.asarray(tall)[10:30])
+    small = Image.fromarray(np.zeros((5, 10, 3), np.uint8))
+    crop, (top, left) = preprocess.resize_and_crop(small, 16, "center", np.random.default_rng(0))
+    assert crop.shape == (16, 16, 3) and (top, left) == (0, 8)  # upscaled to 16 x 32
+
+
+def test_a_dark_16bit_image_stays_dark():
+    dark = Image.fromarray(np.full((4, 4), 200, np.uint16))  # 200 / 65535: black in 8 bits
+    assert dark.mode == "I;16"
+    assert np.asarray(preprocess.to_rgb(dark)).max() <= 1
+
+
+def test_random_crop_and_flip_are_a_pure_function_of_seed_and_position(own):
+    folder = own["folder"]
+    i = folder["files"].index("chelsea.png")
+    full = folder["arrays"]["chelsea.png"]  # 16 x 24: left offsets 0..8
+    a = _examples(folder["spec"], "random", True, seed=3)
+    b = _examples(folder["spec"], "random", True, seed=3)
+    other_seed = _examples(folder["spec"], "random", True, seed=4)
+    offsets, flips, by_seed = set(), set(), []
+    for position in range(24):
+        ex = a.get(i, position)
+        again = b.get(i, position)
+        np.testing.assert_array_equal(ex["image"], again["image"])
+        assert ex["caption"] == again["caption"]
+        top, left = (int(v) for v in ex["crop_offset"])
+        assert top == 0 and 0 <= left <= 8
+        window = full[:, left : left + S]
+        flipped = np.array_equal(ex["image"], window[:, ::-1])
+        assert flipped or np.array_equal(ex["image"], window), position
+        offsets.add(left)
+        flips.add(flipped)
+        by_seed.append(np.array_equal(ex["image"], other_seed.get(i, position)["image"]))
+    assert len(offsets) >= 4 and flips == {True, False}
+    assert not all(by_seed)
+    # Either caption of a two-caption image is drawn, depending on the position.
+    captions = {a.get(i, p)["caption"] for p in range(24)}
+    assert captions == set(folder["captions"]["chelsea.png"])
+    # The centre crop: the same pixels at every position.
+    center = _examples(folder["spec"])
+    assert all(np.array_equal(center.get(i, p)["image"], full[:, 4:20]) for p in range(4))
+
+
+# --- bad records ----------------------------------------------------------------------------------------------
+
+
+def test_bad_records_are_counted_by_reason_and_replaced_by_the_next_good_one(own):
+    wds = own["wds"]
+    src = _examples(wds["spec"], needs=("caption",))
+    counts = {r: 0 for r in preprocess.BAD_REASONS}
+    for position in range(len(src)):
+        ex = src.get(position, position)
+        assert ex["image"].shape == (S, S, 3) and ex["image"].dtype == np.uint8
+        assert ex["caption"], position  # every position filled with a captioned example
+        code = int(ex["_bad"])
+        key = wds["keys"][position]
+        assert code == (preprocess.BAD_REASONS.index(wds["bad"][key]) + 1 if key in wds["bad"] else 0), key
+        if code:
+            counts[preprocess.BAD_REASONS[code - 1]] += 1
+            # The next record takes the bad one's place, with the bad one's position's randomness.
+            replacement = src.get((position + 1) % len(src), position)
+            np.testing.assert_array_equal(ex["image"], replacement["image"])
+            assert ex["caption"] == replacement["caption"]
+    assert {r: c for r, c in counts.items() if c} == {
+        "unreadable_image": 1,
+        "missing_caption": 1,
+        "caption_not_utf8": 1,
+        "truncated": 1,
+    }
+    # Images only: a record without a caption is fine.
+    images_only = _examples(wds["spec"])
+    assert int(images_only.get(wds["keys"].index(own_data.WDS_NO_CAPTION), 0)["_bad"]) == 0
+    # Labels needed but the source has none: every record is bad, so the source is unusable.
+    with pytest.raises(ValueError, match=r"64 records in a row from record 5 are bad \(the first: missing_label\)"):
+        _examples(wds["spec"], needs=("label",)).get(5, 0)
+
+
+def test_a_source_of_only_bad_records_stops_with_its_name(tmp_path):
+    spec = own_data.write_corrupt_folder(str(tmp_path / "corrupt"))
+    src = _examples(spec)
+    with pytest.raises(ValueError, match=r"folder .*corrupt \(3 images\): 64 records in a row .* unreadable_image"):
+        src.get(0, 0)
+
+
+def test_an_undecodable_caption_does_not_matter_when_captions_are_not_needed(own):
+    wds = own["wds"]
+    src = _examples(wds["spec"])
+    assert int(src.get(wds["keys"].index(own_data.WDS_NOT_UTF8), 0)["_bad"]) == 0
+
+
+def test_bad_record_count_reports_and_stops_past_max_bad_fraction():
+    codes = {r: preprocess.BAD_REASONS.index(r) + 1 for r in preprocess.BAD_REASONS}
+    count = preprocess.BadRecordCount("webdataset:/data/laion/{00000..00009}.tar", 0.32)
+    count.add(np.zeros((6,), np.int32))
+    count.add(np.array([codes["truncated"], 0], np.int32))
+    metrics = count.check()
+    assert metrics == {"data/bad/truncated": 1.0, "data/bad_fraction": 0.125}
+    count.add(np.array([[codes["truncated"], codes["unreadable_image"]]], np.int32))
+    assert count.check() == {"data/bad/truncated": 2.0, "data/bad/unreadable_image": 1.0, "data/bad_fraction": 0.3}
+    count.add(np.array([codes["truncated"], 0], np.int32))
+    with pytest.raises(ValueError) as e:
+        count.check()
+    msg = str(e.value)
+    assert "webdataset:/data/laion/{00000..00009}.tar" in msg
+    assert "4 of 12 examples" in msg and "33.3%" in msg and "data.max_bad_fraction=0.32" in msg
+    assert "'truncated' (3)" in msg
+    clean = preprocess.BadRecordCount("folder:/x", 0.0)
+    clean.add(np.zeros((8,), np.int32))
+    assert clean.check() == {"data/bad_fraction": 0.0}
+
+
+# --- training through the real loop ---------------------------------------------------------------------------
+
+
+def _data_config(**fields):
+    from configs import autoencoder_kl
+
+    data = autoencoder_kl.get_config("tiny").data
+    data.update(fields)
+    return pipeline.DataConfig.from_config(data, "data.")
+
+
+def _wds_txt2img_config(own, data_dir, first_stage_workdir):
+    from configs import txt2img
+
+    config = txt2img.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.first_stage.workdir = first_stage_workdir
+    config.data.source = own["wds"]["spec"]
+    config.data.crop, config.data.random_flip = "random", True
+    config.data.max_bad_fraction = 0.2  # 4 of 32 records are bad
+    config.train.update(num_steps=4, checkpoint_every=2, log_every=2)
+    return config
+
+
+def _expected_bad(own, config, first: int, last: int) -> dict[str, int]:
+    """Bad records by reason at stream positions [first, last) of a run of ``config`` on the webdataset."""
+    wds = own["wds"]
+    order = pipeline.GlobalOrder(len(wds["keys"]), config.data.global_batch_size, config.data.shuffle_seed)
+    out = {}
+    for p in range(first, last):
+        key = wds["keys"][order.record(p)]
+        if key in wds["bad"]:
+            out[wds["bad"][key]] = out.get(wds["bad"][key], 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def wds_txt2img_run(own, data_dir, first_stage_workdir, tmp_path_factory):
+    config = _wds_txt2img_config(own, data_dir, first_stage_workdir)
+    workdir = str(tmp_path_factory.mktemp("wds_txt2img"))
+    state = loop.train_and_evaluate(config, workdir)
+    return config, workdir, state
+
+
+def test_txt2img_trains_on_webdataset_shards_and_counts_their_bad_records(own, wds_txt2img_run):
+    config, workdir, state = wds_txt2img_run
+    assert int(state.step) == 4
+    rows = _metrics(workdir)
+    _finite_losses(rows)
+    g = config.data.global_batch_size
+    # 4 steps of 8 = one epoch of 32 records: every bad record exactly once by the end.
+    assert _bad_counts(rows[4]) == {"unreadable_image": 1, "missing_caption": 1, "caption_not_utf8": 1, "truncated": 1}
+    assert rows[4]["data/bad_fraction"] == pytest.approx(4 / 32)
+    halfway = _expected_bad(own, config, 0, 2 * g)
+    assert _bad_counts(rows[2]) == halfway
+    assert rows[2]["data/bad_fraction"] == pytest.approx(sum(halfway.values()) / (2 * g))
+    assert halfway, "the resume test below needs a bad record in the first half of the epoch"
+
+
+def test_too_many_bad_records_stop_the_run_with_the_source_named(own, data_dir, first_stage_workdir, tmp_path):
+    config = _wds_txt2img_config(own, data_dir, first_stage_workdir)
+    config.data.max_bad_fraction = 0.01
+    with pytest.raises(ValueError, match=r"webdataset:.*\{00000\.\.00002\}\.tar: \d+ of 16 examples so far .* bad"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow  # its own diffusion compile (~25 s); CI trains txt2img and the autoencoder on own data
+def test_class_cond_trains_on_class_folders(own, data_dir, first_stage_workdir, tmp_path):
+    from configs import class_cond
+
+    from ldm_jax.tasks import build_task
+
+    config = class_cond.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.first_stage.workdir = first_stage_workdir
+    config.data.source = own["classes"]["spec"]
+    config.classes = "source"
+    config.sample.class_labels = (0, 1, 2)
+    config.train.update(num_steps=2, log_every=2)
+    task = build_task(config)
+    assert task.conditioner.num_classes == 3 and task.conditioner.class_name(1) == "coffee"
+    batch = next(iter(pipeline.make_loader(config.data, "train", 8, None, "source")))
+    assert batch["label"].shape == (8,) and set(batch["label"].tolist()) <= {0, 1, 2}
+    state = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 2
+    assert state.params["unet"]["class_embedding"]["embedding"].shape[0] == 4  # 3 classes + the null class
+    rows = _metrics(str(tmp_path / "run"))
+    _finite_losses(rows)
+    assert rows[2]["data/bad_fraction"] == 0.0 and not _bad_counts(rows[2])
+    # A folder without class sub-folders cannot label a class_cond run.
+    config.data.source = own["folder"]["spec"]
+    with pytest.raises(ValueError, match=r"classes.*names 0 classes; need >= 2"):
+        loop.train_and_evaluate(config, str(tmp_path / "unlabelled"))
+
+
+@pytest.mark.slow  # its own diffusion compile (~25 s); CI trains txt2img and the autoencoder on own data
+def test_superres_trains_on_an_image_folder(own, data_dir, first_stage_workdir, tmp_path):
+    from configs import superres
+
+    config = superres.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.first_stage.workdir = first_stage_workdir
+    config.data.source = own["folder"]["spec"]
+    config.train.update(num_steps=2, log_every=2)
+    state = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 2
+    rows = _metrics(str(tmp_path / "run"))
+    _finite_losses(rows)
+    assert rows[2]["data/bad_fraction"] == 0.0
+
+
+def _autoencoder_config(source: str, data_dir: str):
+    from configs import autoencoder_kl
+
+    config = autoencoder_kl.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.disc.enabled = False  # as the session's first stage: the same compiled step
+    config.data.source = source
+    return config
+
+
+def test_autoencoder_trains_on_an_image_folder(own, data_dir, tmp_path):
+    config = _autoencoder_config(own["folder"]["spec"], data_dir)
+    config.train.update(num_steps=4, preview_every=4)  # the preview reconstructs the folder's first images
+    state = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 4
+    rows = _metrics(str(tmp_path / "run"))
+    _finite_losses(rows)
+    assert rows[4]["data/bad_fraction"] == 0.0
+    assert any(k.startswith("eval/") for k in rows[4])
+    assert os.listdir(tmp_path / "run" / "previews")
+
+
+# --- prepare_data -------------------------------------------------------------------------------------------
+
+_PREPARE_FLAGS = ("--image_size=16", "--records_per_shard=8", "--min_side=12", "--max_aspect=3", "--require_caption")
+# Of the webdataset fixture's 32 records, what the flags above drop.
+_DROPPED = {"unreadable": 2, "missing_image": 0, "missing_caption": 2, "too_small": 1, "aspect_ratio": 1}
+_KEPT = 32 - 6
+
+
+def _prepare(spec: str, out: str, *extra: str):
+    proc = run_module("ldm_jax.prepare_data", f"--source={spec}", f"--out={out}", *_PREPARE_FLAGS, *extra, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def prepared(own, tmp_path_factory):
+    """The webdataset fixture prepared by one worker, and by two workers run one after the other."""
+    root = tmp_path_factory.mktemp("prepared")
+    one, two = str(root / "one"), str(root / "two")
+    spec = own["wds"]["spec"]
+    first = _prepare(spec, one)
+    _prepare(spec, two, "--process_index=0", "--process_count=2")
+    after_worker_0 = sorted(os.listdir(two))
+    _prepare(spec, two, "--process_index=1", "--process_count=2")
+    return {"one": one, "two": two, "stdout": first.stdout, "after_worker_0": after_worker_0}
+
+
+def test_prepare_data_is_the_same_for_any_worker_count(prepared):
+    shard = "shard-{:05d}-of-00004.array_record"
+    # Worker 0 of 2 writes shards 0 and 2 (and their statistics), and no dataset_info.json yet.
+    assert prepared["after_worker_0"] == sorted(
+        [shard.format(j) for j in (0, 2)] + [shard.format(j) + ".json" for j in (0, 2)]
+    )
+    one, two = _files(prepared["one"]), _files(prepared["two"])
+    assert (
+        sorted(one)
+        == sorted(two)
+        == sorted(
+            [shard.format(j) for j in range(4)] + [shard.format(j) + ".json" for j in range(4)] + ["dataset_info.json"]
+        )
+    )
+    for name in one:
+        assert one[name] == two[name], name
+    info = json.loads(one["dataset_info.json"])
+    assert info["records"] == _KEPT and info["source_records"] == 32 and info["shards"] == 4
+    assert info["dropped"] == _DROPPED
+    assert info["class_names"] == []
+    assert json.loads(prepared["stdout"].strip().splitlines()[-1])["dropped"] == _DROPPED
+    per_shard = [json.loads(one[shard.format(j) + ".json"]) for j in range(4)]
+    assert [s["source_records"] for s in per_shard] == [8, 8, 8, 8]
+    assert sum(s["records"] for s in per_shard) == _KEPT
+
+
+def test_prepare_data_rerun_skips_complete_shards_and_redoes_missing_ones(own, prepared, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "out")
+    shutil.copytree(prepared["one"], out)
+    shards = sorted(n for n in os.listdir(out) if n.endswith(".array_record"))
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    _prepare(own["wds"]["spec"], out)
+    after = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    assert {n: after[n] for n in shards} == {n: before[n] for n in shards}
+    # A shard whose statistics are missing was not finished: it is written again, the same bytes; others untouched.
+    os.remove(os.path.join(out, shards[1] + ".json"))
+    os.remove(os.path.join(out, shards[1]))
+    _prepare(own["wds"]["spec"], out)
+    again = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    assert {n: again[n] for n in shards if n != shards[1]} == {n: before[n] for n in shards if n != shards[1]}
+    assert _files(out) == _files(prepared["one"])
+
+
+def test_prepare_data_flags_are_checked(own, tmp_path):
+    proc = run_module(
+        "ldm_jax.prepare_data", f"--source={own['wds']['spec']}", f"--out={tmp_path}", "--process_index=2",
+        "--process_count=2",
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--process_index=2: must be in [0, --process_count=2)" in proc.stderr
+    proc = run_module("ldm_jax.prepare_data", f"--source=folder:{tmp_path}/missing", f"--out={tmp_path}/o")
+    assert proc.returncode != 0 and "data.source=" in proc.stderr and "no such folder" in proc.stderr
+
+
+def test_prepare_data_keeps_class_labels_of_class_folders(own, tmp_path):
+    out = str(tmp_path / "classes")
+    proc = run_module(
+        "ldm_jax.prepare_data", f"--source={own['classes']['spec']}", f"--out={out}", "--image_size=16",
+        "--records_per_shard=5",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    assert info["class_names"] == ["cat", "coffee", "rocket"] and info["records"] == 12 and info["shards"] == 3
+    src = sources.open_source(f"arrayrecord:{out}")
+    assert src.class_names == ["cat", "coffee", "rocket"]
+    assert {src[i]["key"]: src[i]["label"] for i in range(len(src))} == own["classes"]["labels"]
+    data = _data_config(source=f"arrayrecord:{out}")
+    assert pipeline.source_class_names(data) == ["cat", "coffee", "rocket"]
+
+
+def test_arrayrecord_source_reads_the_prepared_records(own, prepared):
+    wds = own["wds"]
+    src = sources.open_source(f"arrayrecord:{prepared['one']}")
+    assert len(src) == _KEPT and src.class_names == [] and src.info["records"] == _KEPT
+    dropped = set(wds["bad"]) | {own_data.WDS_TOO_SMALL, own_data.WDS_TOO_WIDE}
+    kept = [k for k in wds["keys"] if k not in dropped]
+    records = [src[i] for i in range(len(src))]
+    assert [r["key"] for r in records] == kept  # source order, any worker count
+    for r in records:
+        assert r["error"] == "" and r["captions"] == wds["captions"][r["key"]] and r["label"] == -1
+        im = Image.open(io.BytesIO(r["image"]))
+        assert im.format == "PNG" and min(im.size) == S  # stored at the shorter side --image_size
+    src_examples = preprocess.ExampleSource(src, S, "center", False, 0, ("caption",))
+    assert all(int(src_examples[i]["_bad"]) == 0 for i in range(len(src)))
+
+
+def test_prepared_records_keep_their_original_size(own, prepared):
+    wds = own["wds"]
+    src = preprocess.ExampleSource(sources.open_source(f"arrayrecord:{prepared['one']}"), S, "center", False, 0)
+    for i in range(len(src.raw)):
+        key = src.raw[i]["key"]
+        assert tuple(src[i]["original_size"]) == tuple(wds["sizes"][key]), key
+
+
+def test_txt2img_trains_on_prepared_arrayrecord_shards(own, prepared, data_dir, first_stage_workdir, tmp_path):
+    config = _wds_txt2img_config(own, data_dir, first_stage_workdir)  # the same step as the webdataset run
+    config.data.source = f"arrayrecord:{prepared['two']}"
+    state = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 4
+    rows = _metrics(str(tmp_path / "run"))
+    _finite_losses(rows)
+    assert rows[4]["data/bad_fraction"] == 0.0 and not _bad_counts(rows[4])
+
+
+# --- resuming on an own source --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wds_txt2img_resumed(own, data_dir, first_stage_workdir, tmp_path_factory):
+    """The webdataset txt2img run interrupted while fetching the batch of step 3 (after the step-2 checkpoint),
+    then resumed."""
+    config = _wds_txt2img_config(own, data_dir, first_stage_workdir)
+    workdir = str(tmp_path_factory.mktemp("wds_txt2img_resumed"))
+    real_to_global = pipeline.to_global
+    calls = {"n": 0}
+
+    def failing_to_global(batch, sharding):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_to_global(batch, sharding)
+
+    pipeline.to_global = failing_to_global
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.train_and_evaluate(copy.deepcopy(config), workdir)
+    finally:
+        pipeline.to_global = real_to_global
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    return workdir, loop.train_and_evaluate(copy.deepcopy(config), workdir)
+
+
+def test_resume_on_own_source_equals_uninterrupted(wds_txt2img_run, wds_txt2img_resumed):
+    _, _, full = wds_txt2img_run
+    _, resumed = wds_txt2img_resumed
+    assert int(resumed.step) == int(full.step) == 4
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(full.ema_params), jax.tree.leaves(resumed.ema_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resumed_run_reports_the_bad_records_of_the_whole_run(wds_txt2img_run, wds_txt2img_resumed):
+    _, full_dir, _ = wds_txt2img_run
+    resumed_dir, _ = wds_txt2img_resumed
+    full, resumed = _metrics(full_dir), _metrics(resumed_dir)
+    assert _bad_counts(resumed[4]) == _bad_counts(full[4])
+    assert resumed[4]["data/bad_fraction"] == full[4]["data/bad_fraction"]

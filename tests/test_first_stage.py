@@ -230,6 +230,7 @@ def _smoothed(cluster):
 
 def test_perceptual_term_absent_only_when_said(tmp_path):
     c = autoencoder_kl.get_config("kl_f8")
+    c.data.source = f"folder:{tmp_path}"  # the zoo presets train on the user's images
     with pytest.raises(ValueError, match="loss.lpips_vgg_weights=''.*perceptual_weight=0"):
         validate_config(c)
     c.loss.perceptual_weight = 0.0
@@ -240,7 +241,13 @@ def test_perceptual_term_absent_only_when_said(tmp_path):
         validate_config(c)
     # The CLI stops before any device work, naming the field, and writes nothing.
     workdir = str(tmp_path / "run")
-    proc = run_module("ldm_jax.train", "--config=configs/autoencoder_vq.py:vq_f4", f"--workdir={workdir}", timeout=120)
+    proc = run_module(
+        "ldm_jax.train",
+        "--config=configs/autoencoder_vq.py:vq_f4",
+        f"--config.data.source=folder:{tmp_path}",
+        f"--workdir={workdir}",
+        timeout=120,
+    )
     assert proc.returncode != 0 and "loss.lpips_vgg_weights" in proc.stderr
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 

@@ -736,3 +736,39 @@ def test_resumed_run_reports_the_bad_records_of_the_whole_run(wds_txt2img_run, w
     full, resumed = _metrics(full_dir), _metrics(resumed_dir)
     assert _bad_counts(resumed[4]) == _bad_counts(full[4])
     assert resumed[4]["data/bad_fraction"] == full[4]["data/bad_fraction"]
+
+
+def test_two_processes_train_on_own_shards_like_one(own, tmp_path):
+    """2 processes x 2 devices on the webdataset shards (bad records included) train like one process: the same
+    losses and the same bad-record counts, summed over both hosts."""
+    import sys
+
+    from cli import two_process_job, wait_all
+
+    from configs import autoencoder_kl
+
+    flags = [
+        "--config=configs/autoencoder_kl.py:tiny",
+        f"--config.data.source={own['wds']['spec']}",
+        "--config.data.max_bad_fraction=0.5",
+        "--config.disc.enabled=False",
+        "--config.train.num_steps=4",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=4",
+    ]
+    two = str(tmp_path / "two")
+    procs = two_process_job([sys.executable, "-m", "ldm_jax.train", *flags, f"--workdir={two}"], str(tmp_path / "log"))
+    outputs = wait_all(procs, timeout=420)
+    assert "(2 processes)" in outputs[0]
+    config = autoencoder_kl.get_config("tiny")
+    config.data.source, config.data.max_bad_fraction = own["wds"]["spec"], 0.5
+    config.disc.enabled = False
+    config.train.update(num_steps=4, log_every=1, checkpoint_every=4)
+    one = str(tmp_path / "one")
+    loop.train_and_evaluate(config, one)
+    rows_two, rows_one = _metrics(two), _metrics(one)
+    assert sorted(rows_two) == sorted(rows_one) == [1, 2, 3, 4]
+    for step in rows_one:
+        np.testing.assert_allclose(rows_two[step]["train/loss"], rows_one[step]["train/loss"], rtol=1e-5)
+        assert _bad_counts(rows_two[step]) == _bad_counts(rows_one[step])
+    assert sum(_bad_counts(rows_one[4]).values()) > 0  # the corrupt and truncated samples were met and counted

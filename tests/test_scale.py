@@ -25,8 +25,18 @@ from ldm_jax.training.state import TrainState
 from ldm_jax.training.steps import train_step
 
 
+class _Records:
+    """A source whose example at a position is its record index (sources take the stream position too)."""
+
+    def __len__(self):
+        return 100
+
+    def get(self, index, position):
+        return index
+
+
 def test_global_batches_do_not_depend_on_the_process_count():
-    source = list(range(100))
+    source = _Records()
     order = pipeline.GlobalOrder(len(source), 8, seed=3)
     whole = pipeline._ProcessShare(source, order, 0, 30, process_index=0, local=8)
     for processes in (2, 4):
@@ -177,8 +187,9 @@ def test_fsdp_partition_specs_follow_the_rule(data_dir):
     assert mu == param_specs
 
 
-def test_learning_rate_scaling_by_global_batch():
+def test_learning_rate_scaling_by_global_batch(tmp_path):
     c = autoencoder_kl.get_config("kl_f8")
+    c.data.source = f"folder:{tmp_path}"  # the zoo presets train on the user's images
     assert peak_learning_rate(c.optim, 64) == pytest.approx(4.5e-6 * 64)  # the reference's base_lr x batch
     c.optim.update(lr=1e-4, lr_scaling="sqrt", base_batch_size=256)
     assert peak_learning_rate(c.optim, 1024) == pytest.approx(2e-4)

@@ -339,6 +339,7 @@ def first_stage_config(fields: dict, image_size: int):
     model = {k: v for k, v in fields.items() if k not in ("scaling_factor", "sample_size")}
     c.model = ml_collections.ConfigDict(model)
     c.data.image_size = image_size
+    c.data.source = ""  # a converted model has no training data of its own: set one to train it further
     return c
 
 
@@ -369,6 +370,7 @@ def workdir_config(pipe: Pipeline, first_stage_workdir: str):
     c.sample.guidance_scale = 7.5
     f = 2 ** (len(pipe.first_stage["block_out_channels"]) - 1)
     c.data.image_size = pipe.unet["sample_size"] * f
+    c.data.source = ""  # a converted model has no training data of its own: set one to fine-tune it
     return c
 
 

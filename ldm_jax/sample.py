@@ -86,21 +86,6 @@ flags.mark_flags_as_required(["workdir"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 
 
-# The flags whose meaning depends on the run's task; each is read by one part of the task (tasks/protocol.py).
-TASK_FLAGS = (
-    "prompt",
-    "prompts_file",
-    "negative_prompt",
-    "class_label",
-    "num_images",
-    "low_res_image",
-    "noise_level",
-    "init_image",
-    "mask_image",
-    "strength",
-)
-
-
 def read_prompts(prompts: list[str], prompts_file: str) -> list[str]:
     out = list(prompts)
     if prompts_file:
@@ -116,7 +101,7 @@ def main(argv):
     from ldm_jax.diffusion.guidance import validate_guidance
     from ldm_jax.diffusion.samplers import SamplerOptions
     from ldm_jax.imaging import make_grid, save_png
-    from ldm_jax.tasks import build_task, check_sample_flags, load_for_sampling
+    from ldm_jax.tasks import SAMPLE_FLAGS, build_task, check_sample_flags, load_for_sampling
     from ldm_jax.tasks.protocol import SampleInputs
     from ldm_jax.training.reporting import quiet_library_logs
 
@@ -156,7 +141,7 @@ def main(argv):
         s = run_config.sample
         guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
         rescale = s.guidance_rescale if _RESCALE.value is None else _RESCALE.value
-        check_sample_flags(run_config.task, {f for f in TASK_FLAGS if flags.FLAGS[f].present})
+        check_sample_flags(run_config.task, {f for f in SAMPLE_FLAGS if flags.FLAGS[f].present})
         options = SamplerOptions.for_run(run_config, prefix="--", **overrides)
         validate_guidance(guidance, rescale, prefix="--")
     except (OSError, ValueError) as e:  # each names the flag and what is allowed

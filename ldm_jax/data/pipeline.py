@@ -150,7 +150,14 @@ def data_source(data_config, split: str, needs: tuple[str, ...] = ()):
 
 def source_class_names(data_config) -> list[str]:
     """The class names of the user's source (folder sub-folders, a TFDS label feature, prepared shards)."""
-    return list(data_source(data_config, "train").class_names)
+    d = data_config
+    return list(_class_names(d.source, d.data_dir, d.image_key, d.caption_key, d.label_key))
+
+
+@functools.lru_cache(maxsize=8)
+def _class_names(spec: str, data_dir: str, image_key: str, caption_key: str, label_key: str) -> tuple[str, ...]:
+    # Validation and the task's construction both ask: opening a source (indexing every tar shard) happens once.
+    return tuple(sources.open_source(spec, data_dir, image_key, caption_key, label_key).class_names)
 
 
 def first_images(data_config, split: str, count: int) -> np.ndarray:

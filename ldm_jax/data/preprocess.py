@@ -110,10 +110,9 @@ class ExampleSource:
             if not why:
                 try:
                     im = decode_to_pil(rec["image"])
-                    original = rec.get("original_size")
                     im = to_rgb(im)
-                    if rec.get("original_size") is None:
-                        original = (im.size[1], im.size[0])  # upright (EXIF orientation applied)
+                    # Prepared shards carry the size before preparation; otherwise the upright (EXIF) size.
+                    original = rec.get("original_size") or (im.size[1], im.size[0])
                     image, (top, left) = resize_and_crop(im, self.image_size, self.crop, rng)
                 except Exception:  # PIL raises many types for corrupt data; the reason is what counts here
                     why = "unreadable_image"

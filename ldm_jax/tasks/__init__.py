@@ -49,6 +49,8 @@ TASKS = {
     "superres": _latent(NoiseLevelConditioner, LowResConcat),
 }
 DIFFUSION_TASKS = tuple(k for k, v in TASKS.items() if v.parts)
+# The ldm_jax.sample flags whose meaning depends on the task: each is read by one kind of part.
+SAMPLE_FLAGS = tuple(dict.fromkeys(f for k in TASKS.values() for part in k.parts for f in part.FLAGS))
 
 
 def _kind(name) -> TaskKind:

@@ -23,7 +23,7 @@ import time
 from absl import app, flags, logging
 from PIL import Image
 
-from ldm_jax.data import records, sources
+from ldm_jax.data import records, shards, sources
 from ldm_jax.data.preprocess import to_rgb
 
 _SOURCE = flags.DEFINE_string("source", None, "The data source (data.source syntax: folder:, webdataset:, tfds:).")
@@ -42,10 +42,6 @@ _PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "Number of independent
 flags.mark_flags_as_required(["source", "out"])
 
 DROP_REASONS = ("unreadable", "missing_image", "missing_caption", "too_small", "aspect_ratio")
-
-
-def shard_name(j: int, n: int) -> str:
-    return f"shard-{j:05d}-of-{n:05d}.array_record"
 
 
 def prepare_record(rec: dict, image_size: int, min_side: int, max_aspect: float, require_caption: bool):
@@ -79,14 +75,12 @@ def write_shard(raw, j: int, n_shards: int, out: str, settings: dict) -> dict:
     """Writes output shard j atomically (its records, then its statistics); returns the statistics."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    per = settings["records_per_shard"]
-    lo, hi = j * per, min((j + 1) * per, len(raw))
-    path = os.path.join(out, shard_name(j, n_shards))
-    tmp = f"{path}.tmp-{os.getpid()}"
+    rows = shards.record_range(j, settings["records_per_shard"], len(raw))
+    tmp = shards.temporary_path(out, j, n_shards)
     writer = ArrayRecordWriter(tmp, "group_size:1")
     dropped = {r: 0 for r in DROP_REASONS}
     kept = 0
-    for i in range(lo, hi):
+    for i in rows:
         data, reason = prepare_record(
             raw[i], settings["image_size"], settings["min_side"], settings["max_aspect"], settings["require_caption"]
         )
@@ -96,50 +90,42 @@ def write_shard(raw, j: int, n_shards: int, out: str, settings: dict) -> dict:
             writer.write(data)
             kept += 1
     writer.close()
-    stats = {"shard": j, "source_records": hi - lo, "records": kept, "dropped": dropped}
-    os.replace(tmp, path)
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(stats, f)
-    os.replace(path + ".json.tmp", path + ".json")  # the shard counts as complete once this exists
+    stats = {"shard": j, "source_records": len(rows), "records": kept, "dropped": dropped}
+    shards.commit(out, j, n_shards, tmp, stats)
     return stats
 
 
 def prepare(spec: str, out: str, settings: dict, process_index: int = 0, process_count: int = 1, **source_kw):
     """Writes this worker's missing shards; writes dataset_info.json when every shard is complete. Returns the
     dataset info, or None while other workers' shards are missing."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"--process_index={process_index}: must be in [0, --process_count={process_count})")
+    shards.check_worker(process_index, process_count)
     for name in ("image_size", "records_per_shard"):
         if settings[name] < 1:
             raise ValueError(f"--{name}={settings[name]}: must be >= 1")
     raw = sources.open_source(spec, **source_kw)
-    n_shards = -(-len(raw) // settings["records_per_shard"])
+    n_shards = shards.num_shards(len(raw), settings["records_per_shard"])
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     for j in range(process_index, n_shards, process_count):
-        if os.path.exists(os.path.join(out, shard_name(j, n_shards) + ".json")):
+        if shards.is_complete(out, j, n_shards):
             continue  # complete from an earlier run
         stats = write_shard(raw, j, n_shards, out, settings)
         logging.info("shard %d/%d: %d records kept of %d", j + 1, n_shards, stats["records"], stats["source_records"])
-    stat_paths = [os.path.join(out, shard_name(j, n_shards) + ".json") for j in range(n_shards)]
-    if not all(os.path.exists(p) for p in stat_paths):
+    done = shards.all_stats(out, n_shards)
+    if done is None:
         logging.info("this worker's shards are done; dataset_info.json follows when every worker's are")
         return None
-    shards = [json.load(open(p)) for p in stat_paths]
     info = {
         "source": spec,
         "source_records": len(raw),
-        "records": sum(s["records"] for s in shards),
-        "dropped": {r: sum(s["dropped"][r] for s in shards) for r in DROP_REASONS},
+        "records": sum(s["records"] for s in done),
+        "dropped": {r: sum(s["dropped"][r] for s in done) for r in DROP_REASONS},
         "shards": n_shards,
         "settings": settings,
         "class_names": list(getattr(raw, "class_names", [])),
         "record_format": "ldm_jax.data.records (PNG, shorter side image_size, original size in the header)",
     }
-    path = os.path.join(out, records.INFO_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    shards.write_json_atomic(os.path.join(out, records.INFO_FILE), info, indent=2, sort_keys=True)
     logging.info("%d of %d records kept in %d shards (%.1f s): %s", info["records"], len(raw), n_shards,
                  time.perf_counter() - t0, info["dropped"])  # fmt: skip
     return info

@@ -1,0 +1,72 @@
+"""Output shards written by independent workers (``prepare_data``, ``cache_latents``): naming, atomic completion and
+the plan of which source records each shard holds.
+
+Output shard j holds source records [j * K, (j + 1) * K) (K records per shard); worker i of N writes shards i, i + N,
+... . A shard is written to a temporary file and renamed, then its statistics file is written the same way: a shard
+counts as complete once ``<shard>.json`` exists, so a killed job reruns, skips the complete shards and redoes the
+others, and the shards' contents do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+SHARD_SUFFIX = ".array_record"
+
+
+def shard_name(j: int, n: int) -> str:
+    return f"shard-{j:05d}-of-{n:05d}{SHARD_SUFFIX}"
+
+
+def num_shards(num_records: int, per_shard: int) -> int:
+    return -(-num_records // per_shard)
+
+
+def record_range(j: int, per_shard: int, num_records: int) -> range:
+    """The source records of output shard ``j``."""
+    return range(j * per_shard, min((j + 1) * per_shard, num_records))
+
+
+def check_worker(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"--process_index={process_index}: must be in [0, --process_count={process_count})")
+
+
+def stats_path(out: str, j: int, n: int) -> str:
+    return os.path.join(out, shard_name(j, n) + ".json")
+
+
+def is_complete(out: str, j: int, n: int) -> bool:
+    return os.path.exists(stats_path(out, j, n))
+
+
+def temporary_path(out: str, j: int, n: int) -> str:
+    """Where shard j is written before it is renamed into place (per process: two workers never share one)."""
+    return os.path.join(out, f"{shard_name(j, n)}.tmp-{os.getpid()}")
+
+
+def commit(out: str, j: int, n: int, tmp: str, stats: dict) -> None:
+    """Renames the written shard into place, then writes its statistics (which mark it complete)."""
+    path = os.path.join(out, shard_name(j, n))
+    os.replace(tmp, path)
+    write_json_atomic(stats_path(out, j, n), stats)
+
+
+def all_stats(out: str, n: int) -> list[dict] | None:
+    """Every shard's statistics, or None while any shard is incomplete."""
+    paths = [stats_path(out, j, n) for j in range(n)]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    out_stats = []
+    for p in paths:
+        with open(p) as f:
+            out_stats.append(json.load(f))
+    return out_stats
+
+
+def write_json_atomic(path: str, value, **dump_kw) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, **dump_kw)
+    os.replace(tmp, path)

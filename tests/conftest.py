@@ -15,8 +15,14 @@ import pytest  # noqa: E402
 # runs hermetic.
 _CACHE_DIR = tempfile.mkdtemp(prefix="ldm_jax_test_xla_cache_")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR  # inherited by CLI subprocesses
+# Tar-shard indexes of this session's webdataset fixtures, not the user's ~/.cache.
+os.environ["LDM_JAX_INDEX_CACHE"] = tempfile.mkdtemp(prefix="ldm_jax_test_tar_index_")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Every program, however quick to compile: a process's first checkpoint save compiles one small slicing program per
+# distinct array shape (orbax's replica slices: ~100 for a tiny model on 8 devices, ~6 s of 2 cores), each below the
+# default threshold; persisted, every later run and subprocess reads them instead.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from ldm_jax import jax_setup  # noqa: E402
 

@@ -39,7 +39,7 @@ def batch(data_dir):
     c = autoencoder_kl.get_config("tiny")
     c.data.data_dir = data_dir
     b = next(iter(pipeline.make_loader(c.data, "train", 4)))
-    return {"image": jnp.asarray(b["image"])}
+    return {"image": jnp.asarray(pipeline.to_model_range(b["image"]))}
 
 
 def _flat(tree):

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import time
 
 import jax
 import numpy as np
@@ -560,7 +561,9 @@ def test_autoencoder_trains_on_an_image_folder(own, data_dir, tmp_path):
 
 _PREPARE_FLAGS = ("--image_size=16", "--records_per_shard=8", "--min_side=12", "--max_aspect=3", "--require_caption")
 # Of the webdataset fixture's 32 records, what the flags above drop.
-_DROPPED = {"unreadable": 2, "missing_image": 0, "missing_caption": 2, "too_small": 1, "aspect_ratio": 1}
+_DROPPED = {
+    "unreadable": 2, "missing_image": 0, "missing_caption": 2, "too_small": 1, "aspect_ratio": 1, "duplicate": 0
+}  # fmt: skip
 _KEPT = 32 - 6
 
 
@@ -571,7 +574,15 @@ def _prepare(spec: str, out: str, *extra: str):
 
 
 def _files(folder) -> dict[str, bytes]:
-    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+    """The files of ``folder`` and of its sub-folders (``hashes/``), by relative path."""
+    out = {}
+    for n in sorted(os.listdir(folder)):
+        path = os.path.join(folder, n)
+        if os.path.isdir(path):
+            out.update({f"{n}/{k}": v for k, v in _files(path).items()})
+        else:
+            out[n] = open(path, "rb").read()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -591,14 +602,16 @@ def test_prepare_data_is_the_same_for_any_worker_count(prepared):
     shard = "shard-{:05d}-of-00004.array_record"
     # Worker 0 of 2 writes shards 0 and 2 (and their statistics), and no dataset_info.json yet.
     assert prepared["after_worker_0"] == sorted(
-        [shard.format(j) for j in (0, 2)] + [shard.format(j) + ".json" for j in (0, 2)]
+        [shard.format(j) for j in (0, 2)] + [shard.format(j) + ".json" for j in (0, 2)] + ["settings.json"]
     )
     one, two = _files(prepared["one"]), _files(prepared["two"])
     assert (
         sorted(one)
         == sorted(two)
         == sorted(
-            [shard.format(j) for j in range(4)] + [shard.format(j) + ".json" for j in range(4)] + ["dataset_info.json"]
+            [shard.format(j) for j in range(4)]
+            + [shard.format(j) + ".json" for j in range(4)]
+            + ["dataset_info.json", "settings.json"]
         )
     )
     for name in one:
@@ -606,7 +619,7 @@ def test_prepare_data_is_the_same_for_any_worker_count(prepared):
     info = json.loads(one["dataset_info.json"])
     assert info["records"] == _KEPT and info["source_records"] == 32 and info["shards"] == 4
     assert info["dropped"] == _DROPPED
-    assert info["class_names"] == []
+    assert info["class_names"] == [] and info["settings"]["dedupe"] is False
     assert json.loads(prepared["stdout"].strip().splitlines()[-1])["dropped"] == _DROPPED
     per_shard = [json.loads(one[shard.format(j) + ".json"]) for j in range(4)]
     assert [s["source_records"] for s in per_shard] == [8, 8, 8, 8]
@@ -640,6 +653,144 @@ def test_prepare_data_flags_are_checked(own, tmp_path):
     assert proc.returncode != 0 and "--process_index=2: must be in [0, --process_count=2)" in proc.stderr
     proc = run_module("ldm_jax.prepare_data", f"--source=folder:{tmp_path}/missing", f"--out={tmp_path}/o")
     assert proc.returncode != 0 and "data.source=" in proc.stderr and "no such folder" in proc.stderr
+
+
+# A folder of 14 images in 4 shards of 4 source records (--records_per_shard=4), with exact copies within a shard and
+# across shards: name -> (what its bytes are, caption or None, the drop reason with --dedupe or "" if kept).
+_DUP_FILES = {
+    "00_a.jpg": ("a", "astronaut", ""),
+    "01_b.png": ("b", "coffee", ""),
+    "02_a_copy.jpg": ("a", "astronaut again", "duplicate"),  # same shard as its original
+    "03_c_uncaptioned.jpg": ("c", None, "missing_caption"),  # dropped first: claims nothing
+    "04_corrupt.jpg": ("corrupt", "broken", "unreadable"),
+    "05_corrupt_copy.jpg": ("corrupt", "broken again", "unreadable"),  # another reason comes first
+    "06_c.jpg": ("c", "a rocket", ""),  # the first copy of c that is kept
+    "07_b_copy.png": ("b", "coffee again", "duplicate"),  # shard 1, its original in shard 0
+    "08_a_as_png.png": ("a_png", "astronaut as png", ""),  # the same pixels, other bytes: not caught
+    "09_a_copy.jpg": ("a", "astronaut, third copy", "duplicate"),  # shard 2, its original in shard 0
+    "10_tiny.jpg": ("tiny", "small", "too_small"),
+    "11_tiny_copy.jpg": ("tiny", "small again", "too_small"),
+    "12_c_copy.jpg": ("c", "rocket again", "duplicate"),  # shard 3, the kept original (06) in shard 1
+    "13_d.jpg": ("d", "a cat", ""),
+}
+_DEDUPE_FLAGS = ("--records_per_shard=4", "--dedupe")
+
+
+def _dup_folder(root) -> str:
+    a = own_data.photo("astronaut", 0, 150, 220, 20, 20)
+    payloads = {
+        "a": own_data.encode(a, "JPEG", quality=95),
+        "a_png": own_data.encode(a, "PNG"),
+        "b": own_data.encode(own_data.photo("coffee", 50, 150, 250, 16, 16), "PNG"),
+        "c": own_data.encode(own_data.photo("rocket", 0, 200, 400, 20, 20), "JPEG", quality=95),
+        "d": own_data.encode(own_data.photo("chelsea", 40, 120, 200, 24, 16), "JPEG", quality=95),
+        "tiny": own_data.encode(own_data.photo("coffee", 0, 0, 300, 8, 8), "JPEG", quality=95),
+        "corrupt": b"\xff\xd8\xff\xe0 not a jpeg",
+    }
+    os.makedirs(root, exist_ok=True)
+    for name, (payload, caption, _) in _DUP_FILES.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(payloads[payload])
+        if caption is not None:
+            with open(os.path.join(root, os.path.splitext(name)[0] + ".txt"), "w") as f:
+                f.write(caption)
+    return f"folder:{root}"
+
+
+@pytest.fixture(scope="module")
+def deduped(tmp_path_factory):
+    """The duplicates folder prepared with --dedupe by one worker, by two workers one after the other (worker 0
+    first: it hashes worker 1's shards itself), and by two workers at once (worker 1 first, waiting for the hash
+    files of worker 0)."""
+    import sys
+
+    from cli import start
+
+    root = tmp_path_factory.mktemp("deduped")
+    spec = _dup_folder(str(root / "source"))
+    one, seq, par = str(root / "one"), str(root / "seq"), str(root / "par")
+    first = _prepare(spec, one, *_DEDUPE_FLAGS)
+    w0 = _prepare(spec, seq, *_DEDUPE_FLAGS, "--process_index=0", "--process_count=2", "--wait_seconds=0")
+    after_worker_0 = sorted(os.listdir(seq))
+    _prepare(spec, seq, *_DEDUPE_FLAGS, "--process_index=1", "--process_count=2", "--wait_seconds=0")
+    argv = [sys.executable, "-m", "ldm_jax.prepare_data", f"--source={spec}", f"--out={par}", *_PREPARE_FLAGS]
+    worker_1 = start([*argv, *_DEDUPE_FLAGS, "--process_index=1", "--process_count=2"], str(root / "w1.log"))
+    hashes = os.path.join(par, "hashes")
+    deadline = time.monotonic() + 120
+    while not (os.path.isdir(hashes) and len(os.listdir(hashes)) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.1)  # worker 1 has hashed its own shards 1 and 3: now worker 0 starts
+    assert worker_1.poll() is None, open(worker_1.log).read()[-3000:]
+    _prepare(spec, par, *_DEDUPE_FLAGS, "--process_index=0", "--process_count=2")
+    assert worker_1.wait(timeout=120) == 0, open(worker_1.log).read()[-3000:]
+    return {
+        "spec": spec, "one": one, "seq": seq, "par": par, "stdout": first.stdout, "after_worker_0": after_worker_0,
+        "worker_0_log": w0.stderr, "worker_1_log": open(worker_1.log).read(),
+    }  # fmt: skip
+
+
+def test_dedupe_keeps_the_first_kept_copy_across_shards(deduped):
+    out = deduped["one"]
+    expected = {**{r: 0 for r in _DROPPED}, "duplicate": 4, "unreadable": 2, "missing_caption": 1, "too_small": 2}
+    assert sum(expected.values()) == 14 - 5
+    assert all(sum(r == reason for _, _, r in _DUP_FILES.values()) == n for reason, n in expected.items())
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    assert info["dropped"] == expected and info["settings"]["dedupe"] is True
+    assert info["records"] == 5 and info["source_records"] == 14 and info["shards"] == 4
+    assert json.loads(deduped["stdout"].strip().splitlines()[-1])["dropped"] == expected
+    per_shard = [json.load(open(os.path.join(out, f"shard-{j:05d}-of-00004.array_record.json"))) for j in range(4)]
+    assert [s["dropped"]["duplicate"] for s in per_shard] == [1, 1, 1, 1]
+    src = sources.open_source(f"arrayrecord:{out}")
+    kept = [name for name, (_, _, reason) in _DUP_FILES.items() if not reason]
+    assert kept == ["00_a.jpg", "01_b.png", "06_c.jpg", "08_a_as_png.png", "13_d.jpg"]
+    assert [src[i]["key"] for i in range(len(src))] == kept  # the first copies, in source order
+    # One hash file per shard: a flag byte and a SHA-256 per source record.
+    hashes = sorted(os.listdir(os.path.join(out, "hashes")))
+    assert hashes == [f"shard-{j:05d}-of-00004.array_record.sha256" for j in range(4)]
+    assert [os.path.getsize(os.path.join(out, "hashes", h)) for h in hashes] == [4 * 33, 4 * 33, 4 * 33, 2 * 33]
+
+
+def test_dedupe_is_the_same_for_any_worker_count_and_order(deduped):
+    # Worker 0 alone (--wait_seconds=0) writes its shards 0 and 2 after hashing worker 1's shards 1 (and 3) itself.
+    assert [n for n in deduped["after_worker_0"] if n.startswith("shard-")] == sorted(
+        f"shard-{j:05d}-of-00004.array_record{ext}" for j in (0, 2) for ext in ("", ".json")
+    )
+    assert "hashing the source records of shards [1]" in deduped["worker_0_log"]
+    # Worker 1, started first, waited for worker 0's hash files instead of hashing its shards.
+    assert "waiting up to 600 s" in deduped["worker_1_log"] and "hashing the source" not in deduped["worker_1_log"]
+    one = _files(deduped["one"])  # the shards, their statistics, the hash files, dataset_info.json
+    assert len(one) == 4 + 4 + 4 + 2
+    for other in (deduped["seq"], deduped["par"]):
+        assert _files(other) == one
+
+
+def test_dedupe_rerun_skips_complete_shards_and_checks_the_settings(deduped, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "out")
+    shutil.copytree(deduped["one"], out)
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.startswith("shard-")}
+    # Shard 2 (a duplicate of a shard 0 record) killed before it was complete, its hash file lost too.
+    victim = "shard-00002-of-00004.array_record"
+    for name in (victim, victim + ".json", f"hashes/{victim}.sha256", "dataset_info.json"):
+        os.remove(os.path.join(out, name))
+    _prepare(deduped["spec"], out, *_DEDUPE_FLAGS)
+    after = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.startswith("shard-")}
+    assert {n: t for n, t in after.items() if not n.startswith(victim)} == {
+        n: t for n, t in before.items() if not n.startswith(victim)
+    }
+    assert _files(out) == _files(deduped["one"])
+    # The same folder without --dedupe would keep duplicates next to deduplicated shards: refused.
+    proc = run_module("ldm_jax.prepare_data", f"--source={deduped['spec']}", f"--out={out}", *_PREPARE_FLAGS,
+                      "--records_per_shard=4")  # fmt: skip
+    assert proc.returncode != 0 and "holds shards made with dedupe=True, not False" in proc.stderr
+
+
+def test_without_dedupe_duplicates_are_kept(deduped, tmp_path):
+    out = str(tmp_path / "out")
+    _prepare(deduped["spec"], out, "--records_per_shard=4")
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    assert info["records"] == 9 and info["dropped"]["duplicate"] == 0 and info["settings"]["dedupe"] is False
+    assert not os.path.exists(os.path.join(out, "hashes"))
 
 
 def test_prepare_data_keeps_class_labels_of_class_folders(own, tmp_path):

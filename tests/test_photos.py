@@ -108,7 +108,9 @@ def test_prepared_images_are_real_rgb_crops_of_the_split_photos(photo_dir):
         assert not want
 
 
-def test_grain_loader_yields_model_range_batches(photo_dir):
+def test_grain_loader_yields_uint8_batches_that_become_model_range_on_the_devices(photo_dir):
+    from ldm_jax.training.sharding import batch_sharding, make_mesh
+
     data = pipeline.data_section("tiny", 16, 8)
     data.name = "photo_crops"
     data.data_dir = photo_dir
@@ -116,8 +118,14 @@ def test_grain_loader_yields_model_range_batches(photo_dir):
     # Beside the images: the size-conditioning fields and the bad-record codes every source provides.
     assert set(batch) == {"image", "original_size", "crop_offset", "_bad"}
     assert (batch["original_size"] == 16).all() and (batch["crop_offset"] == 0).all() and (batch["_bad"] == 0).all()
-    images = batch["image"]
-    assert images.dtype == np.float32 and images.shape == (8, 16, 16, 3)
+    # uint8 crosses from the workers and onto the devices (a quarter of float32's bytes) ...
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (8, 16, 16, 3)
+    on_mesh = pipeline.to_global(batch, batch_sharding(make_mesh(-1, 1)))
+    assert "_bad" not in on_mesh  # host-side bookkeeping stays behind
+    images = np.asarray(on_mesh["image"])
+    # ... and is the host conversion's float32, bit for bit, on the devices.
+    assert images.dtype == np.float32
+    np.testing.assert_array_equal(images, pipeline.to_model_range(batch["image"]))
     assert images.min() >= -1.0 and images.max() <= 1.0
     assert images.std() > 0.05
 

@@ -141,7 +141,9 @@ def test_non_finite_streak_stops_the_run_with_a_clear_error(data_dir, tmp_path, 
     def poisoned(batch, sharding):
         calls["n"] += 1
         if calls["n"] >= 3:
-            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            batch = dict(
+                batch, image=np.full(batch["image"].shape, np.nan, np.float32)
+            )  # float images pass as they are
         return real(batch, sharding)
 
     monkeypatch.setattr(pipeline, "to_global", poisoned)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import config_lib
-from ldm_jax.data import photos, preprocess, shapes, sources
+from ldm_jax.data import latent_cache, photos, preprocess, shapes, sources
 from ldm_jax.data.tokenizer import CLIPTokenizer
 
 BUILDERS = {"shapes_captions": shapes.get_builder, "photo_crops": photos.get_builder}  # TFDS builders in data/
@@ -82,12 +82,35 @@ class DataConfig(config_lib.Section):
                 except sources.SourceError as e:
                     raise ValueError(str(e).replace("data.source=", f"{prefix}{field}=", 1)) from None
         self.check(not self.eval_source or bool(self.source), prefix, "eval_source", "needs data.source too")
+        self.check(not is_latent_cache(self.eval_source), prefix, "eval_source",
+                   "must name images (previews and evaluation compare pixels), not a latent cache")  # fmt: skip
+        if is_latent_cache(self.source):
+            info = latent_cache.read_info(self.source)
+            fixed = f"a latent cache holds the centre crops it was made from ({self.source!r})"
+            self.check(self.crop == "center", prefix, "crop", f"must be 'center': {fixed}")
+            self.check(not self.random_flip, prefix, "random_flip", f"must be False: {fixed}")
+            self.check(self.image_size == info["image_size"], prefix, "image_size",
+                       f"must be the cache's image size {info['image_size']} ({self.source!r})")  # fmt: skip
+
+    @property
+    def from_latents(self) -> bool:
+        """Whether the run trains from a latent cache (``latents:DIR``) instead of images."""
+        return is_latent_cache(self.source)
 
     @property
     def labelled(self) -> bool:
         """Whether examples carry captions or class labels (the user's sources are assumed to; a record without
         one counts as bad at run time)."""
         return bool(self.source) or self.name not in UNLABELLED_DATASETS
+
+
+def is_latent_cache(spec: str) -> bool:
+    return spec.startswith(f"{sources.LATENTS}:")
+
+
+def cache_info(data_config) -> dict | None:
+    """The latent cache's ``dataset_info.json`` when ``data.source`` names one, else None."""
+    return latent_cache.read_info(data_config.source) if is_latent_cache(data_config.source) else None
 
 
 def data_section(config_name: str, image_size: int, global_batch_size: int) -> ml_collections.ConfigDict:
@@ -99,23 +122,31 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
+# Fields of a latent-cache example that go to the step as they are.
+LATENT_FIELDS = ("latent_mean", "latent_std", "context")
+
+
 class Preprocess(grain.MapTransform):
-    """uint8 image -> float32 in [-1, 1]; caption -> token ids (when a tokenizer is given); attributes -> a class
-    id under ``labeling`` (see ``shapes.LABELINGS``) as "label"."""
+    """The fields the step reads: the uint8 image (made float on the device, ``to_global``: a quarter of the bytes
+    cross from grain's worker processes and onto the devices) or a latent cache's latents and text context;
+    caption -> token ids (when a tokenizer is given and no context is cached); attributes -> a class id under
+    ``labeling`` (see ``shapes.LABELINGS``) as "label"."""
 
     def __init__(self, tokenizer: Optional[CLIPTokenizer], labeling: Optional[str] = None):
         self.tokenizer = tokenizer
         self.labeling = labeling
 
     def map(self, example: dict) -> dict:
-        out = {"image": to_model_range(example["image"])}
+        out = {k: example[k] for k in ("image", *LATENT_FIELDS) if k in example}
+        if self.tokenizer is None:
+            out.pop("context", None)  # cached text embeddings, for a run without text conditioning
         for k in ("original_size", "crop_offset", "_bad"):
             out[k] = example[k]
         if self.labeling == SOURCE_LABELS:
             out["label"] = np.int32(example["label"])
         elif self.labeling:
             out["label"] = np.int32(shapes.class_label(example, self.labeling))
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and "context" not in example:
             text = example["caption"]
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
             out["tokens"] = self.tokenizer(text)[0]
@@ -130,6 +161,13 @@ def data_source(data_config, split: str, needs: tuple[str, ...] = ()):
         spec = data_config.source
         if split != "train" and data_config.eval_source:
             spec = data_config.eval_source
+        if is_latent_cache(spec):
+            if split != "train":
+                raise ValueError(
+                    f"data.source={spec!r}: a latent cache holds no images for the {split!r} split (previews and "
+                    "evaluation compare pixels); set data.eval_source to the images it was cached from"
+                )
+            return latent_cache.LatentExamples(spec, data_config.shuffle_seed, needs)
         raw = sources.open_source(
             spec, data_config.data_dir, data_config.image_key, data_config.caption_key, data_config.label_key
         )
@@ -151,6 +189,8 @@ def data_source(data_config, split: str, needs: tuple[str, ...] = ()):
 def source_class_names(data_config) -> list[str]:
     """The class names of the user's source (folder sub-folders, a TFDS label feature, prepared shards)."""
     d = data_config
+    if is_latent_cache(d.source):
+        return list(latent_cache.read_info(d.source)["class_names"])
     return list(_class_names(d.source, d.data_dir, d.image_key, d.caption_key, d.label_key))
 
 
@@ -249,7 +289,22 @@ def make_loader(
     )
 
 
+# ``to_model_range`` of every uint8 value: looked up on the device, the float batch is bit-identical to converting on
+# the host (XLA turns the division into a multiplication by the reciprocal, which rounds differently).
+_MODEL_RANGE_TABLE = to_model_range(np.arange(256, dtype=np.uint8))
+
+
+@jax.jit
+def _model_range_on_device(images: jax.Array) -> jax.Array:
+    # Elementwise, so it keeps the batch's sharding.
+    return jax.numpy.asarray(_MODEL_RANGE_TABLE)[images.astype(np.int32)]
+
+
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
     """Assembles process-local numpy batches into global arrays split over the mesh's batch axes (fields whose
-    name starts with "_" are host-side bookkeeping and stay behind)."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items() if k[0] != "_"}
+    name starts with "_" are host-side bookkeeping and stay behind); uint8 images become float32 in [-1, 1] on the
+    devices."""
+    out = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items() if k[0] != "_"}
+    if "image" in out and out["image"].dtype == np.uint8:
+        out["image"] = _model_range_on_device(out["image"])
+    return out

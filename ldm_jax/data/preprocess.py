@@ -100,36 +100,48 @@ class ExampleSource:
             return "missing_label"
         return ""
 
+    def decode(self, rec: dict, rng: np.random.Generator) -> tuple[dict | None, str]:
+        """(the example of raw record ``rec`` with all its "captions", "") or (None, why it cannot train)."""
+        why = self.reason(rec)
+        if why:
+            return None, why
+        try:
+            im = to_rgb(decode_to_pil(rec["image"]))
+            # Prepared shards carry the size before preparation; otherwise the upright (EXIF) size.
+            original = rec.get("original_size") or (im.size[1], im.size[0])
+            image, (top, left) = resize_and_crop(im, self.image_size, self.crop, rng)
+        except Exception:  # PIL raises many types for corrupt data; the reason is what counts here
+            return None, "unreadable_image"
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {
+            "key": rec["key"],
+            "image": np.ascontiguousarray(image),
+            "captions": rec["captions"],
+            "label": np.int32(rec["label"]),
+            "original_size": np.asarray(original, np.int32),
+            "crop_offset": np.asarray((top, left), np.int32),
+        }, ""
+
+    def record_example(self, index: int) -> tuple[dict | None, str]:
+        """Record ``index`` alone, with no substitution (what ``cache_latents`` encodes): (example, "") or (None,
+        reason)."""
+        return self.decode(self.raw[index], np.random.default_rng([self.seed, index]))
+
     def get(self, index: int, position: int) -> dict:
         """The example at stream ``position`` for record ``index`` (or the next good record after it)."""
         rng = np.random.default_rng([self.seed, position])
         first_reason = ""
         for attempt in range(MAX_CONSECUTIVE_BAD):
-            rec = self.raw[(index + attempt) % len(self.raw)]
-            why = self.reason(rec)
-            if not why:
-                try:
-                    im = decode_to_pil(rec["image"])
-                    im = to_rgb(im)
-                    # Prepared shards carry the size before preparation; otherwise the upright (EXIF) size.
-                    original = rec.get("original_size") or (im.size[1], im.size[0])
-                    image, (top, left) = resize_and_crop(im, self.image_size, self.crop, rng)
-                except Exception:  # PIL raises many types for corrupt data; the reason is what counts here
-                    why = "unreadable_image"
-            if why:
+            example, why = self.decode(self.raw[(index + attempt) % len(self.raw)], rng)
+            if example is None:
                 first_reason = first_reason or why
                 continue
-            if self.flip and rng.random() < 0.5:
-                image = image[:, ::-1]
-            captions = rec["captions"]
-            return {
-                "image": np.ascontiguousarray(image),
-                "caption": captions[int(rng.integers(len(captions)))] if captions else "",
-                "label": np.int32(rec["label"]),
-                "original_size": np.asarray(original, np.int32),
-                "crop_offset": np.asarray((top, left), np.int32),
-                "_bad": np.int32(BAD_REASONS.index(first_reason) + 1 if first_reason else 0),
-            }
+            captions = example.pop("captions")
+            del example["key"]
+            example["caption"] = captions[int(rng.integers(len(captions)))] if captions else ""
+            example["_bad"] = np.int32(BAD_REASONS.index(first_reason) + 1 if first_reason else 0)
+            return example
         raise ValueError(
             f"{self.description}: {MAX_CONSECUTIVE_BAD} records in a row from record {index} are bad (the first: "
             f"{first_reason}); check the data and data.image_key / caption_key / label_key"
@@ -157,6 +169,15 @@ class EmbeddedExamples:
         ex["crop_offset"] = np.zeros((2,), np.int32)
         ex["_bad"] = np.int32(0)
         return ex
+
+    def record_example(self, index: int) -> tuple[dict, str]:
+        """Like ``ExampleSource.record_example``: the example with its caption as "captions" and its shapes
+        attributes (class labels of the embedded dataset are computed from them)."""
+        ex = self.get(index, index)
+        caption = ex.pop("caption")
+        ex["captions"] = [caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)]
+        ex["label"] = np.int32(-1)
+        return ex, ""
 
 
 class BadRecordCount:

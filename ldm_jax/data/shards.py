@@ -70,3 +70,20 @@ def write_json_atomic(path: str, value, **dump_kw) -> None:
     with open(tmp, "w") as f:
         json.dump(value, f, **dump_kw)
     os.replace(tmp, path)
+
+
+def check_settings(out: str, settings: dict, what: str, name: str = "settings.json") -> None:
+    """The first worker records the job's settings in ``out``; every later worker and rerun must use the same, so
+    that shards made with other settings are never mixed into one output (``what`` names them in the error)."""
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        write_json_atomic(path, settings, indent=2, sort_keys=True)
+    with open(path) as f:
+        recorded = json.load(f)
+    changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"--out={out!r} holds {what} made with {k}={recorded.get(k)!r}, not {settings.get(k)!r} (differing: "
+            f"{changed}); use another --out, or delete it to start again"
+        )

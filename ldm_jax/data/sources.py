@@ -22,19 +22,24 @@ tar member cut short). Decoding, cropping and bad-record accounting are ``data/p
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
 import re
 import tarfile
+import threading
 
 import numpy as np
+from absl import logging
 
 from ldm_jax.data import records
 
-KINDS = ("folder", "webdataset", "tfds", "arrayrecord")
+LATENTS = "latents"  # a latent cache (``data/latent_cache.py``): trains directly, not a source of images
+KINDS = ("folder", "webdataset", "tfds", "arrayrecord", LATENTS)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 CAPTION_COLUMNS = ("text", "caption")  # tried in order when data.caption_key is ""
@@ -50,7 +55,8 @@ def parse(spec: str) -> tuple[str, str]:
     if not sep or kind not in KINDS or not rest:
         raise SourceError(
             f"data.source={spec!r}: must be KIND:PATH with KIND one of {KINDS}, e.g. 'folder:/data/pets', "
-            "'webdataset:/data/laion/{00000..00099}.tar', 'tfds:coco_captions', 'arrayrecord:/data/prepared'"
+            "'webdataset:/data/laion/{00000..00099}.tar', 'tfds:coco_captions', 'arrayrecord:/data/prepared', "
+            "'latents:/data/latent_cache'"
         )
     return kind, rest
 
@@ -181,14 +187,53 @@ def _read_metadata(spec: str, root: str, caption_key: str) -> dict[str, list[str
     return out
 
 
+# Where shard indexes are kept between runs (a shard is indexed again when its size or mtime changes); "off": never.
+INDEX_CACHE_ENV = "LDM_JAX_INDEX_CACHE"
+# Shards indexed at once: reading tar headers is I/O-bound (a network filesystem's latency per header).
+INDEX_THREADS = 16
+
+
+def index_cache_dir() -> str:
+    return os.environ.get(INDEX_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "tar_index")
+
+
+def _cached_index(spec: str, n: int, path: str) -> list:
+    """``_index_tar``'s samples of one shard, from the index cache when the shard is unchanged since it was indexed."""
+    folder = index_cache_dir()
+    if os.environ.get(INDEX_CACHE_ENV) == "off":
+        return _index_tar(spec, n, path)
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    cached = os.path.join(folder, f"{key}.json")
+    if os.path.isfile(cached):
+        try:
+            with open(cached) as f:
+                rows = json.load(f)
+            return [(n, k, {e: tuple(v) for e, v in members.items()}, err) for k, members, err in rows]
+        except (OSError, ValueError, TypeError):
+            pass  # an unreadable cache entry is rebuilt below
+    samples = _index_tar(spec, n, path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{cached}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "w") as f:
+            json.dump([[k, members, err] for _, k, members, err in samples], f)
+        os.replace(tmp, cached)
+    except OSError as e:  # the index is still right; only the next run's start-up is slower
+        logging.warning("tar index cache %s not written (%s); set %s to a writable folder", folder, e, INDEX_CACHE_ENV)
+    return samples
+
+
 class WebDatasetSource:
-    """Tar shards indexed by member offsets: random access without unpacking."""
+    """Tar shards indexed by member offsets: random access without unpacking. The shards are indexed in parallel
+    threads, and each shard's index is kept in ``index_cache_dir()`` for the next run."""
 
     def __init__(self, spec: str, pattern: str):
         self.shards = shard_paths(spec, pattern)
         self.index = []  # (shard number, key, {extension: (offset, size)}, error)
-        for n, path in enumerate(self.shards):
-            self.index += _index_tar(spec, n, path)
+        with concurrent.futures.ThreadPoolExecutor(min(INDEX_THREADS, len(self.shards))) as pool:
+            for samples in pool.map(lambda a: _cached_index(spec, *a), enumerate(self.shards)):
+                self.index += samples
         if not self.index:
             raise SourceError(f"data.source={spec!r}: {len(self.shards)} shard(s) hold no samples")
         self.description = f"webdataset {len(self.shards)} shard(s), {len(self.index)} samples"
@@ -325,6 +370,8 @@ def check_exists(spec: str) -> None:
         shard_paths(spec, rest)
     if kind == "arrayrecord" and not glob.glob(os.path.join(rest, "*.array_record")):
         raise SourceError(f"data.source={spec!r}: no *.array_record shards in {rest!r}")
+    if kind == LATENTS and not glob.glob(os.path.join(rest, "*.array_record")):
+        raise SourceError(f"data.source={spec!r}: no latent-cache shards (*.array_record) in {rest!r}")
 
 
 def open_source(spec: str, data_dir: str = "", image_key: str = "image", caption_key: str = "", label_key: str = ""):
@@ -336,6 +383,11 @@ def open_source(spec: str, data_dir: str = "", image_key: str = "image", caption
         return WebDatasetSource(spec, rest)
     if kind == "tfds":
         return TFDSSource(spec, rest, data_dir, image_key, caption_key, label_key)
+    if kind == LATENTS:
+        raise SourceError(
+            f"data.source={spec!r}: a latent cache is trained from directly (data.source), it is not a source of "
+            "images to prepare or encode; name the images it was made from"
+        )
     return ArrayRecordSource(spec, rest)
 
 

@@ -29,6 +29,8 @@ class TaskKind:
     validate: Callable  # config -> None, raises ValueError naming the field
     parts: tuple = ()  # the classes it is composed of (latent diffusion: conditioner, concat input)
     labelled: bool = False  # trains on captions or class labels (not on an images-only dataset)
+    # Can train from a latent cache (``data.source=latents:DIR``): its step needs the latents, not the pixels.
+    from_latents: bool = False
 
 
 def _latent(conditioner, concat) -> TaskKind:
@@ -37,6 +39,7 @@ def _latent(conditioner, concat) -> TaskKind:
         validate=lambda c: LatentDiffusionTask.validate(c, conditioner, concat),
         parts=(conditioner, concat),
         labelled=conditioner in (TextConditioner, ClassConditioner),
+        from_latents=not concat.needs_pixels,
     )
 
 
@@ -73,6 +76,13 @@ def validate_config(c) -> None:
         "data.name",
         data.name,
         f"has images only (no captions or class labels); task={c.task!r} needs a labelled dataset: 'shapes_captions'",
+    )
+    config_lib.check(
+        kind.from_latents or not data.from_latents,
+        "data.source",
+        data.source,
+        f"task={c.task!r} needs the images in its step (a latent cache trains txt2img, class_cond and unconditional "
+        "models); name the images themselves",
     )
     OptimConfig.from_config(c.optim, "optim.")
     train = TrainConfig.from_config(c.train, "train.")

@@ -52,6 +52,7 @@ class NoConcat:
     EVAL_OPTIONS = ("inpaint",)
     channels = 0
     mask_conditioned = False
+    needs_pixels = False  # training reads only the latents (a latent cache will do)
 
     def __init__(self, config, latents):
         self.config = config
@@ -101,6 +102,7 @@ class MaskConcat:
     NEEDS = NoConcat.NEEDS
     EVAL_OPTIONS = ()
     mask_conditioned = True
+    needs_pixels = True  # the masked image is encoded every step
 
     def __init__(self, config, latents):
         self.config = config
@@ -242,6 +244,7 @@ class LowResConcat:
     EVAL_OPTIONS = ("noise_level",)
     channels = 3  # the low-resolution RGB image
     mask_conditioned = False
+    needs_pixels = True  # the low-resolution input is made from the image every step
 
     def __init__(self, config, latents):
         self.config = config

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from ldm_jax import config_lib
-from ldm_jax.data import pipeline, shapes
+from ldm_jax.data import latent_cache, pipeline, shapes
 from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.evaluation import attributes
 from ldm_jax.models.text_encoders import CLIPTextTransformer
@@ -80,6 +80,8 @@ class TextConditioner:
 
     def __init__(self, config, dtype):
         self.config = config
+        self.dtype = dtype
+        self.fingerprint = None  # of the frozen text encoder, for a run on a latent cache (``check_cache``)
         te = TextEncoderConfig.from_config(config.text_encoder, "text_encoder.")
         self.trainable = te.trainable
         self.context_dim = te.width
@@ -98,7 +100,17 @@ class TextConditioner:
 
     @staticmethod
     def validate(config) -> None:
-        TextEncoderConfig.from_config(config.text_encoder, "text_encoder.")
+        te = TextEncoderConfig.from_config(config.text_encoder, "text_encoder.")
+        cache = pipeline.cache_info(config.data)
+        cached = cache["text_encoder"] if cache else None
+        if cached:
+            spec = config.data.source
+            config_lib.check(not te.trainable, "text_encoder.trainable", te.trainable,
+                             f"must be False: {spec!r} holds the embeddings of a frozen text encoder "
+                             f"({cached['workdir']!r}); set init_from to that workdir")  # fmt: skip
+            for field in ("width", "max_length"):
+                config_lib.check(getattr(te, field) == cached[field], f"text_encoder.{field}", getattr(te, field),
+                                 f"must be {cached[field]}, as in the text encoder of {spec!r}")  # fmt: skip
         prompts = config.sample.prompts
         config_lib.check(len(prompts) >= 1, "sample.prompts", prompts, "must hold at least one prompt for previews")
 
@@ -120,6 +132,23 @@ class TextConditioner:
                 )
             src, _, _ = checkpoint.load_trained_params(self.config.init_from, "ema")
             frozen["text"] = src["text"]
+            if pipeline.is_latent_cache(self.config.data.source):
+                self.fingerprint = latent_cache.fingerprint(frozen["text"])
+                # A run on cached text embeddings gives dropped examples (classifier-free guidance) the empty
+                # prompt's embedding, as a run from tokens does.
+                null = self.text_encoder.apply({"params": frozen["text"]}, self.null_tokens[None, :])
+                frozen["null_context"] = np.asarray(null)
+
+    def check_cache(self, info: dict) -> None:
+        """Raises ValueError unless the latent cache's text embeddings (if any) come from this run's frozen text
+        encoder (training only)."""
+        made_by = info["text_encoder"]
+        if made_by and self.fingerprint != made_by["fingerprint"]:
+            raise ValueError(
+                f"data.source={self.config.data.source!r}: its text embeddings come from the text encoder of "
+                f"{made_by['workdir']!r}, but init_from={self.config.init_from!r} holds another; train from that "
+                "workdir or cache again"
+            )
 
     def encode(self, params, frozen, tokens):
         text = params["text"] if self.trainable else frozen["text"]
@@ -130,6 +159,9 @@ class TextConditioner:
         return context, None
 
     def training_condition(self, params, frozen, batch, drop):
+        if "context" in batch:  # a latent cache with text embeddings: no text encoder in the step
+            null = frozen["null_context"].astype(self.dtype)
+            return jnp.where(drop[:, None, None], null, batch["context"].astype(self.dtype))
         tokens = jnp.where(drop[:, None], self.null_tokens[None, :], batch["tokens"])
         return self.encode(params, frozen, tokens)
 

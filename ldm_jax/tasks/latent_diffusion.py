@@ -159,9 +159,8 @@ class LatentDiffusionTask:
 
         def loss_fn(params, frozen, batch, rng):
             k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
-            images = batch["image"]
-            b = images.shape[0]
-            z0 = self.latents.encode(frozen["first_stage"], images, k_post) * frozen["latent_scale"]
+            z0 = self.latents.training_latents(frozen["first_stage"], batch, k_post) * frozen["latent_scale"]
+            b = z0.shape[0]
             z0 = jax.lax.stop_gradient(z0)
             # Condition dropout: the null condition stands in for "no condition" (classifier-free guidance).
             drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
@@ -180,8 +179,14 @@ class LatentDiffusionTask:
         return loss_fn
 
     def make_step(self, num_steps: int):
-        """(init_state, step): ``training.steps.train_step`` with this task's loss and the run's optimizer."""
+        """(init_state, step): ``training.steps.train_step`` with this task's loss and the run's optimizer. A run on
+        a latent cache is checked against the weights ``setup`` loaded first."""
         c = self.config
+        info = pipeline.cache_info(c.data)
+        if info is not None:
+            self.latents.check_cache(info)
+            if self.tokenizer is not None:  # text-conditioned: cached embeddings must be this run's encoder's
+                self.conditioner.check_cache(info)
         tx, lr_schedule = make_optimizer(c.optim, num_steps, c.data.global_batch_size)
         step = functools.partial(
             train_step,

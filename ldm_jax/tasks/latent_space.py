@@ -14,7 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import config_lib, rng_streams
-from ldm_jax.data import pipeline
+from ldm_jax.data import latent_cache, pipeline
 from ldm_jax.models.first_stage import build_autoencoder, latent_channels
 from ldm_jax.training import checkpoint
 
@@ -50,6 +50,7 @@ class LatentSpace:
         if size % f:
             raise ValueError(f"data.image_size={size}: must be divisible by the first stage's f={f}")
         self.shape = (size // f, size // f, latent_channels(fs_config.model))
+        self.fingerprint = None  # of the loaded weights, for a run on a latent cache (``check_cache``)
 
     def setup(self, meta: dict) -> tuple[dict, float]:
         """(the first stage's weights, the latent scale): the checkpoint's scale (``meta``), else the config's, else
@@ -57,6 +58,8 @@ class LatentSpace:
         fs = self.config.first_stage
         params, _, step = checkpoint.load_trained_params(fs.workdir, fs.weights)
         logging.info("first stage: %s at step %d", fs.workdir, step)
+        if pipeline.is_latent_cache(self.config.data.source):
+            self.fingerprint = (latent_cache.fingerprint(params), step)
         if "latent_scale" in meta:
             scale = float(meta["latent_scale"])
         elif self.config.latent_scale > 0:
@@ -66,9 +69,35 @@ class LatentSpace:
         logging.info("latent scale: %.5f", scale)
         return params, scale
 
+    def check_cache(self, info: dict) -> None:
+        """Raises ValueError unless the latent cache ``info`` describes was made by this first stage, at this size
+        (training only: a trained run samples without its cache)."""
+        fs, spec = self.config.first_stage, self.config.data.source
+        if tuple(info["latent_shape"]) != self.shape:
+            raise ValueError(
+                f"data.source={spec!r}: cached latents are {tuple(info['latent_shape'])}, but "
+                f"first_stage.workdir={fs.workdir!r} at data.image_size={self.config.data.image_size} gives {self.shape}"
+            )
+        made_by = info["first_stage"]
+        if self.fingerprint is None or self.fingerprint[0] != made_by["fingerprint"]:
+            step = self.fingerprint[1] if self.fingerprint else "?"
+            raise ValueError(
+                f"data.source={spec!r}: its latents come from the first stage {made_by['workdir']!r} (step "
+                f"{made_by['step']}, weights {made_by['weights']}), but first_stage.workdir={fs.workdir!r} (step "
+                f"{step}, weights {fs.weights}) holds other weights; train with the first stage that made the cache, "
+                "or cache again"
+            )
+
     def _estimate_scale(self, params) -> float:
-        images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
-        z = jax.jit(self.encode)(params, images, jax.random.key(0))
+        if pipeline.is_latent_cache(self.config.data.source):
+            # The cached posteriors of the same first images, drawn with the same key as from pixels.
+            source = pipeline.data_source(self.config.data, "train")
+            batch = [source[i] for i in range(min(SCALE_EXAMPLES, len(source)))]
+            batch = {k: np.stack([e[k] for e in batch]) for k in ("latent_mean", "latent_std") if k in batch[0]}
+            z = jax.jit(self.latents_from_cache)(batch, jax.random.key(0))
+        else:
+            images = pipeline.first_images(self.config.data, "train", SCALE_EXAMPLES)
+            z = jax.jit(self.encode)(params, images, jax.random.key(0))
         # Each process encodes on its own first device; every process must train with the same constant (and save
         # the same checkpoint metadata), so process 0's value is taken even if another device rounds differently.
         return float(multihost_utils.broadcast_one_to_all(np.float32(1.0 / jnp.std(z))))
@@ -77,6 +106,22 @@ class LatentSpace:
         """Unscaled latents for training: a posterior sample (KL) or the continuous pre-quantisation latents (VQ)."""
         out = self.module.apply({"params": params}, images, method="encode")
         return out if self.is_vq else out.sample(rng)
+
+    @staticmethod
+    def latents_from_cache(batch: dict, rng):
+        """A posterior sample from cached statistics: ``mean + std * eps`` with the draw ``encode`` makes from
+        pixels (``DiagonalGaussian.sample``), or the cached VQ latents themselves."""
+        mean = batch["latent_mean"]
+        if "latent_std" not in batch:
+            return mean
+        return mean + batch["latent_std"] * jax.random.normal(rng, mean.shape, mean.dtype)
+
+    def training_latents(self, params, batch: dict, rng):
+        """Unscaled training latents of a batch: from its cached posterior (a latent-cache run) or by encoding its
+        images."""
+        if "latent_mean" in batch:
+            return self.latents_from_cache(batch, rng)
+        return self.encode(params, batch["image"], rng)
 
     def encode_images(self, params, images, keys, stream: int = rng_streams.INIT_IMAGE_POSTERIOR):
         """Unscaled latents of ``images`` at sampling: a posterior sample per image drawn from its own key (as

@@ -18,11 +18,7 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR  # inherited by CLI subproc
 # Tar-shard indexes of this session's webdataset fixtures, not the user's ~/.cache.
 os.environ["LDM_JAX_INDEX_CACHE"] = tempfile.mkdtemp(prefix="ldm_jax_test_tar_index_")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-# Every program, however quick to compile: a process's first checkpoint save compiles one small slicing program per
-# distinct array shape (orbax's replica slices: ~100 for a tiny model on 8 devices, ~6 s of 2 cores), each below the
-# default threshold; persisted, every later run and subprocess reads them instead.
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from ldm_jax import jax_setup  # noqa: E402
 
@@ -76,3 +72,22 @@ def txt2img_workdir(tmp_path_factory, data_dir, first_stage_workdir):
     workdir = str(tmp_path_factory.mktemp("txt2img"))
     train_and_evaluate(config, workdir)
     return workdir
+
+
+# The longest files first: two xdist workers each take whole files (--dist loadfile) in collection order, so a long
+# file collected last (the multi-host matrix, ~9 min of one worker) would run alone at the end. Longest first keeps
+# both workers busy to the end. The rest keep their order.
+_LONGEST_FIRST = (
+    "test_multihost_tasks.py",
+    "test_latent_cache.py",
+    "test_own_data.py",
+    "test_interop.py",
+    "test_preemption.py",
+    "test_own_data_kill.py",
+    "test_multihost.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

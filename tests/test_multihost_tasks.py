@@ -30,12 +30,13 @@ COMMON = {
     "train.preview_every": 2,
     "data.global_batch_size": 8,
 }
-# Every path that puts data on the mesh is covered by the CI cases: frozen weights (first stage, frozen text
-# encoder), init_from weights (with the inpainting model's widened input, FSDP-sharded), the adversarial step and
-# in-training evaluation, previews from prompts and from per-image inputs (init image and mask). The slow cases
-# repeat those paths with other conditioning: `pytest -m slow tests/test_multihost_tasks.py` runs them.
-CI_CASES = ["ae_vq_gan", "txt2img", "inpainting", "finetune_imported"]
-SLOW_CASES = ["ae_kl", "class_cond", "unconditional", "superres"]
+# The CI cases cover the paths that put data on the mesh: frozen weights (the first stage), init_from weights (with
+# the inpainting model's widened input, FSDP-sharded), the adversarial step and in-training evaluation, previews from
+# prompts and from per-image inputs (init image and mask). The slow cases repeat those paths with other conditioning,
+# and fine-tuning an imported pipeline with its text encoder frozen (frozen weights from init_from; single-process in
+# CI through tests/test_latent_cache.py): `pytest -m slow tests/test_multihost_tasks.py` runs them.
+CI_CASES = ["ae_vq_gan", "txt2img", "inpainting"]
+SLOW_CASES = ["ae_kl", "class_cond", "unconditional", "superres", "finetune_imported"]
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +118,15 @@ def _run_matrix(names, root, *workdirs):
 
 
 @pytest.fixture(scope="module")
-def ci_matrix(tmp_path_factory, data_dir, first_stage_workdir, txt2img_workdir, converted_pipeline):
+def ci_matrix(tmp_path_factory, data_dir, first_stage_workdir, txt2img_workdir):
     root = tmp_path_factory.mktemp("multihost")
-    return _run_matrix(CI_CASES, root, data_dir, first_stage_workdir, txt2img_workdir, converted_pipeline)
+    return _run_matrix(CI_CASES, root, data_dir, first_stage_workdir, txt2img_workdir)
 
 
 @pytest.fixture(scope="module")
-def slow_matrix(tmp_path_factory, data_dir, first_stage_workdir):
-    return _run_matrix(SLOW_CASES, tmp_path_factory.mktemp("multihost_slow"), data_dir, first_stage_workdir)
+def slow_matrix(tmp_path_factory, data_dir, first_stage_workdir, txt2img_workdir, converted_pipeline):
+    root = tmp_path_factory.mktemp("multihost_slow")
+    return _run_matrix(SLOW_CASES, root, data_dir, first_stage_workdir, txt2img_workdir, converted_pipeline)
 
 
 def _metrics(workdir) -> dict:

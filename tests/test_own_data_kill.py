@@ -28,6 +28,10 @@ from test_preemption import _leaves, _order
 from ldm_jax.training import loop
 
 NUM_STEPS, CHECKPOINT_EVERY = 6, 3
+# A process's first checkpoint save compiles one small slicing program per distinct array shape (orbax's replica
+# slices: ~100 for this model on 8 devices, ~6 s of 2 cores), each below XLA's persistent-cache threshold: persisted,
+# the killed and the resumed run read them instead of compiling them again.
+_CACHE_ALL = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +45,14 @@ def own(tmp_path_factory):
     }
 
 
-def _overrides(source: str, **data) -> dict:
+def _overrides(source: str, augment: bool = True, model: dict | None = None, **data) -> dict:
     """The run's config overrides, {dotted field: value}: one source of truth for the command line and the
-    in-process run."""
+    in-process run. ``model``: the autoencoder's by default (no discriminator)."""
     return {
-        "disc.enabled": False,
+        **({"disc.enabled": False} if model is None else model),
         "data.source": source,
-        "data.crop": "random",
-        "data.random_flip": True,
+        "data.crop": "random" if augment else "center",
+        "data.random_flip": augment,
         **{f"data.{k}": v for k, v in data.items()},
         "train.num_steps": NUM_STEPS,
         "train.checkpoint_every": CHECKPOINT_EVERY,
@@ -57,10 +61,14 @@ def _overrides(source: str, **data) -> dict:
     }
 
 
+def _config_name(overrides: dict) -> str:
+    return "txt2img" if "first_stage.workdir" in overrides else "autoencoder_kl"
+
+
 def _command(workdir: str, overrides: dict) -> list[str]:
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-    head = [sys.executable, "-m", "ldm_jax.train", "--config=configs/autoencoder_kl.py:tiny", f"--workdir={workdir}"]
-    return [*head, *flags]
+    config = f"--config=configs/{_config_name(overrides)}.py:tiny"
+    return [sys.executable, "-m", "ldm_jax.train", config, f"--workdir={workdir}", *flags]
 
 
 def _committed(workdir: str, step: int) -> bool:
@@ -91,11 +99,16 @@ def _kill_past_checkpoint(proc, workdir: str, timeout: float = 300) -> None:
 
 def _uninterrupted(workdir: str, overrides: dict):
     """The run in this process, saving only at its end (checkpoints do not change the trajectory)."""
-    from configs import autoencoder_kl
+    import importlib
 
-    config = autoencoder_kl.get_config("tiny")
+    config = importlib.import_module(f"configs.{_config_name(overrides)}").get_config("tiny")
     config.update_from_flattened_dict({**overrides, "train.checkpoint_every": NUM_STEPS})
-    return loop.train_and_evaluate(config, workdir)
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as _CACHE_ALL
+    try:
+        return loop.train_and_evaluate(config, workdir)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
 
 
 def _kill_9_resume_equals_uninterrupted(tmp_path, overrides: dict) -> None:
@@ -103,8 +116,8 @@ def _kill_9_resume_equals_uninterrupted(tmp_path, overrides: dict) -> None:
     state = _uninterrupted(full, overrides)
     crashed = str(tmp_path / "crashed")
     command = _command(crashed, overrides)
-    _kill_past_checkpoint(start(command, str(tmp_path / "killed.log")), crashed)
-    (out,) = wait_all([start(command, str(tmp_path / "resumed.log"))], timeout=300)
+    _kill_past_checkpoint(start(command, str(tmp_path / "killed.log"), env=_CACHE_ALL), crashed)
+    (out,) = wait_all([start(command, str(tmp_path / "resumed.log"), env=_CACHE_ALL)], timeout=300)
     assert re.search(rf"resuming from \S+ step {CHECKPOINT_EVERY}\n", out), out[-3000:]
 
     with open(os.path.join(full, "config.json")) as f, open(os.path.join(crashed, "config.json")) as g:
@@ -160,3 +173,20 @@ def test_kill_9_resume_on_prepared_arrayrecord_shards_equals_uninterrupted(own, 
     info = prepare_data.prepare(own["wds"]["spec"], out, settings)  # as tests/test_own_data.py's _PREPARE_FLAGS
     assert info["records"] == 26 and info["shards"] == 4
     _kill_9_resume_equals_uninterrupted(tmp_path, _overrides(f"arrayrecord:{out}"))
+
+
+@pytest.mark.slow  # CI: the webdataset test above; tests/test_latent_cache.py trains from a cache in CI
+def test_kill_9_resume_on_a_latent_cache_equals_uninterrupted(data_dir, first_stage_workdir, tmp_path):
+    """txt2img from a latent cache of the embedded tiny dataset: the sampled latents come from the step's key, the
+    cached statistics from the position, so a resumed run draws what an uninterrupted one does."""
+    from ldm_jax import cache_latents
+    from ldm_jax.data import pipeline
+
+    out = str(tmp_path / "latents")
+    settings = dict(source="shapes_captions/tiny:train", split="train", image_size=16, records_per_shard=96,
+                    dtype="float32", first_stage=first_stage_workdir, weights="ema", text_encoder="")  # fmt: skip
+    data = pipeline.DataConfig(config="tiny", data_dir=data_dir, image_size=16, global_batch_size=1)
+    encoder = cache_latents.Encoder(first_stage_workdir, "ema", "", 2)
+    assert cache_latents.cache(data, out, encoder, settings, 0, 1)["records"] == 256
+    model = {"first_stage.workdir": first_stage_workdir, "train.preview_every": 0}
+    _kill_9_resume_equals_uninterrupted(tmp_path, _overrides(f"latents:{out}", augment=False, model=model))

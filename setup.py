@@ -25,5 +25,5 @@ setup(
         "scikit-image>=0.22",  # the photo_crops dataset reads the photos it ships
         "scipy>=1.11",  # FID's matrix square root
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.8", "ruff>=0.6"]},
 )

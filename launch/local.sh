@@ -73,7 +73,10 @@ case "$mode" in
     # Two worker processes (PYTEST_WORKERS), each file on one worker so module fixtures are built once: XLA:CPU
     # compiles on one thread, so two workers use a 2-core CI machine about twice as well as one.
     # Tests marked slow are left out (README, Tests: `-m slow` runs them); PYTEST_MARKS overrides the selection.
-    "$PY" -m pytest -q --durations=10 -n "${PYTEST_WORKERS:-2}" --dist loadfile -m "${PYTEST_MARKS:-not slow}" tests
+    # --no-loadscope-reorder: files go out in collection order, longest first (tests/conftest.py), instead of by
+    # test count, which sent the multi-host matrix (few tests, the longest file) out last, to run alone at the end.
+    "$PY" -m pytest -q --durations=10 -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+      -m "${PYTEST_MARKS:-not slow}" tests
     ;;
   *)
     echo "usage: $0 demo|test|train [ldm_jax.train flags]" >&2

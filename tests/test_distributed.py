@@ -136,7 +136,8 @@ def test_initialize_single_process_is_idempotent(monkeypatch):
 
 
 # One process of a two-process run: initialise (twice: the second call is a no-op), then gather every process's index
-# across the two processes.
+# across the two processes. The result goes to its own file: stdout and stderr share the log, and a runtime's stderr
+# line (Gloo's) can land mid-line in it.
 WORKER = """
 import json, sys
 import jax, jax.numpy as jnp
@@ -146,19 +147,21 @@ args = json.loads(sys.argv[1])
 distributed.initialize(*args)
 distributed.initialize(*args)
 gathered = multihost_utils.process_allgather(jnp.array([jax.process_index()]))
-print("RESULT " + json.dumps(dict(
+result = dict(
     process_count=jax.process_count(), process_index=jax.process_index(), device_count=jax.device_count(),
-    local_device_count=jax.local_device_count(), gathered=[int(x) for x in gathered.reshape(-1)])))
+    local_device_count=jax.local_device_count(), gathered=[int(x) for x in gathered.reshape(-1)])
+with open(sys.argv[2], "w") as f:
+    json.dump(result, f)
 """
 
 
 def _run_two(tmp_path, args_of, env_of, timeout=120):
-    """Starts processes 0 and 1 together; returns their RESULT dicts. Fails, never hangs, when one dies (the other is
+    """Starts processes 0 and 1 together; returns their result dicts. Fails, never hangs, when one dies (the other is
     killed at once rather than left waiting for its peer) or when they are not done within ``timeout`` seconds."""
     cluster = ("LDM_JAX_", "SLURM_", "OMPI_", "TPU_")  # this machine's own settings must not leak in
     procs = [
         start(
-            [sys.executable, "-c", WORKER, json.dumps(args_of(i))],
+            [sys.executable, "-c", WORKER, json.dumps(args_of(i)), str(tmp_path / f"result{i}.json")],
             str(tmp_path / f"out{i}.txt"),
             4,
             {"JAX_PLATFORMS": "cpu", **env_of(i)},
@@ -166,12 +169,8 @@ def _run_two(tmp_path, args_of, env_of, timeout=120):
         )
         for i in range(2)
     ]
-    outputs = wait_all(procs, timeout)
-    results = []
-    for out in outputs:
-        line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT ") :]))
-    return results
+    wait_all(procs, timeout)
+    return [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(2)]
 
 
 def _check(results):

@@ -8,7 +8,9 @@ block types. It differs from torchvision's ImageNet InceptionV3 in its weights a
   (3x3, stride 1, pad 1) divides by the number of *real* pixels in the window (TensorFlow's SAME average pool),
   not by 9;
 - second InceptionE (Mixed_7c): the branch pool is a 3x3 *max* pool (stride 1, pad 1);
-- the classifier has 1008 classes (unused here).
+- the classifier has 1008 classes: the FID does not use it; the Inception Score does, as torch-fidelity's
+  ``logits_unbiased`` (pool3 features times ``fc.weight``, no bias; :func:`inception_logits_unbiased`), with the
+  weights :func:`load_fid_inception` keeps when asked (``classifier=True``).
 
 Input pipeline (pytorch-fid's ``InceptionV3`` with ``resize_input=True, normalize_input=True``): images in [0, 1]
 are resized to 299x299 with bilinear interpolation, half-pixel centres and no antialiasing
@@ -34,7 +36,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -50,7 +52,8 @@ DEFAULT_RESIZE = 299
 MIN_RESIZE = 75
 # torchvision's BasicConv2d: BatchNorm2d(eps=0.001), TensorFlow's value.
 BN_EPS = 1e-3
-# The 1008-way classifier of the TF graph: pytorch-fid's checkpoint holds it; the features do not use it.
+# The 1008-way classifier of the TF graph: pytorch-fid's checkpoint holds it; the features do not use it, the
+# Inception Score does (loaded with ``classifier=True``).
 NUM_CLASSES = 1008
 # pytorch-fid's ``calculate_frechet_distance`` default: added to both covariance diagonals when the product is
 # singular.
@@ -331,14 +334,34 @@ def inception_features(
         raise ValueError(f"inception_features: images of dtype {images.dtype}; expected uint8 or float in [-1, 1]")
     if resize_to < MIN_RESIZE:
         raise ValueError(f"inception_features: resize_to={resize_to}; the network needs at least {MIN_RESIZE}")
-    return _network(params, _preprocess(images, resize_to, precision), precision)
+    # The trunk alone: params with or without the classifier then share one compiled network.
+    trunk = {k: v for k, v in params.items() if k != "fc"}
+    return _network(trunk, _preprocess(images, resize_to, precision), precision)
+
+
+def inception_logits_unbiased(params: Params, features, *, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    """torch-fidelity's ``logits_unbiased`` [N, 1008] (float32), the Inception Score's input: pool3 ``features``
+    [N, 2048] times the classifier's weight, *without* its bias (``features @ fc.weight.T``), as torch-fidelity's
+    "inception-v3-compat" extractor computes them.
+
+    ``params``: loaded with ``classifier=True`` (:func:`load_fid_inception`), so that they hold ``params["fc"]``.
+    """
+    if "fc" not in params:
+        raise ValueError(
+            "inception_logits_unbiased: params without the classifier ('fc'); load them with "
+            "load_fid_inception(path, classifier=True)"
+        )
+    features = jnp.asarray(features, jnp.float32)
+    if features.ndim != 2 or features.shape[1] != FEATURE_DIM:
+        raise ValueError(f"inception_logits_unbiased: features of shape {features.shape}; expected [N, {FEATURE_DIM}]")
+    return jnp.matmul(features, jnp.asarray(params["fc"]["kernel"], jnp.float32), precision=precision)
 
 
 # ------------------------------------------------------------------------------------------------------ weights
 
 # torch BatchNorm tensor name suffix -> our BasicConv param name (the conv's ``conv.weight`` is our ``kernel``).
 _BN_NAMES = {"bn.weight": "scale", "bn.bias": "bias", "bn.running_mean": "mean", "bn.running_var": "var"}
-# Keys of pytorch-fid's checkpoint the features do not use.
+# Keys of pytorch-fid's checkpoint the features do not use: the classifier, kept only with ``classifier=True``.
 _UNUSED_KEYS = ("fc.weight", "fc.bias")
 
 
@@ -357,8 +380,9 @@ def _param_shapes() -> dict[str, tuple[int, ...]]:
 def fid_inception_state_dict_shapes() -> dict[str, tuple[int, ...]]:
     """The torch state-dict keys the FID Inception needs -> their torch shapes (conv weights [Cout, Cin, kh, kw]).
 
-    pytorch-fid's checkpoint also holds ``fc.weight`` [1008, 2048], ``fc.bias`` [1008] and, when saved by a newer
-    torch, ``*.bn.num_batches_tracked``; those are accepted and ignored.
+    pytorch-fid's checkpoint also holds ``fc.weight`` [1008, 2048], ``fc.bias`` [1008] (read only with
+    ``classifier=True``) and, when saved by a newer torch, ``*.bn.num_batches_tracked``; those are accepted and
+    ignored.
     """
     out = {}
     for name, shape in _param_shapes().items():
@@ -373,13 +397,17 @@ def fid_inception_state_dict_shapes() -> dict[str, tuple[int, ...]]:
     return out
 
 
-def fid_inception_params_from_state_dict(sd: Mapping[str, Any]) -> Params:
+def fid_inception_params_from_state_dict(sd: Mapping[str, Any], *, classifier: bool = False) -> Params:
     """pytorch-fid's FID Inception state dict (names as in torchvision's ``Inception3``, e.g.
     ``Mixed_7c.branch_pool.conv.weight``; values array-likes) -> our params tree of float32 numpy arrays.
 
     Conv weights [Cout, Cin, kh, kw] become kernels [kh, kw, Cin, Cout]; BatchNorm tensors map by name. Raises
     ValueError naming every missing, mis-shaped or unexpected key; a 1000-class ``fc.weight`` or ``AuxLogits.*``
     keys mean torchvision's ImageNet InceptionV3, whose pooling and weights are not the FID ones.
+
+    ``classifier``: also keep the 1008-class classifier as ``params["fc"]`` = ``{"kernel": fc.weight.T [2048,
+    1008], "bias": fc.bias [1008]}`` (flax ``Dense`` layout), for :func:`inception_logits_unbiased`; both keys are
+    then required. Without it the tree holds the trunk only, as :func:`fid_inception_state_dict_shapes` lists.
     """
     expected = fid_inception_state_dict_shapes()
     given = {k: np.asarray(v) for k, v in sd.items()}
@@ -404,6 +432,12 @@ def fid_inception_params_from_state_dict(sd: Mapping[str, Any]) -> Params:
             f"fc.weight of shape {tuple(given['fc.weight'].shape)}: the FID Inception has a {NUM_CLASSES}-class "
             "classifier (torchvision's ImageNet InceptionV3 has 1000 classes and is not the FID network)"
         )
+    if classifier:
+        absent = [k for k in _UNUSED_KEYS if k not in given]
+        if absent:
+            problems.append(f"classifier=True but no classifier keys {absent}")
+        elif tuple(given["fc.bias"].shape) != (NUM_CLASSES,):
+            problems.append(f"fc.bias of shape {tuple(given['fc.bias'].shape)} (expected ({NUM_CLASSES},))")
     if problems:
         raise ValueError("FID Inception state dict: " + "; ".join(problems))
 
@@ -419,22 +453,41 @@ def fid_inception_params_from_state_dict(sd: Mapping[str, Any]) -> Params:
         for part in prefix.split("."):
             node = node.setdefault(part, {})
         node[leaf] = value
+    if classifier:
+        params["fc"] = {
+            "kernel": given["fc.weight"].astype(np.float32).T.copy(),
+            "bias": given["fc.bias"].astype(np.float32),
+        }
     return params
 
 
-def load_fid_inception(path: str) -> Params:
+def load_fid_inception(path: str, *, classifier: bool = False) -> Params:
     """Reads pytorch-fid's FID Inception weights (``pt_inception-2015-12-05-6726825d.pth`` or its conversion to
-    .safetensors / .npz, same key names) -> params on the default device, for :func:`inception_features`.
+    .safetensors / .npz, same key names) -> params on the default device, for :func:`inception_features`; with
+    ``classifier=True`` they also hold ``params["fc"]`` (``kernel`` [2048, 1008], ``bias`` [1008]) for
+    :func:`inception_logits_unbiased` (the Inception Score), and a file without ``fc.weight`` / ``fc.bias`` is an
+    error.
 
     Raises ``weight_files.WeightFileError`` (a ``ValueError``) for a file that cannot be read, and ``ValueError``
     naming the keys for one that does not hold the FID Inception."""
     # allow_pickle: pytorch-fid publishes a .pth, which the user names. No .ckpt: that is a training checkpoint,
     # never these weights, and refusing it by extension says so more plainly than a list of missing keys.
     sd = read_state_dict(path, allow_pickle=True, suffixes=FID_WEIGHT_SUFFIXES, what="FID Inception weight file")
-    return jax.device_put(fid_inception_params_from_state_dict(sd))
+    return jax.device_put(fid_inception_params_from_state_dict(sd, classifier=classifier))
 
 
 # --------------------------------------------------------------------------------------------------- statistics
+
+
+class StatisticsState(NamedTuple):
+    """The exact sufficient statistics of a :class:`FeatureStatistics`, as plain arrays (a pytree): ``count`` [] int64,
+    ``shift`` [D], ``sum`` [D] = sum(x - shift), ``outer`` [D, D] = sum((x - shift)(x - shift)^T), float64. An empty
+    one has count 0 and zero arrays."""
+
+    count: np.ndarray
+    shift: np.ndarray
+    sum: np.ndarray
+    outer: np.ndarray
 
 
 class FeatureStatistics:
@@ -444,6 +497,12 @@ class FeatureStatistics:
 
     Sums are of rows minus the first batch's mean (a fixed shift): the covariance is shift-invariant, and
     centring keeps ``sum(x x^T) - n mu mu^T`` from cancelling away digits when the mean is large against the spread.
+
+    Across hosts: each host accumulates its own rows; ``state()`` gives the sums, and :meth:`pooled` (or
+    :meth:`merge`) combines the states of every host into the statistics of all rows exactly (the sums re-centred on a
+    common shift, never averaged covariances), in the same bits on every host that pools the same states in the
+    same order. Gather the float64 arrays bit-exactly: ``multihost_utils.process_allgather`` without
+    ``jax_enable_x64`` would cast them to float32 (gather ``a.view(np.int32)`` and view the result back).
     """
 
     def __init__(self, dim: int = FEATURE_DIM):
@@ -476,6 +535,66 @@ class FeatureStatistics:
             raise ValueError(f"FeatureStatistics.covariance: {self.count} feature rows; need at least 2")
         centred_sum = self._sum / self.count
         return (self._outer - self.count * np.outer(centred_sum, centred_sum)) / (self.count - 1)
+
+    def state(self) -> StatisticsState:
+        """Copies of the sums (see :class:`StatisticsState`), to send to the host that pools them."""
+        shift = np.zeros(self.dim, np.float64) if self._shift is None else self._shift.copy()
+        return StatisticsState(np.asarray(self.count, np.int64), shift, self._sum.copy(), self._outer.copy())
+
+    @classmethod
+    def pooled(cls, states) -> FeatureStatistics:
+        """The statistics of all rows behind ``states`` (a sequence of :class:`StatisticsState` or
+        :class:`FeatureStatistics`, or one :class:`StatisticsState` stacked on a leading host axis, as an
+        all-gather returns it).
+
+        Each state's sums are re-centred exactly on the pooled mean: with ``delta = shift_i - c``,
+        ``sum(x - c) = sum_i + n_i delta`` and ``sum((x - c)(x - c)^T) = outer_i + sum_i delta^T + delta sum_i^T +
+        n_i delta delta^T``. Centring on the mean itself, not on one host's shift, keeps hosts whose rows differ
+        widely (sorted or class-split data) from cancelling digits in the covariance.
+        """
+        if isinstance(states, StatisticsState):
+            count = np.asarray(states.count)
+            states = (
+                [StatisticsState(*(np.asarray(a)[i] for a in states)) for i in range(len(count))]
+                if count.ndim == 1
+                else [states]
+            )
+        parts = [
+            s.state()
+            if isinstance(s, FeatureStatistics)
+            else StatisticsState(np.asarray(s[0]), *(np.asarray(a, np.float64) for a in s[1:]))
+            for s in states
+        ]
+        if not parts:
+            raise ValueError("FeatureStatistics.pooled: no states to pool")
+        dim = parts[0].sum.shape[0] if parts[0].sum.ndim == 1 else -1
+        for i, p in enumerate(parts):
+            shapes = (p.count.shape, p.shift.shape, p.sum.shape, p.outer.shape)
+            if shapes != ((), (dim,), (dim,), (dim, dim)) or int(p.count) < 0:
+                raise ValueError(
+                    f"FeatureStatistics.pooled: state {i} has count {p.count} and shapes {shapes[1:]} (count, shift, "
+                    f"sum, outer); expected a count >= 0 and ({dim},), ({dim},), ({dim}, {dim}) like state 0"
+                )
+        parts = [p for p in parts if int(p.count) > 0]
+        out = cls(dim)
+        if not parts:
+            return out
+        n = sum(int(p.count) for p in parts)
+        # The pooled mean, each host's own mean (shift + sum / count) weighted by its count.
+        centre = sum(int(p.count) * (p.shift + p.sum / int(p.count)) for p in parts) / n
+        for p in parts:
+            delta = p.shift - centre
+            out._sum += p.sum + int(p.count) * delta
+            cross = np.outer(p.sum, delta)
+            out._outer += p.outer + cross + cross.T + int(p.count) * np.outer(delta, delta)
+        out.count = n
+        out._shift = centre
+        return out
+
+    def merge(self, other: FeatureStatistics | StatisticsState) -> None:
+        """Adds the rows behind ``other`` (statistics or a state from another host) to these, exactly."""
+        pooled = FeatureStatistics.pooled([self, other])  # checks other's shapes against ours (state 0)
+        self.count, self._shift, self._sum, self._outer = pooled.count, pooled._shift, pooled._sum, pooled._outer
 
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

@@ -5,6 +5,9 @@
 #                               # formatting, run the test suite
 #   bash launch/local.sh train --config=configs/txt2img.py:demo --workdir=runs/x [more ldm_jax.train flags]
 #                               # install, then one training run with the remaining arguments
+#   bash launch/local.sh sample --workdir=runs/demo/txt2img --prompts_file=prompts.tsv --outdir=runs/s
+#   bash launch/local.sh evaluate --samples=runs/s --reference=... --metrics=fid,kid,clip_score ...
+#                               # install, then a sampling or evaluation job (the same command resumes a sampling job)
 # The virtual environment lives in .venv (override with VENV=...). Python 3.12 is preferred (faster jax on CPU);
 # 3.11 works.
 set -euo pipefail
@@ -52,10 +55,10 @@ case "$mode" in
     echo "stage wall times (s): autoencoder $((t1 - t0)), txt2img $((t2 - t1)), sample $((t3 - t2)), evaluate $((t4 - t3))"
     echo "samples: $RUNS/samples/grid.png (manifest.jsonl beside it); evaluation: $RUNS/txt2img/eval_heldout.json"
     ;;
-  train)
+  train | sample | evaluate)
     shift
     "$PY" -m pip install -q -e .
-    exec "$PY" -m ldm_jax.train "$@"
+    exec "$PY" -m "ldm_jax.$mode" "$@"
     ;;
   test)
     "$PY" -m pip install -q -e '.[test]'
@@ -67,6 +70,7 @@ case "$mode" in
         -m venv "$REF_VENV"
     fi
     "$REF_VENV/bin/python" -m pip install -q -r tests/reference/requirements.txt
+    "$REF_VENV/bin/python" -m pip install -q --no-deps -r tests/reference/requirements-nodeps.txt
     export LDM_JAX_REFERENCE_PYTHON="$PWD/$REF_VENV/bin/python"
     "$PY" -m ruff format --check ldm_jax configs tests benchmarks
     # pytest exits 5 when it collects no test; that fails this script like any other non-zero code.
@@ -79,7 +83,7 @@ case "$mode" in
       -m "${PYTEST_MARKS:-not slow}" tests
     ;;
   *)
-    echo "usage: $0 demo|test|train [ldm_jax.train flags]" >&2
+    echo "usage: $0 demo|test|train|sample|evaluate [flags of ldm_jax.train|sample|evaluate]" >&2
     exit 2
     ;;
 esac

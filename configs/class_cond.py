@@ -17,6 +17,7 @@ import ml_collections
 from ldm_jax import config_lib
 from ldm_jax.data.pipeline import data_section
 from ldm_jax.diffusion.objectives import diffusion_section
+from ldm_jax.evaluation.in_training import EvalConfig
 from ldm_jax.models.unet import UNET_VARIANTS, unet_section
 from ldm_jax.tasks.latent_diffusion import sample_section
 from ldm_jax.tasks.latent_space import FirstStageConfig
@@ -33,6 +34,9 @@ def base_config(task: str, preset: str) -> ml_collections.ConfigDict:
     c.mesh = MeshConfig.defaults()
     c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
     c.diffusion = diffusion_section()
+    # Distribution metrics during training (off; e.g. --config.eval.every=5000 --config.eval.metrics=fid,clip_score
+    # --config.eval.fid_weights=... --config.eval.clip_weights=...).
+    c.eval = EvalConfig.defaults()
     c.sample = sample_section((), num_steps=50)
     if preset == "ldm":
         c.first_stage = FirstStageConfig.defaults(workdir="runs/ldm/autoencoder_kl")

@@ -13,6 +13,7 @@ Presets:
 from ldm_jax import config_lib
 from ldm_jax.data.pipeline import SOURCE_REQUIRED, data_section
 from ldm_jax.diffusion.objectives import diffusion_section
+from ldm_jax.evaluation.in_training import EvalConfig
 from ldm_jax.models.text_encoders import TEXT_ENCODER_VARIANTS
 from ldm_jax.models.unet import UNET_VARIANTS, unet_section
 from ldm_jax.tasks.conditioners import text_encoder_section
@@ -37,6 +38,9 @@ def get_config(arg=None):
     c.mesh = MeshConfig.defaults()
     c.latent_scale = 0.0  # 0: 1/std of the first stage's latents on training images, fixed at the first step
     c.diffusion = diffusion_section()
+    # Distribution metrics during training (off; e.g. --config.eval.every=5000 --config.eval.metrics=fid,clip_score
+    # --config.eval.fid_weights=... --config.eval.clip_weights=...).
+    c.eval = EvalConfig.defaults()
     c.sample = sample_section(PROMPTS, num_steps=50)
     if preset == "sd":
         c.first_stage = FirstStageConfig.defaults(workdir="runs/sd/autoencoder_kl")

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Training on a GPU cluster under SLURM: one srun step, the same `python -m ldm_jax.train` in every task. Submit from
-# the repository root (sbatch copies this script; the job runs in the submission directory):
+# A multi-host job on a GPU cluster under SLURM: one srun step, the same `python -m ldm_jax.<ENTRY>` in every task
+# (training by default; sampling, evaluation and latent caching jobs the same way). Submit from the repository root
+# (sbatch copies this script; the job runs in the submission directory):
 #
 #   sbatch launch/gpu_slurm.sh --config=configs/txt2img.py:sd --workdir=/shared/runs/txt2img
 #   sbatch --nodes=4 --time=48:00:00 launch/gpu_slurm.sh --config=... --workdir=...      # sbatch flags override
 #   MODE=per_gpu sbatch --ntasks-per-node=8 launch/gpu_slurm.sh --config=... --workdir=...
+#   ENTRY=sample sbatch launch/gpu_slurm.sh --workdir=/shared/runs/txt2img --prompts_file=coco30k.tsv \
+#       --outdir=/shared/samples/coco30k --output_format=webdataset     # resubmit the same command to resume
 #
 # MODE=per_node (default): one process per node that drives all the node's GPUs (--ntasks-per-node=1).
 # MODE=per_gpu: one process per GPU (--ntasks-per-node = GPUs per node); task SLURM_LOCALID uses GPU SLURM_LOCALID,
 # or GPU 0 of its own when SLURM gives each task one GPU (--gpus-per-task=1 / --gpu-bind=single:1).
-# Arguments are ldm_jax.train flags. JAX reads the coordinator (first node of the step), the process count and each
+# Arguments are the flags of ldm_jax.<ENTRY>. JAX reads the coordinator (first node of the step), the process count and each
 # process's id from SLURM's variables (jax.distributed.initialize() auto-detection; the port comes from the job id,
 # or set JAX_COORDINATOR_PORT). --local_device_ids, which this script passes, tells each process which GPUs are its.
 #
@@ -19,6 +22,7 @@
 #
 # Knobs (environment variables, exported to the job by sbatch; defaults in brackets):
 #   MODE           per_node or per_gpu [per_node]
+#   ENTRY          the ldm_jax module every process runs: train, sample, evaluate or cache_latents [train]
 #   PYTHON         the interpreter of an environment with `pip install -e . "jax[cuda12]"`, on the shared
 #                  filesystem [.venv/bin/python]
 #   GPUS_PER_NODE  used when SLURM does not say (SLURM_GPUS_ON_NODE unset) [the node's nvidia-smi -L count]
@@ -42,13 +46,22 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 
 MODE="${MODE:-per_node}"
+ENTRY="${ENTRY:-train}"
+case "$ENTRY" in
+  train | sample | evaluate | cache_latents) ;;
+  *)
+    echo "ENTRY=$ENTRY: must be train, sample, evaluate or cache_latents" >&2
+    exit 2
+    ;;
+esac
 PYTHON="${PYTHON:-.venv/bin/python}"
 if [ -z "${SLURM_JOB_ID:-}" ]; then
   echo "run this through sbatch (see the usage at the top of $0)" >&2
   exit 2
 fi
 if [ "$#" -eq 0 ]; then
-  echo "usage: sbatch $0 --config=configs/<task>.py[:preset] --workdir=<shared path> [more ldm_jax.train flags]" >&2
+  echo "usage: [ENTRY=train|sample|evaluate|cache_latents] sbatch $0 <flags of ldm_jax.\$ENTRY>, e.g." >&2
+  echo "       sbatch $0 --config=configs/<task>.py[:preset] --workdir=<shared path> [more ldm_jax.train flags]" >&2
   exit 2
 fi
 gpus="${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}}"
@@ -71,8 +84,8 @@ case "$MODE" in
     exit 2
     ;;
 esac
-export MODE PYTHON
-echo "job $SLURM_JOB_ID: $SLURM_JOB_NUM_NODES nodes x $tasks processes ($MODE), $gpus GPUs per node"
+export MODE PYTHON ENTRY
+echo "job $SLURM_JOB_ID: ldm_jax.$ENTRY, $SLURM_JOB_NUM_NODES nodes x $tasks processes ($MODE), $gpus GPUs per node"
 
 # Per task: which GPUs (CUDA ordinals, counted within CUDA_VISIBLE_DEVICES) this process uses. Without the flag JAX
 # would give every SLURM task only GPU number SLURM_LOCALID, which is wrong for per_node.
@@ -92,5 +105,5 @@ srun --kill-on-bad-exit=1 --label bash -c '
   else
     ids=$SLURM_LOCALID
   fi
-  exec "$PYTHON" -m ldm_jax.train --local_device_ids="$ids" "$@"
+  exec "$PYTHON" -m "ldm_jax.$ENTRY" --local_device_ids="$ids" "$@"
 ' ldm_jax_task "$@"

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Training on every worker of a Cloud TPU VM pod slice (e.g. v4-32: 4 hosts), run from your workstation with gcloud.
+# Training (or a sampling, evaluation or latent caching job) on every worker of a Cloud TPU VM pod slice (e.g.
+# v4-32: 4 hosts), run from your workstation with gcloud.
 #
 #   TPU_NAME=my-pod ZONE=us-central2-b PROJECT=my-project bash launch/tpu_pod.sh -- \
 #       --config=configs/txt2img.py:sd --workdir=/mnt/shared/runs/txt2img
 #   STEPS=train TPU_NAME=... ZONE=... PROJECT=... bash launch/tpu_pod.sh -- ...   # tree already copied, installed
+#   ENTRY=sample STEPS=train TPU_NAME=... bash launch/tpu_pod.sh -- --workdir=/mnt/shared/runs/txt2img \
+#       --prompts_file=coco30k.tsv --outdir=/mnt/shared/samples/coco30k   # the same command again resumes it
 #
 # Three steps, each on all workers at once (gcloud ... --worker=all): copy this working tree, as one archive, (tracked files plus
 # untracked ones git does not ignore: no .venv, no runs/) to $REMOTE_DIR, install it (pip install -e . plus jax[tpu])
-# into the virtual environment $REMOTE_VENV, then run the same `python -m ldm_jax.train <args after -->` on every
-# worker. LDM_JAX_DISTRIBUTED=auto makes ldm_jax.train call jax.distributed.initialize(), which finds the workers,
+# into the virtual environment $REMOTE_VENV, then run the same `python -m ldm_jax.$ENTRY <args after -->` on every
+# worker. LDM_JAX_DISTRIBUTED=auto makes ldm_jax.$ENTRY call jax.distributed.initialize(), which finds the workers,
 # the coordinator and this worker's id in the TPU VM metadata.
 #
 # --workdir must be one directory every worker sees: a shared filesystem (Filestore/NFS, or a bucket mounted with
@@ -17,7 +20,8 @@
 #
 # Knobs (environment variables, defaults in brackets):
 #   TPU_NAME, ZONE, PROJECT  the pod slice (required)
-#   STEPS          which steps to run, comma-separated [copy,install,train]
+#   STEPS          which steps to run, comma-separated [copy,install,train] ("train" runs ENTRY)
+#   ENTRY          the ldm_jax module every worker runs: train, sample, evaluate or cache_latents [train]
 #   REMOTE_DIR     the tree's directory on the workers [ldm_jax, relative to the remote home directory]
 #   REMOTE_VENV    the virtual environment on the workers [ldm_jax_venv]
 #   REMOTE_PYTHON  interpreter that creates it; the package needs Python >= 3.11 [python3]
@@ -37,6 +41,14 @@ REMOTE_VENV="${REMOTE_VENV:-ldm_jax_venv}"
 REMOTE_PYTHON="${REMOTE_PYTHON:-python3}"
 JAX_TPU="${JAX_TPU:-jax[tpu]}"
 TRAIN_ENV="${TRAIN_ENV:-}"
+ENTRY="${ENTRY:-train}"
+case "$ENTRY" in
+  train | sample | evaluate | cache_latents) ;;
+  *)
+    echo "ENTRY=$ENTRY: must be train, sample, evaluate or cache_latents" >&2
+    exit 2
+    ;;
+esac
 
 has_step() {
   case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac
@@ -46,14 +58,15 @@ if [ "${1:-}" = "--" ]; then
 fi
 for arg in "$@"; do
   case "$arg" in
-    --workdir=gs://* | --config.first_stage.workdir=gs://* | --config.init_from=gs://*)
+    --workdir=gs://* | --config.first_stage.workdir=gs://* | --config.init_from=gs://* | --outdir=gs://*)
       echo "$arg: gs:// paths are not supported; use a shared filesystem mounted on every worker" >&2
       exit 2
       ;;
   esac
 done
 if has_step train && [ "$#" -eq 0 ]; then
-  echo "usage: $0 -- --config=configs/<task>.py[:preset] --workdir=<shared path> [more ldm_jax.train flags]" >&2
+  echo "usage: [ENTRY=train|sample|evaluate|cache_latents] $0 -- <flags of ldm_jax.\$ENTRY>, e.g." >&2
+  echo "       $0 -- --config=configs/<task>.py[:preset] --workdir=<shared path> [more ldm_jax.train flags]" >&2
   exit 2
 fi
 
@@ -91,5 +104,5 @@ $py is older: set REMOTE_PYTHON\" >&2; exit 1; }; "'[ -x "$V/bin/python" ] || '"
 fi
 
 if has_step train; then
-  on_all 'cd "$D"; env LDM_JAX_DISTRIBUTED=auto '"$TRAIN_ENV"' "$V/bin/python" -m ldm_jax.train '"$(printf '%q ' "$@")"
+  on_all 'cd "$D"; env LDM_JAX_DISTRIBUTED=auto '"$TRAIN_ENV"' "$V/bin/python" -m ldm_jax.'"$ENTRY $(printf '%q ' "$@")"
 fi

@@ -1,4 +1,20 @@
-"""Evaluation of a workdir: latent diffusion runs on the shapes dataset, first-stage runs by reconstruction.
+"""Evaluation: distribution metrics of a set of generated images (``--samples``), or a workdir's own evaluation
+(latent diffusion runs on the shapes dataset, first-stage runs by reconstruction; ``--workdir``).
+
+  # FID / KID / IS / CLIP score of a sampling job's images (ldm_jax.sample) against reference images:
+  python -m ldm_jax.evaluate --samples=runs/coco30k --reference=/data/coco/val2014 --metrics=fid,kid,clip_score \
+      --fid_weights=pt_inception-2015-12-05-6726825d.pth --clip_weights=/models/clip-vit-large-patch14
+  # the reference as any data source, or a pytorch-fid statistics file (FID only):
+  ... --reference=webdataset:/data/coco/{0000..0009}.tar --reference_image_size=512
+  ... --reference=coco_val2014_stats.npz
+
+``--samples``: a sampling job's folder (PNG or WebDataset layout; prompts from its manifest), an image folder, or any
+``data.source`` string. ``--reference``: the same kinds (images centre-cropped to ``--reference_image_size``, by
+default the samples' size), or an .npz of pytorch-fid statistics (``mu``, ``sigma``). A reference's features are
+cached (``--reference_cache``), so a second evaluation against it reads them. Writes ``metrics.json`` into the
+samples folder (or ``--out``). How images are resized for each network: ``ldm_jax.evaluation.sample_metrics``.
+
+Workdir evaluation:
 
   python -m ldm_jax.evaluate --workdir=runs/demo/txt2img --split=heldout --num_examples=256
   python -m ldm_jax.evaluate --workdir=runs/demo/class_cond --split=validation --num_examples=256
@@ -22,8 +38,9 @@ Autoencoder (first-stage) runs: PSNR, SSIM, L1, LPIPS (``--lpips_vgg_weights`` o
 Each task scores its own kind (``Task.evaluate_workdir``); an option the run's kind does not take is refused.
 Writes ``eval_<split>.json`` (``eval_<split>_inpaint.json`` for ``--inpaint``) and a grid next to it.
 
-Multi-process: the same command in every process with the ``ldm_jax.train`` multi-process flags; generation and
-reconstruction are split over every device of every process, and process 0 writes the result.
+Multi-process: the same command in every process with the ``ldm_jax.train`` multi-process flags; generation,
+reconstruction and feature extraction are split over every device of every process (each process decodes only the
+images its devices score), and process 0 writes the result.
 """
 
 from __future__ import annotations
@@ -36,7 +53,45 @@ from absl import app, flags, logging
 
 from ldm_jax.training import distributed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion or first-stage (autoencoder) workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion or first-stage (autoencoder) workdir to evaluate.")
+_SAMPLES = flags.DEFINE_string(
+    "samples", None, "Generated images to score: a sampling job's folder, an image folder or a data source."
+)
+_REFERENCE = flags.DEFINE_string(
+    "reference", "", "Real images (a folder, a data source) or pytorch-fid statistics (.npz) for FID / KID."
+)
+_METRICS = flags.DEFINE_string("metrics", "fid", "--samples: comma-separated, from fid, kid, is, clip_score.")
+_CLIP_WEIGHTS = flags.DEFINE_string(
+    "clip_weights", "", "--samples with clip_score: a Hugging Face CLIPModel folder or an OpenCLIP checkpoint file."
+)
+_CLIP_ARCH = flags.DEFINE_string(
+    "clip_arch",
+    "",
+    "--clip_weights of an OpenCLIP file whose activation its shapes cannot tell: vit_b16 or vit_l14 (OpenAI, "
+    "quick_gelu) or vit_h14 (LAION, gelu); default: inferred, gelu.",
+)
+_REFERENCE_SIZE = flags.DEFINE_integer(
+    "reference_image_size", 0, "Side the reference images are centre-cropped to (0: the samples' size)."
+)
+_REFERENCE_DATA_DIR = flags.DEFINE_string("reference_data_dir", "", "data_dir of a tfds: reference.")
+_REFERENCE_IMAGE_KEY = flags.DEFINE_string("reference_image_key", "image", "Image field of a tfds: reference.")
+_REFERENCE_CACHE = flags.DEFINE_string(
+    "reference_cache",
+    os.environ.get("LDM_JAX_REFERENCE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "reference")),
+    "Folder of cached reference features ('' = no cache; default $LDM_JAX_REFERENCE_CACHE or ~/.cache/ldm_jax/...).",
+)
+_SAVE_REFERENCE = flags.DEFINE_string(
+    "save_reference_stats", "", "Also write the reference's statistics to this .npz (pytorch-fid's mu / sigma)."
+)
+_SAVE_SAMPLES = flags.DEFINE_string(
+    "save_samples_stats", "", "Also write the samples' statistics to this .npz (pytorch-fid's mu / sigma)."
+)
+_KID_SUBSETS = flags.DEFINE_integer("kid_subsets", 100, "KID: number of subsets (torch-fidelity's default).")
+_KID_SUBSET_SIZE = flags.DEFINE_integer(
+    "kid_subset_size", 0, "KID: rows per subset (0: torch-fidelity's 1000, or the smaller set's size below that)."
+)
+_PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 16, "--samples: images per device per batch.")
+_OUT = flags.DEFINE_string("out", "", "--samples: the result file (default: <samples>/metrics.json).")
 _SPLIT = flags.DEFINE_enum(
     "split", "heldout", ["heldout", "validation", "train"], "Dataset split whose examples to use."
 )
@@ -57,7 +112,6 @@ _LPIPS_VGG = flags.DEFINE_string(
     "Autoencoder runs: VGG16 weights for LPIPS (default: the run's loss.lpips_vgg_weights when its perceptual term "
     "was on). Lets a run trained without LPIPS be scored with it.",
 )
-flags.mark_flags_as_required(["workdir"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 
 
@@ -86,8 +140,12 @@ def main(argv):
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
+    if (_WORKDIR.value is None) == (_SAMPLES.value is None):
+        raise app.UsageError("pass --workdir (evaluate a run) or --samples (score generated images), not both")
     jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
+    if _SAMPLES.value is not None:
+        return evaluate_samples()
     workdir = _WORKDIR.value
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -121,6 +179,67 @@ def main(argv):
         raise app.UsageError(str(e)) from e
     logging.info("%s on %s: %s (%.1f s)", config.task, _SPLIT.value, result, time.perf_counter() - t0)
     _write_result(workdir, result, name, grid)
+
+
+def evaluate_samples() -> None:
+    """``--samples`` mode: distribution metrics of generated images."""
+    import jax
+
+    from ldm_jax.evaluation import fid, image_sets, sample_metrics
+    from ldm_jax.sampling.outputs import write_json
+    from ldm_jax.training.sharding import make_mesh
+
+    samples_spec = _SAMPLES.value
+    try:
+        metrics = sample_metrics.parse_metrics(_METRICS.value)
+        if any(m in ("fid", "kid") for m in metrics) and not _REFERENCE.value:
+            raise ValueError(f"--metrics={_METRICS.value}: FID and KID compare with --reference, which is not set")
+        for name, value in (("per_device_batch", _PER_DEVICE_BATCH.value), ("kid_subsets", _KID_SUBSETS.value)):
+            if value < 1:
+                raise ValueError(f"--{name}={value}: must be >= 1")
+        out = _OUT.value or (os.path.join(samples_spec, "metrics.json") if os.path.isdir(samples_spec) else "")
+        if not out:
+            raise ValueError(f"--samples={samples_spec!r} is not a folder to write metrics.json into: pass --out")
+        networks = sample_metrics.Networks.load(metrics, _FID_WEIGHTS.value, _CLIP_WEIGHTS.value, _CLIP_ARCH.value)
+        images = image_sets.open_image_set(samples_spec, _REFERENCE_SIZE.value)
+        mesh = make_mesh(-1, 1)
+        t0 = time.perf_counter()
+        reference, where = None, {}
+        if _REFERENCE.value and any(m in ("fid", "kid") for m in metrics):
+            size = _REFERENCE_SIZE.value or image_sets.job_image_size(images)
+            reference, where = sample_metrics.reference_features(
+                _REFERENCE.value, size, mesh, networks, metrics, _PER_DEVICE_BATCH.value, _REFERENCE_CACHE.value,
+                _REFERENCE_DATA_DIR.value, _REFERENCE_IMAGE_KEY.value,
+            )  # fmt: skip
+        t1 = time.perf_counter()
+        scored = sample_metrics.score_set(images, mesh, networks, metrics, _PER_DEVICE_BATCH.value, what="samples")
+        values = sample_metrics.compute(scored, reference, metrics, _KID_SUBSETS.value, _KID_SUBSET_SIZE.value)
+    except (OSError, ValueError) as e:
+        raise app.UsageError(str(e)) from e
+    result = dict(
+        samples=images.description,
+        num_samples=scored.count,
+        unreadable_samples=scored.bad,
+        num_reference=None if reference is None else reference.count,
+        unreadable_reference=None if reference is None else reference.bad,
+        **where,
+        metrics=list(metrics),
+        **values,
+        inception_resize=sample_metrics.RESIZE_NOTE,
+        seconds=dict(
+            reference=round(t1 - t0, 3), samples=round(scored.seconds, 3), total=round(time.perf_counter() - t0, 3)
+        ),
+        processes=jax.process_count(),
+        devices=mesh.size,
+    )
+    if jax.process_index() != 0:
+        return
+    if _SAVE_REFERENCE.value and reference is not None and reference.statistics is not None:
+        fid.save_statistics(_SAVE_REFERENCE.value, reference.statistics.mean(), reference.statistics.covariance())
+    if _SAVE_SAMPLES.value and scored.statistics is not None:
+        fid.save_statistics(_SAVE_SAMPLES.value, scored.statistics.mean(), scored.statistics.covariance())
+    write_json(out, result)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ variables, or a detected cluster); the batches are split over all devices and pr
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import hashlib
 import os
-import time
 
 from absl import app, flags, logging
 
@@ -37,7 +37,16 @@ from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion training (or converted) workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "A text file with one prompt per line.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file",
+    "",
+    "Prompts, one per line (.txt), or one per row with an optional id column (.jsonl, .csv, .tsv: e.g. the MLPerf "
+    "COCO captions TSV with id, image_id, caption).",
+)
+_CAPTION_COLUMN = flags.DEFINE_string(
+    "caption_column", "", "The prompt column of a .jsonl/.csv/.tsv --prompts_file (default: caption, prompt or text)."
+)
+_ID_COLUMN = flags.DEFINE_string("id_column", "", "The id column of a .jsonl/.csv/.tsv --prompts_file (default: id).")
 _CLASS_LABEL = flags.DEFINE_multi_integer("class_label", [], "Class-conditional runs: a class id; repeatable.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Unconditional runs: how many images.")
 _NUM_PER_PROMPT = flags.DEFINE_integer(
@@ -62,9 +71,16 @@ _ETA = flags.DEFINE_float("eta", None, "DDIM eta; 0 is deterministic (default: c
 _SPACING = flags.DEFINE_string("spacing", None, "Timestep spacing: leading, trailing or linspace.")
 _KARRAS = flags.DEFINE_bool("karras_sigmas", None, "Karras sigma spacing (dpmpp_2m, euler).")
 _SEED = flags.DEFINE_integer("seed", 0, "Image i of the run uses seed + i.")
-_BATCH = flags.DEFINE_integer(
-    "batch_size", 0, "Images per device call, rounded up to the device count (0: 8 per device)."
+_PER_DEVICE_BATCH = flags.DEFINE_integer(
+    "per_device_batch",
+    8,
+    "Images per device per batch. Each device then runs the same program whatever the number of devices and "
+    "hosts, so the pixels do not depend on them.",
 )
+_OUTPUT_FORMAT = flags.DEFINE_enum(
+    "output_format", "png", ["png", "webdataset"], "png: one file per image; webdataset: tar shards of --shard_size."
+)
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "Images per tar shard (--output_format=webdataset).")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Which weights of the checkpoint to use.")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 0, "Output height and width in pixels (0: the run's data.image_size); a multiple of the latent grid."
@@ -86,21 +102,14 @@ flags.mark_flags_as_required(["workdir"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 
 
-def read_prompts(prompts: list[str], prompts_file: str) -> list[str]:
-    out = list(prompts)
-    if prompts_file:
-        with open(prompts_file, encoding="utf-8") as f:
-            out += [line.strip() for line in f if line.strip()]
-    return out
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ldm_jax import config_lib, jax_setup
     from ldm_jax.diffusion.guidance import validate_guidance
     from ldm_jax.diffusion.samplers import SamplerOptions
-    from ldm_jax.imaging import make_grid, save_png
+    from ldm_jax.sampling.job import JobSpec, digest, run_job
+    from ldm_jax.sampling.prompts import job_prompts
     from ldm_jax.tasks import SAMPLE_FLAGS, build_task, check_sample_flags, load_for_sampling
     from ldm_jax.tasks.protocol import SampleInputs
     from ldm_jax.training.reporting import quiet_library_logs
@@ -108,17 +117,21 @@ def main(argv):
     quiet_library_logs()
     jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
-    if _NUM_PER_PROMPT.value < 1:
-        raise app.UsageError(f"--num_per_prompt={_NUM_PER_PROMPT.value}: must be >= 1")
+    for name, value in (("num_per_prompt", _NUM_PER_PROMPT.value), ("per_device_batch", _PER_DEVICE_BATCH.value),
+                        ("shard_size", _SHARD_SIZE.value)):  # fmt: skip
+        if value < 1:
+            raise app.UsageError(f"--{name}={value}: must be >= 1")
     if _IMAGE_SIZE.value < 0:
         raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: must be > 0, or 0 for the run's data.image_size")
     # Everything the flags ask is checked against the run's config before any weights load.
+    config_path = os.path.join(_WORKDIR.value, "config.json")
     try:
-        run_config = config_lib.load_config(os.path.join(_WORKDIR.value, "config.json"))
-    except FileNotFoundError as e:
+        run_config = config_lib.load_config(config_path)
+        prompts = job_prompts(_PROMPT.value, _PROMPTS_FILE.value, _CAPTION_COLUMN.value, _ID_COLUMN.value)
+    except (OSError, ValueError) as e:
         raise app.UsageError(str(e)) from e
     inputs = SampleInputs(
-        prompts=tuple(read_prompts(_PROMPT.value, _PROMPTS_FILE.value)),
+        prompts=tuple(p.text for p in prompts),
         negative_prompt=_NEGATIVE.value,
         class_labels=tuple(_CLASS_LABEL.value),
         num_images=_NUM_IMAGES.value,
@@ -146,73 +159,69 @@ def main(argv):
         validate_guidance(guidance, rescale, prefix="--")
     except (OSError, ValueError) as e:  # each names the flag and what is allowed
         raise app.UsageError(str(e)) from e
-    image_size = request.image_size or _IMAGE_SIZE.value
-    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, image_size, config=run_config)
-
+    image_size = request.image_size or _IMAGE_SIZE.value or run_config.data.image_size
     per = _NUM_PER_PROMPT.value if request.repeats else 1
-    # Which source (prompt, class, low-resolution image) each image comes from.
-    sources = [i for i in range(len(request.conditions)) for _ in range(per)]
-    all_conditions = [request.conditions[i] for i in sources]
-    seeds = [_SEED.value + i for i in range(len(all_conditions))]
     images_in = dict(request.images)
-    if "low_res" in images_in:
-        images_in["low_res"] = images_in["low_res"][sources]
-    batch = _BATCH.value or 8 * mesh.size
-    t0 = time.perf_counter()
-    try:
-        images = task.generate_images(
+    # Prompts carry the ids of their file; other sources (classes, inputs, unconditional images) their position.
+    ids = [p.id for p in prompts] if prompts and len(prompts) == len(request.conditions) else None
+    sources = []
+    for i, describe in enumerate(request.describe):
+        extra = prompts[i].extra if ids else {}
+        sources.append(dict(id=ids[i] if ids else str(i), **describe, **extra))
+    with open(config_path, "rb") as f:
+        config_digest = hashlib.sha256(f.read()).hexdigest()
+    spec = JobSpec(
+        outdir=_OUTDIR.value,
+        model=dict(config_sha256=config_digest),
+        settings=dict(
+            options.to_config(),
+            guidance_scale=guidance,
+            guidance_rescale=rescale,
+            negative_prompt=request.negative,
+            image_size=image_size,
+            init_image=_INIT_IMAGE.value,
+            mask_image=_MASK_IMAGE.value,
+            strength=request.strength if _INIT_IMAGE.value else None,
+            weights=_WEIGHTS.value,
+        ),
+        sources=sources,
+        sources_digest=digest([request.conditions, images_in]),
+        per_source=per,
+        seed=_SEED.value,
+        output_format=_OUTPUT_FORMAT.value,
+        shard_size=_SHARD_SIZE.value,
+    )
+    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, image_size, config=run_config)
+    # The checkpoint is part of the model: a job continued after more training would mix two models' images.
+    spec.settings["checkpoint_step"] = step
+    if not spec.outdir:
+        # A folder per job under the run: rerunning a command resumes its job, another command starts its own.
+        spec = dataclasses.replace(spec, outdir=os.path.join(_WORKDIR.value, "samples", digest(spec.identity())[:12]))
+
+    def generate(indices):
+        src = [i // per for i in indices]
+        kwargs = {k: v[src] if k == "low_res" else v for k, v in images_in.items()}
+        return task.generate_batches(
             params,
             frozen,
             mesh,
-            all_conditions,
-            seeds,
+            [request.conditions[j] for j in src],
+            [spec.seed + i for i in indices],
             options,
             guidance,
             rescale,
             request.negative,
-            batch,
-            init_image=images_in.get("init"),
-            mask=images_in.get("mask"),
+            _PER_DEVICE_BATCH.value * mesh.size,
+            init_image=kwargs.get("init"),
+            mask=kwargs.get("mask"),
             strength=request.strength,
-            low_res=images_in.get("low_res"),
+            low_res=kwargs.get("low_res"),
         )
-    except ValueError as e:  # inputs the model cannot take, found before any device work
+
+    try:
+        run_job(spec, generate, _PER_DEVICE_BATCH.value * mesh.size, mesh.size)
+    except ValueError as e:  # the folder holds another job, or inputs the model cannot take (before device work)
         raise app.UsageError(str(e)) from e
-    seconds = time.perf_counter() - t0
-    logging.info("%d images in %.1f s (compile included)", len(images), seconds)
-
-    import jax
-
-    if jax.process_index() != 0:
-        return  # every process generated every image (gathered over the mesh); process 0 writes them
-    outdir = _OUTDIR.value or os.path.join(_WORKDIR.value, "samples")
-    os.makedirs(outdir, exist_ok=True)
-    settings = dict(
-        options.to_config(),
-        guidance_scale=guidance,
-        guidance_rescale=rescale,
-        negative_prompt=request.negative,
-        init_image=_INIT_IMAGE.value,
-        mask_image=_MASK_IMAGE.value,
-        strength=request.strength if _INIT_IMAGE.value else None,
-        weights=_WEIGHTS.value,
-        checkpoint_step=step,
-    )
-    lines = []
-    for i, (img, seed, src) in enumerate(zip(images, seeds, sources)):
-        name = f"{i:05d}.png"
-        save_png(os.path.join(outdir, name), img)
-        lines.append(json.dumps(dict(file=name, seed=seed, **request.describe[src], **settings)))
-    save_png(
-        os.path.join(outdir, "grid.png"),
-        make_grid(images, ncol=per if request.repeats else None),
-        upscale=4 if images.shape[1] <= 64 else 1,
-    )
-    tmp = os.path.join(outdir, "manifest.jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(outdir, "manifest.jsonl"))
-    logging.info("wrote %d images, grid.png and manifest.jsonl to %s", len(images), outdir)
 
 
 if __name__ == "__main__":

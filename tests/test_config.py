@@ -45,6 +45,7 @@ def test_pod_scale_txt2img_describes_the_paper_setup():
         ("diffusion.loss_weighting", "p2", "diffusion.loss_weighting='p2'"),
         ("diffusion.rescale_betas_zero_snr", True, "needs prediction_type 'v_prediction' or 'sample'"),
         ("data.name", "photo_crops", "data.name='photo_crops': has images only"),
+        ("eval.every", -1, "eval.every=-1: must be >= 0"),
     ],
 )
 def test_validate_names_the_bad_field(field, value, match):
@@ -53,6 +54,33 @@ def test_validate_names_the_bad_field(field, value, match):
     section, key = field.split(".")
     c[section][key] = value
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(c)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"metrics": "fid,psnr"}, "eval.metrics='fid,psnr': must be a comma-separated choice of"),
+        ({"metrics": "fid"}, "eval.fid_weights='': FID, KID and IS need the FID Inception weights"),
+        ({"metrics": "clip_score"}, "eval.clip_weights='': clip_score needs CLIP weights"),
+        ({"metrics": "kid", "fid_weights": "w.pth", "num_samples": 1}, "eval.num_samples=1: must be >= 2"),
+    ],
+)
+def test_eval_section_names_the_bad_field(overrides, match):
+    c = txt2img.get_config("tiny")
+    c.first_stage.workdir = "x"
+    c.eval.update(every=10, **overrides)
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(c)
+
+
+def test_eval_during_training_is_refused_for_runs_that_need_inputs_beyond_conditions():
+    from configs import superres
+
+    c = superres.get_config("tiny")
+    c.first_stage.workdir = "x"
+    c.eval.update(every=10, metrics="fid", fid_weights="w.pth")
+    with pytest.raises(ValueError, match="eval.every=10: distribution metrics during training need a txt2img"):
         validate_config(c)
 
 

@@ -168,6 +168,12 @@ class AutoencoderTask:
     tokenizer = None  # batches carry images only
     label_field = None
     EVAL_OPTIONS = ("fid_weights", "lpips_vgg_weights")
+    # The reconstruction metrics (PSNR, SSIM, LPIPS, rFID) come with every preview (``preview``).
+    eval_every = 0
+
+    @staticmethod
+    def periodic_eval(params, frozen, mesh) -> dict[str, float]:
+        return {}
 
     def __init__(self, config):
         self.config = config

@@ -53,6 +53,8 @@ class NoConcat:
     channels = 0
     mask_conditioned = False
     needs_pixels = False  # training reads only the latents (a latent cache will do)
+    # Images follow from the conditions alone, so evaluation during training can generate from dataset conditions.
+    from_conditions_alone = True
 
     def __init__(self, config, latents):
         self.config = config
@@ -102,7 +104,8 @@ class MaskConcat:
     NEEDS = NoConcat.NEEDS
     EVAL_OPTIONS = ()
     mask_conditioned = True
-    needs_pixels = True  # the masked image is encoded every step
+    needs_pixels = True
+    from_conditions_alone = False  # the masked image is encoded every step
 
     def __init__(self, config, latents):
         self.config = config
@@ -245,6 +248,7 @@ class LowResConcat:
     channels = 3  # the low-resolution RGB image
     mask_conditioned = False
     needs_pixels = True  # the low-resolution input is made from the image every step
+    from_conditions_alone = False
 
     def __init__(self, config, latents):
         self.config = config

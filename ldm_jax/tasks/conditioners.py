@@ -198,6 +198,12 @@ class TextConditioner:
         prompts = [_caption(e) for e in examples]
         return prompts, [attributes.parse_caption(p) for p in prompts], self.config.sample.negative_prompt
 
+    @staticmethod
+    def distribution_conditions(examples) -> tuple[list, list[str] | None]:
+        """(conditions, prompts or None) of dataset examples, for distribution metrics (FID, CLIP score)."""
+        prompts = [_caption(e) for e in examples]
+        return prompts, prompts
+
 
 def _class_names(config) -> list[str]:
     """Class names of a run whose labels come from its data source ([] for the shapes labelings)."""
@@ -289,6 +295,11 @@ class ClassConditioner:
         describe = [dict(class_label=x, class_name=self.class_name(x)) for x in inputs.class_labels]
         return list(inputs.class_labels), describe, None, True
 
+    def distribution_conditions(self, examples) -> tuple[list, None]:
+        if self.source_names:
+            return [int(e["label"]) for e in examples], None
+        return [shapes.class_label(e, self.config.classes) for e in examples], None
+
     def eval_conditions(self, examples):
         """The examples' class labels; only the attributes the class names are scored."""
         if self.source_names:
@@ -353,6 +364,10 @@ class NullConditioner:
         if inputs.num_images < 1:
             raise ValueError(f"--num_images={inputs.num_images}: must be >= 1")
         return [None] * inputs.num_images, [{}] * inputs.num_images, None, False
+
+    @staticmethod
+    def distribution_conditions(examples) -> tuple[list, None]:
+        return [None] * len(examples), None
 
     def eval_conditions(self, examples):
         raise ValueError(
@@ -439,3 +454,9 @@ class NoiseLevelConditioner:
 
     def eval_conditions(self, examples):
         raise ValueError("super-resolution is scored against the original images, not by attributes")
+
+    @staticmethod
+    def distribution_conditions(examples):
+        raise ValueError(
+            "eval.every: distribution metrics during training need a txt2img, class_cond or unconditional run"
+        )

@@ -10,6 +10,7 @@ evaluation. What differs between tasks is asked of its two parts (``tasks/condit
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from ldm_jax.data import pipeline
 from ldm_jax.diffusion import objectives, samplers
 from ldm_jax.diffusion.guidance import classifier_free_guidance, validate_guidance
 from ldm_jax.diffusion.schedules import schedule_from_config
+from ldm_jax.evaluation.in_training import EvalConfig, PeriodicEval
 from ldm_jax.imaging import to_uint8
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.tasks.latent_space import FirstStageConfig, LatentSpace
@@ -87,6 +89,7 @@ class LatentDiffusionTask:
         self.encode_images = self.latents.encode_images
         self.latent_mask = self.latents.latent_mask
         self._generate_cache = {}
+        self.periodic = PeriodicEval(self)
 
     @classmethod
     def validate(cls, config, conditioner_cls, concat_cls) -> None:
@@ -100,6 +103,10 @@ class LatentDiffusionTask:
         validate_guidance(config.sample.guidance_scale, config.sample.guidance_rescale)
         conditioner_cls.validate(config)
         concat_cls.validate(config)
+        every = EvalConfig.from_config(config.eval, "eval.").every
+        config_lib.check(not every or concat_cls.from_conditions_alone, "eval.every", every,
+                         f"distribution metrics during training need a txt2img, class_cond or unconditional run; "
+                         f"a {config.task} run's images need inputs beyond the dataset conditions: set 0")  # fmt: skip
 
     # ---- parameters ----------------------------------------------------------------------------------------
     @property
@@ -212,6 +219,13 @@ class LatentDiffusionTask:
 
     def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
         return self.concat.preview(self, params, frozen, mesh)
+
+    @property
+    def eval_every(self) -> int:
+        return self.periodic.section.every
+
+    def periodic_eval(self, params, frozen, mesh) -> dict[str, float]:
+        return self.periodic.evaluate(params, frozen, mesh)
 
     # ---- generation ----------------------------------------------------------------------------------------
     def sampler_options(self, **overrides) -> samplers.SamplerOptions:
@@ -326,7 +340,16 @@ class LatentDiffusionTask:
                 )
         self.concat.check_images(init_image, mask, low_res)
 
-    def generate_images(
+    def generate_images(self, params, frozen, mesh, conditions: list, seeds: list[int], *args, **kwargs) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for ``conditions[i]`` (a prompt, a class id, a noise level, None) with
+        ``seeds[i]``, on every process; the arguments are ``generate_batches``'."""
+        out = [
+            to_uint8(transfer.to_host(images))[:n]
+            for _, n, images in self.generate_batches(params, frozen, mesh, conditions, seeds, *args, **kwargs)
+        ]
+        return np.concatenate(out, axis=0)
+
+    def generate_batches(
         self,
         params,
         frozen,
@@ -342,16 +365,21 @@ class LatentDiffusionTask:
         mask: np.ndarray | None = None,
         strength: float = 1.0,
         low_res: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """uint8 images [N, H, W, 3] for ``conditions[i]`` (a prompt, a class id, a noise level, None) with
-        ``seeds[i]``, in batches spread over every device.
+    ) -> Iterator[tuple[int, int, jax.Array]]:
+        """Generates images for ``conditions[i]`` with ``seeds[i]`` in batches spread over every device of ``mesh``;
+        yields ``(start, n, images)`` per batch: ``images`` a global float array [batch, H, W, 3] in [-1, 1], split
+        over the devices by rows, whose first ``n`` rows are the images of ``conditions[start : start + n]``.
 
         ``negative`` replaces the null condition on the unconditional side of guidance (a negative prompt). With
         ``init_image`` (in [-1, 1]) this is image-to-image at ``strength``; with ``mask`` too (1 = repaint) it is
         inpainting. ``low_res`` (in [-1, 1]): the images a super-resolution model upscales. Each is one image for all
         outputs ([H, W, C]) or one per output ([N, H, W, C]). ``batch_size`` (0 = one per device) is rounded up to a
-        multiple of the device count; the last batch is padded with repeats whose outputs are dropped, so every call
-        compiles one program.
+        multiple of the device count; the last batch is padded with repeats of its last entry, so every call
+        compiles one program. Errors in the inputs (ValueError) are raised before any device work.
+
+        Every process must call this with the same arguments (each places its own shards of them, so this works on
+        a mesh over several processes); a caller reads its own rows from ``images.addressable_shards`` or all of
+        them with ``transfer.to_host``.
         """
         if len(conditions) != len(seeds):
             raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds: need one seed per image")
@@ -370,30 +398,28 @@ class LatentDiffusionTask:
             per_image[name] = x
         mode = "txt2img" if init_image is None else ("img2img" if mask is None else "inpaint")
         first_step = 0 if mode == "txt2img" else self.first_step(options, strength)
-        per_call = max(batch_size, 1)
-        per_call = -(-per_call // mesh.size) * mesh.size
         fn = self.compiled_generate(mesh, options, mode, first_step)
-        # Every process holds every input (the same conditions, seeds and images): each places its own shards of
-        # them, and every process gets every image back, so this works on a mesh over several processes.
+        per_call = -(-max(batch_size, 1) // mesh.size) * mesh.size
         repl, rows = replicated(mesh), batch_sharding(mesh)
-        null = transfer.to_mesh(self.conditioner.null_inputs(per_call, negative), rows)
-        scales = transfer.to_mesh((np.float32(guidance_scale), np.float32(guidance_rescale)), repl)
-        out = []
-        for start in range(0, len(conditions), per_call):
-            n = min(per_call, len(conditions) - start)
-            # The last chunk is padded by repeating its last entry.
-            idx = [start + min(i, n - 1) for i in range(per_call)]
-            cond, seed_rows, image_rows = transfer.to_mesh(
-                (
-                    self.conditioner.condition_inputs([conditions[i] for i in idx]),
-                    np.asarray([seeds[i] for i in idx], np.uint32),
-                    {name: x[idx] for name, x in per_image.items()},
-                ),
-                rows,
-            )
-            images = fn(params, frozen, cond, null, seed_rows, *scales, image_rows)
-            out.append(to_uint8(transfer.to_host(images))[:n])
-        return np.concatenate(out, axis=0)
+        null_inputs = self.conditioner.null_inputs(per_call, negative)  # raises for a negative the task cannot take
+
+        def batches():
+            null = transfer.to_mesh(null_inputs, rows)
+            scales = transfer.to_mesh((np.float32(guidance_scale), np.float32(guidance_rescale)), repl)
+            for start in range(0, len(conditions), per_call):
+                n = min(per_call, len(conditions) - start)
+                idx = [start + min(i, n - 1) for i in range(per_call)]  # the last batch repeats its last entry
+                cond, seed_rows, image_rows = transfer.to_mesh(
+                    (
+                        self.conditioner.condition_inputs([conditions[i] for i in idx]),
+                        np.asarray([seeds[i] for i in idx], np.uint32),
+                        {name: x[idx] for name, x in per_image.items()},
+                    ),
+                    rows,
+                )
+                yield start, n, fn(params, frozen, cond, null, seed_rows, *scales, image_rows)
+
+        return batches()
 
     # ---- ldm_jax.sample and ldm_jax.evaluate -----------------------------------------------------------------
     @property

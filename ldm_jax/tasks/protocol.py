@@ -46,6 +46,11 @@ class Task(Protocol):
     def preview(self, params, frozen, mesh) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Images (uint8 grids by name) and scalar metrics of the EMA weights, during training."""
 
+    eval_every: int  # steps between ``periodic_eval`` calls during training; 0 = none
+
+    def periodic_eval(self, params, frozen, mesh) -> dict[str, float]:
+        """Scalar metrics of the EMA weights (``eval/...``), every ``eval_every`` steps during training."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleInputs:
@@ -120,3 +125,6 @@ class GenerativeTask(Task, EvaluableTask, Protocol):
 
     def generate_images(self, params, frozen, mesh, conditions, seeds, options, *args, **kwargs) -> np.ndarray:
         """uint8 images for ``conditions[i]`` with ``seeds[i]`` (see ``LatentDiffusionTask.generate_images``)."""
+
+    def generate_batches(self, params, frozen, mesh, conditions, seeds, options, *args, **kwargs):
+        """The same, batch by batch as global arrays (see ``LatentDiffusionTask.generate_batches``)."""

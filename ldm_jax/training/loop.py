@@ -245,6 +245,12 @@ def train_and_evaluate(config, workdir: str):
                         save_png(os.path.join(workdir, "previews", f"{name}_{step:07d}.png"), img, upscale=2)
                 if eval_metrics:
                     logging.info("step %d eval: %s", step, eval_metrics)
+            if task.eval_every and (step % task.eval_every == 0 or step == train_cfg.num_steps):
+                t_eval = time.perf_counter()
+                eval_metrics = task.periodic_eval(state.ema_params, frozen, mesh)
+                eval_metrics["eval/seconds"] = time.perf_counter() - t_eval
+                writer.scalars(step, eval_metrics)
+                logging.info("step %d evaluation: %s", step, eval_metrics)
             preempted = preemption.raised or ckpt.reached_preemption(step)
             if step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps or preempted:
                 if step % train_cfg.log_every and step != train_cfg.num_steps:

@@ -17,6 +17,7 @@ In a single process both reduce to plain transfers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -61,3 +62,23 @@ def to_host(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(get, tree)
+
+
+def rows_to_mesh(shape: tuple[int, ...], dtype, sharding, rows: Callable[[int, int], np.ndarray]) -> jax.Array:
+    """A global array of ``shape`` whose leading axis ``sharding`` splits (a batch), built from ``rows(lo, hi)``
+    (numpy [hi - lo, *shape[1:]]): each process is asked only for the rows its own devices hold, so a process reads
+    and decodes only its share of a batch (images of an evaluation set, say), not the whole batch."""
+
+    def shard(index):
+        lo, hi, _ = index[0].indices(shape[0])
+        return np.asarray(rows(lo, hi), dtype)[(slice(None), *index[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def local_rows(x: jax.Array) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, numpy block) of each block of the leading axis this process's devices hold, each row once (a
+    row replicated on several local devices comes from one of them). No communication."""
+    for shard in x.addressable_shards:
+        if shard.replica_id == 0:
+            yield shard.index[0].indices(x.shape[0])[0], np.asarray(shard.data)

@@ -7,11 +7,21 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# LLVM optimisation level 0 for XLA:CPU code generation: the suite's tiny programs compile 2-4x faster (a tiny
+# txt2img train step: 44 s -> 25 s, its sharded init 58 s -> 13 s on a 2-core CI machine) and run a little slower,
+# with the same results (the same loss digits in that probe). Every test process, pytest's own and the CLI
+# subprocesses it starts, uses the same flags, so results compared across processes come from the same code.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process with ``devices`` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` on the tests' 8 fake CPU devices; stdout and stderr captured as text."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -31,7 +41,7 @@ def start(
     (a file, not a pipe: a chatty process never blocks on a full pipe while its peers wait for it). The environment
     is this one without the variables whose names start with one of ``drop``, plus ``env``."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(drop)} if drop else dict(os.environ)
-    env = {**inherited, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    env = {**inherited, "XLA_FLAGS": xla_flags(devices), **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     proc.log = log

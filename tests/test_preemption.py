@@ -10,14 +10,14 @@ import time
 
 import jax
 import numpy as np
-from cli import ROOT
+from cli import ROOT, xla_flags
 
 from ldm_jax.training import checkpoint as ckpt_lib
 
 
 def _train(workdir, data_dir, *extra, kill_at="", devices=8):
     """Starts ``ldm_jax.train`` on the tiny first stage (no discriminator) as a user would, in its own process."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     env.pop("LDM_JAX_KILL_AT", None)
     if kill_at:
         env["LDM_JAX_KILL_AT"] = kill_at

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from cli import ROOT
+from cli import ROOT, xla_flags
 
 from configs import autoencoder_kl
 from ldm_jax.data import pipeline
@@ -259,7 +259,7 @@ def test_checkpoint_of_8_devices_restores_on_1_device_and_on_a_2x4_mesh(data_dir
     saved = [np.asarray(x) for x in jax.tree.leaves(state)]
     np.savez(tmp_path / "saved.npz", **{f"a{i}": x for i, x in enumerate(saved)})
     # 1 device, in a fresh process.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     proc = subprocess.run(
         [sys.executable, "-c", _RESTORE_ON_ONE_DEVICE, workdir, str(tmp_path / "saved.npz")],
         cwd=ROOT,

@@ -58,7 +58,9 @@ def reference(tmp_path_factory):
     is_cases = [
         {"name": name, "logits": x, "kwargs": {_IS_NAMES[k]: v for k, v in kw.items()}} for name, x, kw in IS_CASES
     ]
+    fid_cases = [{"name": "fid_small", "a": "f300", "b": "g250"}]
     spec = {"inputs": str(d / "inputs.npz"), "outputs": str(d / "outputs.json"), "kid": kid_cases, "isc": is_cases}
+    spec["fid"] = fid_cases
     (d / "spec.json").write_text(json.dumps(spec))
     run_reference(ORACLE, str(d / "spec.json"))
     return arrays, json.loads((d / "outputs.json").read_text())
@@ -83,6 +85,21 @@ def test_inception_score_matches_torch_fidelity(reference, case):
     arrays, want = reference
     name, x, kwargs = case
     _assert_close(inception_score.inception_score(arrays[x], **kwargs), want[name])
+
+
+def test_fid_of_streamed_statistics_matches_torch_fidelity(reference):
+    """Our FID (pytorch-fid's sqrtm formula) of statistics accumulated batch by batch equals torch-fidelity's
+    (eigenvalues of sigma1 sigma2, np.cov statistics) on the same feature sets."""
+    arrays, want = reference
+    stats = []
+    for name in ("f300", "g250"):
+        s = fid.FeatureStatistics(64)
+        for chunk in np.array_split(arrays[name], 7):
+            s.update(chunk)
+        stats.append(s)
+    got = fid.frechet_distance(stats[0].mean(), stats[0].covariance(), stats[1].mean(), stats[1].covariance())
+    assert want["fid_small"]["fid"] > 1.0
+    assert got == pytest.approx(want["fid_small"]["fid"], rel=1e-9)
 
 
 def test_kid_invariants_and_errors(reference):

@@ -44,6 +44,11 @@ def _stand_in_torchvision() -> None:
 
 _stand_in_torchvision()
 
+from torch_fidelity.metric_fid import (
+    KEY_METRIC_FID,
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
 from torch_fidelity.metric_isc import (
     KEY_METRIC_ISC_MEAN,
     KEY_METRIC_ISC_STD,
@@ -84,6 +89,9 @@ def main(spec_path: str) -> None:
             KEY_METRIC_ISC_MEAN,
             KEY_METRIC_ISC_STD,
         )
+    for case in spec.get("fid", []):
+        stats = [fid_features_to_statistics(arrays[case[k]]) for k in ("a", "b")]
+        results[case["name"]] = {"fid": fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID]}
     with open(spec["outputs"], "w") as f:
         json.dump(results, f)
 

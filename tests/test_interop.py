@@ -491,7 +491,7 @@ def _read_by_each_importer(path, monkeypatch):
     seen = {}
 
     def recorder(who):
-        return lambda sd: seen.__setitem__(who, sd) or {}
+        return lambda sd, **options: seen.__setitem__(who, sd) or {}
 
     monkeypatch.setattr(lpips_weights, "vgg16_params_from_state_dict", recorder("LPIPS trunk"))
     monkeypatch.setattr(lpips_weights, "lpips_heads_from_state_dict", recorder("LPIPS heads"))

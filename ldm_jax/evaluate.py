@@ -113,6 +113,12 @@ _LPIPS_VGG = flags.DEFINE_string(
     "was on). Lets a run trained without LPIPS be scored with it.",
 )
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
+# The options of one mode that the other does not read (--fid_weights serves both).
+WORKDIR_FLAGS = ("split", "num_examples", "guidance_scale", "num_steps", "sampler", "seed", "batch_size", "inpaint",
+                 "noise_level", "lpips_vgg_weights")  # fmt: skip
+SAMPLES_FLAGS = ("reference", "metrics", "clip_weights", "clip_arch", "reference_image_size", "reference_data_dir",
+                 "reference_image_key", "reference_cache", "save_reference_stats", "save_samples_stats",
+                 "kid_subsets", "kid_subset_size", "per_device_batch", "out")  # fmt: skip
 
 
 def _write_result(workdir: str, result: dict, name: str, grid) -> None:
@@ -142,6 +148,10 @@ def main(argv):
     quiet_library_logs()
     if (_WORKDIR.value is None) == (_SAMPLES.value is None):
         raise app.UsageError("pass --workdir (evaluate a run) or --samples (score generated images), not both")
+    mode, others = ("--samples", WORKDIR_FLAGS) if _SAMPLES.value is not None else ("--workdir", SAMPLES_FLAGS)
+    stray = [f"--{f}" for f in others if flags.FLAGS[f].present]
+    if stray:
+        raise app.UsageError(f"{', '.join(stray)}: not an option of {mode} evaluation")
     jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
     if _SAMPLES.value is not None:
@@ -213,8 +223,13 @@ def evaluate_samples() -> None:
             )  # fmt: skip
         t1 = time.perf_counter()
         scored = sample_metrics.score_set(images, mesh, networks, metrics, _PER_DEVICE_BATCH.value, what="samples")
-        values = sample_metrics.compute(scored, reference, metrics, _KID_SUBSETS.value, _KID_SUBSET_SIZE.value)
     except (OSError, ValueError) as e:
+        raise app.UsageError(str(e)) from e
+    if jax.process_index() != 0:
+        return  # every process holds the same features; process 0 computes the metrics and writes them
+    try:
+        values = sample_metrics.compute(scored, reference, metrics, _KID_SUBSETS.value, _KID_SUBSET_SIZE.value)
+    except ValueError as e:  # e.g. a --kid_subset_size larger than a set
         raise app.UsageError(str(e)) from e
     result = dict(
         samples=images.description,
@@ -232,8 +247,6 @@ def evaluate_samples() -> None:
         processes=jax.process_count(),
         devices=mesh.size,
     )
-    if jax.process_index() != 0:
-        return
     if _SAVE_REFERENCE.value and reference is not None and reference.statistics is not None:
         fid.save_statistics(_SAVE_REFERENCE.value, reference.statistics.mean(), reference.statistics.covariance())
     if _SAVE_SAMPLES.value and scored.statistics is not None:

@@ -16,13 +16,22 @@ superres; EMA weights by default) on every device.
   # super-resolution (configs/superres.py): each --low_res_image upscaled by superres.scale
   python -m ldm_jax.sample --workdir=runs/demo/superres --low_res_image=a.png --low_res_image=b.png --noise_level=20
 
-Writes ``<outdir>/<index>.png`` per image, ``grid.png`` (one row per prompt, class or input) and ``manifest.jsonl``
-(prompt, class or low-resolution input, seed and sampler settings per image). Relative paths in the run's config (the
-first-stage workdir) are resolved from the current directory, as during training.
+A sampling job (``ldm_jax.sampling.job``): the same command on every process of a multi-process run (the
+``ldm_jax.train`` flags ``--coordinator_address``, ``--num_processes``, ``--process_id``, their environment variables,
+or a detected cluster; ``ENTRY=sample`` for ``launch/tpu_pod.sh`` and ``launch/gpu_slurm.sh``); each batch is split
+over every device and each process writes the images its devices made. Writes ``<index>.png`` per image (or
+WebDataset shards with ``--output_format=webdataset``), ``manifest.jsonl`` (prompt and id, seed, sampler settings and
+checkpoint step per image), ``grid.png`` (one row per prompt, class or input; jobs up to 256 images), ``job.json`` and
+``summary.json`` (throughput, per-process counts). Rerunning the same command resumes the job: what is done is skipped,
+a killed job's unfinished files are removed and remade; other settings in the same ``--outdir`` are refused by name.
+Image ``i`` uses seed ``--seed + i``, and its pixels do not depend on the number of devices or processes.
 
-Multi-process (the mesh over every device of every process): the same command in every process, with the
-``ldm_jax.train`` flags ``--coordinator_address``, ``--num_processes``, ``--process_id`` (or their environment
-variables, or a detected cluster); the batches are split over all devices and process 0 writes the files.
+  # the MLPerf Stable Diffusion protocol's prompts (COCO-2014 val captions: id, image_id, caption), as shards:
+  python -m ldm_jax.sample --workdir=runs/sd15 --prompts_file=captions_source.tsv --num_steps=50 \\
+      --guidance_scale=8 --output_format=webdataset --outdir=/shared/samples/coco30k
+
+Relative paths in the run's config (the first-stage workdir) are resolved from the current directory, as during
+training.
 """
 
 from __future__ import annotations
@@ -97,7 +106,9 @@ _MASK_IMAGE = flags.DEFINE_string(
 _STRENGTH = flags.DEFINE_float(
     "strength", None, "How much of the schedule to run from --init_image, in (0, 1] (default 0.8; 1.0 to inpaint)."
 )
-_OUTDIR = flags.DEFINE_string("outdir", "", "Output folder (default: <workdir>/samples).")
+_OUTDIR = flags.DEFINE_string(
+    "outdir", "", "The job's folder (default: <workdir>/samples/<digest of the job>, so a rerun resumes it)."
+)
 flags.mark_flags_as_required(["workdir"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 

@@ -55,12 +55,13 @@ def converted_pipeline(txt2img_workdir, tmp_path_factory):
 
 def _cases(names, root, data_dir, first_stage_workdir, txt2img_workdir=None, converted_pipeline=None):
     ldm = {"first_stage.workdir": first_stage_workdir}
-    # Distribution metrics during training (FID and KID of 4 samples against 4 validation images, every 2 steps),
-    # with random FID Inception weights the matrix writes.
+    # Distribution metrics during training (KID of 4 samples against 4 validation images, every 2 steps: the FID
+    # Inception on every device of every process; FID's pooling over hosts is tested in test_sampling_job), with
+    # random FID Inception weights the matrix writes.
     periodic_eval = {
         "eval.every": 2,
         "eval.num_samples": 4,
-        "eval.metrics": "fid,kid",
+        "eval.metrics": "kid",
         "eval.fid_weights": os.path.join(os.path.dirname(root), "inception.npz"),
         "eval.per_device_batch": 1,
         "eval.kid_subsets": 5,
@@ -193,7 +194,7 @@ def _check_same_training(two: str, one: str, case: str) -> None:
     if case.startswith("ae_"):  # in-training evaluation on the validation images
         assert {"eval/psnr", "eval/l1"} <= set(m1[2]) and {"eval/psnr", "eval/l1"} <= set(m1[4])
     if case == "txt2img":  # distribution metrics of samples during training
-        assert {"eval/fid", "eval/kid_mean"} <= set(m1[2]) and {"eval/fid", "eval/kid_mean"} <= set(m1[4])
+        assert "eval/kid_mean" in m1[2] and "eval/kid_mean" in m1[4]
 
     # The resumed two-process run and the uninterrupted one end with the same parameters.
     p2, _, s2 = ckpt_lib.load_trained_params(two, "params")

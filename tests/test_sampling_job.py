@@ -262,3 +262,5 @@ def test_evaluate_cli_two_processes_score_like_one(jobs, fid_weights, tmp_path):
     assert bad.returncode != 0 and "compare with --reference" in bad.stderr
     bad = run_module("ldm_jax.evaluate", f"--samples={jobs['root'] / 'one'}", "--metrics=fid,lpips")
     assert bad.returncode != 0 and "choose from fid, kid, is, clip_score" in bad.stderr
+    bad = run_module("ldm_jax.evaluate", f"--samples={jobs['root'] / 'one'}", "--split=validation", "--metrics=is")
+    assert bad.returncode != 0 and "--split: not an option of --samples evaluation" in bad.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -100,6 +101,8 @@ class PeriodicEval:
         scored = sample_metrics.score_set(
             ArrayImages(images, prompts, "samples"), mesh, networks, self.metrics, e.per_device_batch, "samples"
         )
+        if jax.process_index() != 0:
+            return {}  # every process holds the same features; process 0 computes the metrics and logs them
         values = sample_metrics.compute(scored, reference, self.metrics, e.kid_subsets, e.kid_subset_size, e.seed)
         return {f"eval/{k}": float(v) for k, v in values.items() if k not in ("kid_subsets", "kid_subset_size")}
 

@@ -89,7 +89,7 @@ class LatentDiffusionTask:
         self.encode_images = self.latents.encode_images
         self.latent_mask = self.latents.latent_mask
         self._generate_cache = {}
-        self.periodic = PeriodicEval(self)
+        self._periodic = None
 
     @classmethod
     def validate(cls, config, conditioner_cls, concat_cls) -> None:
@@ -219,6 +219,14 @@ class LatentDiffusionTask:
 
     def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
         return self.concat.preview(self, params, frozen, mesh)
+
+    @property
+    def periodic(self) -> PeriodicEval:
+        """The ``eval`` section at work, made when training first asks: sampling and evaluating a run never read
+        the section (a run trained before it existed still samples)."""
+        if self._periodic is None:
+            self._periodic = PeriodicEval(self)
+        return self._periodic
 
     @property
     def eval_every(self) -> int:

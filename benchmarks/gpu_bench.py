@@ -259,40 +259,19 @@ def _write_hlo(compiled, name: str) -> str | None:
 
 
 def use_attention(impl: str) -> str:
-    """Sets the attention of ``ldm_jax.models.layers.Attention`` (UNet, VAE mid block) for later traces.
-
-    "xla": the repository's ``layers.attention`` (``jax.nn.dot_product_attention`` with no implementation named,
-    which JAX resolves to its XLA version: the [B, heads, Tq, Tk] scores are materialised, in float32).
-    "cudnn": the same call with ``implementation="cudnn"`` (fused flash attention) wherever cuDNN takes the shape
-    (half-precision, head dim <= 256 and a multiple of 8, no mask), else the original. The text encoder imports its
-    own reference to ``attention`` and is not affected.
+    """Selects the attention implementation (``ldm_jax.models.attention``: "xla", "cudnn", "auto", "jax") for
+    later traces.
 
     A switch clears JAX's caches: jit reuses the trace of a function it has seen (the same ``train_step`` partial,
     the same closure), which would silently keep the previous attention.
     """
     import jax
-    import jax.numpy as jnp
 
-    from ldm_jax.models import layers
+    from ldm_jax.models import attention
 
-    original = getattr(layers, "_gpu_bench_original_attention", layers.attention)
-    layers._gpu_bench_original_attention = original
-    if getattr(layers, "_gpu_bench_attention", "xla") != impl:
+    if attention.implementation() != impl:
         jax.clear_caches()
-    layers._gpu_bench_attention = impl
-    if impl == "xla":
-        layers.attention = original
-        return impl
-
-    def cudnn_attention(q, k, v, heads, mask=None):
-        b, tq, d = q.shape
-        head_dim = d // heads
-        if mask is not None or q.dtype not in (jnp.bfloat16, jnp.float16) or head_dim > 256 or head_dim % 8:
-            return original(q, k, v, heads, mask)
-        q, k, v = (a.reshape(a.shape[0], a.shape[1], heads, head_dim) for a in (q, k, v))
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").reshape(b, tq, d)
-
-    layers.attention = cudnn_attention
+    attention.set_implementation(impl)
     return impl
 
 

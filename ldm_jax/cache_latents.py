@@ -30,6 +30,7 @@ import time
 
 from absl import app, flags, logging
 
+from ldm_jax import jax_setup
 from ldm_jax.training import distributed
 
 _FIRST_STAGE = flags.DEFINE_string(
@@ -60,6 +61,7 @@ _PROCESS_INDEX = flags.DEFINE_integer("process_index", 0, "Independent workers: 
 _PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "Independent workers: their number.")
 flags.mark_flags_as_required(["first_stage", "out", "image_size"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
+_CONFIGURE_JAX = jax_setup.define_flags()
 
 
 def resolve_first_stage(workdir: str) -> str:
@@ -280,14 +282,13 @@ def cache(data_config, out: str, encoder: Encoder, settings: dict, process_index
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax import jax_setup
     from ldm_jax.data import pipeline, sources
     from ldm_jax.training.reporting import quiet_library_logs
 
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
-    jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
+    _CONFIGURE_JAX()  # after distributed: it asks for the backend
     import jax
 
     index, count = _PROCESS_INDEX.value, _PROCESS_COUNT.value

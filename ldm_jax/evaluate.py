@@ -51,6 +51,7 @@ import time
 
 from absl import app, flags, logging
 
+from ldm_jax import jax_setup
 from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion or first-stage (autoencoder) workdir to evaluate.")
@@ -113,6 +114,7 @@ _LPIPS_VGG = flags.DEFINE_string(
     "was on). Lets a run trained without LPIPS be scored with it.",
 )
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
+_CONFIGURE_JAX = jax_setup.define_flags()
 # The options of one mode that the other does not read (--fid_weights serves both).
 WORKDIR_FLAGS = ("split", "num_examples", "guidance_scale", "num_steps", "sampler", "seed", "batch_size", "inpaint",
                  "noise_level", "lpips_vgg_weights")  # fmt: skip
@@ -140,7 +142,7 @@ def _write_result(workdir: str, result: dict, name: str, grid) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax import config_lib, jax_setup
+    from ldm_jax import config_lib
     from ldm_jax.tasks import build_task
     from ldm_jax.tasks.protocol import EvalInputs
     from ldm_jax.training.reporting import quiet_library_logs
@@ -152,8 +154,8 @@ def main(argv):
     stray = [f"--{f}" for f in others if flags.FLAGS[f].present]
     if stray:
         raise app.UsageError(f"{', '.join(stray)}: not an option of {mode} evaluation")
-    jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
+    _CONFIGURE_JAX()  # after distributed: it asks for the backend
     if _SAMPLES.value is not None:
         return evaluate_samples()
     workdir = _WORKDIR.value

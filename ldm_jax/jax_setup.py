@@ -2,17 +2,64 @@
 
 from __future__ import annotations
 
-import jax
+from typing import Callable
 
 
-def configure() -> None:
-    """Applies ldm_jax's JAX settings; idempotent.
+def configure(attention_impl: str = "auto", compilation_cache_dir: str = "") -> None:
+    """Applies ldm_jax's JAX settings; idempotent. Call after ``jax.distributed`` is initialised (it asks for the
+    backend).
 
     Threefry's "partitionable" mode (JAX's default) makes XLA:CPU compile ``jax.random.normal`` on
     multi-dimensional shapes about 20x slower (3.7 s vs 0.15 s for one (3, 3, 16, 16) draw on our 2-core CI
     machine): a tiny autoencoder's jitted init took 60 s to compile instead of 5 s, and every train step pays it
-    for its noise draws. The classic mode draws the same values whatever the device count or mesh (the 8-vs-1
-    device test checks this for our train step); a sharded draw is computed whole before slicing, which costs
-    memory only at parameter init.
+    for its noise draws. So on CPU the classic mode is used: it draws the same values whatever the device count or
+    mesh (the 8-vs-1 device test checks this for our train step), computing a sharded draw whole before slicing.
+    On accelerators that whole draw is what must be avoided (on a pod every device would draw the global noise
+    tensor, and FSDP init would build every parameter whole), and the partitionable mode, which draws each shard
+    where it lives, stays; its values are as independent of the mesh, but differ from the CPU mode's.
+
+    ``attention_impl`` selects the attention implementation (``ldm_jax.models.attention``).
+    ``compilation_cache_dir`` turns on JAX's persistent compilation cache there ("" leaves JAX's setting, e.g.
+    ``JAX_COMPILATION_CACHE_DIR``): a restarted job (a preempted sampling job, a resumed run) loads its compiled
+    programs instead of compiling them again.
     """
-    jax.config.update("jax_threefry_partitionable", False)
+    import jax
+
+    from ldm_jax.models import attention
+
+    jax.config.update("jax_threefry_partitionable", jax.default_backend() != "cpu")
+    attention.set_implementation(attention_impl)
+    if compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+
+
+def define_flags() -> Callable[[], None]:
+    """Defines ``--attention_impl`` and ``--compilation_cache_dir`` for an entry point (call at its module level, once); returns the function its
+    ``main`` calls, after ``jax.distributed`` is initialised and before any JAX computation, to ``configure``."""
+    from absl import app, flags
+
+    from ldm_jax.models.attention import IMPLEMENTATIONS
+
+    impl = flags.DEFINE_enum(
+        "attention_impl",
+        "auto",
+        IMPLEMENTATIONS,
+        "Attention implementation: 'auto' (cuDNN fused attention on GPUs for half-precision inputs it takes, "
+        "else 'xla'), 'xla' (ldm_jax's einsum formulation), 'cudnn' (required; an error where cuDNN cannot run "
+        "it), 'jax' (jax.nn.dot_product_attention's XLA path). An execution setting: results agree to rounding.",
+    )
+
+    cache = flags.DEFINE_string(
+        "compilation_cache_dir",
+        "",
+        "Persistent XLA compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR, else off): a restarted "
+        "job loads its compiled programs instead of compiling them again.",
+    )
+
+    def configure_from_flags() -> None:
+        try:
+            configure(impl.value, cache.value)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from e
+
+    return configure_from_flags

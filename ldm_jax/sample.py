@@ -42,6 +42,7 @@ import os
 
 from absl import app, flags, logging
 
+from ldm_jax import jax_setup
 from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion training (or converted) workdir.")
@@ -111,12 +112,13 @@ _OUTDIR = flags.DEFINE_string(
 )
 flags.mark_flags_as_required(["workdir"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
+_CONFIGURE_JAX = jax_setup.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax import config_lib, jax_setup
+    from ldm_jax import config_lib
     from ldm_jax.diffusion.guidance import validate_guidance
     from ldm_jax.diffusion.samplers import SamplerOptions
     from ldm_jax.sampling.job import JobSpec, digest, run_job
@@ -126,8 +128,8 @@ def main(argv):
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
-    jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
+    _CONFIGURE_JAX()  # after distributed: it asks for the backend
     for name, value in (("num_per_prompt", _NUM_PER_PROMPT.value), ("per_device_batch", _PER_DEVICE_BATCH.value),
                         ("shard_size", _SHARD_SIZE.value)):  # fmt: skip
         if value < 1:

@@ -19,25 +19,26 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ldm_jax import jax_setup
 from ldm_jax.training import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, previews and config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
+_CONFIGURE_JAX = jax_setup.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax import jax_setup
     from ldm_jax.training.loop import train_and_evaluate
     from ldm_jax.training.reporting import quiet_library_logs
 
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
-    jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
+    _CONFIGURE_JAX()  # after distributed: it asks for the backend
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

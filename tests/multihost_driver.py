@@ -57,8 +57,8 @@ def main(argv):
 
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
-    jax_setup.configure()
     _INITIALIZE_DISTRIBUTED()
+    jax_setup.configure()  # after distributed: it asks for the backend
     with open(_SPEC.value) as f:
         spec = json.load(f)
     timings = {}

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.attention import attention
+
 Dtype = Any
 
 
@@ -126,25 +128,6 @@ class Upsample(nn.Module):
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, h * 2, w * 2, c), method="nearest")
         return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: Optional[jax.Array] = None) -> jax.Array:
-    """Multi-head scaled dot-product attention.
-
-    Args:
-      q: [B, Tq, D]; k, v: [B, Tk, D]; mask: broadcastable to [B, heads, Tq, Tk], True = attend.
-    Returns:
-      [B, Tq, D].
-    """
-    b, tq, d = q.shape
-    tk = k.shape[1]
-    head_dim = d // heads
-    q = q.reshape(b, tq, heads, head_dim)
-    k = k.reshape(b, tk, heads, head_dim)
-    v = v.reshape(b, tk, heads, head_dim)
-    # jax.nn.dot_product_attention picks the fused cuDNN kernel on GPU when asked; XLA's version elsewhere.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return out.reshape(b, tq, d)
 
 
 class Attention(nn.Module):

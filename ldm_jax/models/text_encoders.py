@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import attention
+from ldm_jax.models.attention import attention
 
 Dtype = Any
 

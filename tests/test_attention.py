@@ -1,0 +1,162 @@
+"""Attention implementations (ldm_jax.models.attention): every one computes the same function, the choice is
+process-wide and read at trace time, and a choice that cannot run here is refused by name."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax import jax_setup
+from ldm_jax.models import attention
+from ldm_jax.models.unet import UNET_VARIANTS, UNetConfig
+
+
+@pytest.fixture
+def impl():
+    before = attention.implementation()
+
+    def use(name):
+        attention.set_implementation(name)
+        jax.clear_caches()  # a jitted function keeps the trace (and so the attention) it was first made with
+
+    yield use
+    attention.set_implementation(before)
+    jax.clear_caches()
+
+
+def _qkv(dtype, tq=24, tk=7, d=32, b=2):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (b, t, d), jnp.float32) for key, t in zip(keys, (tq, tk, tk)))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def _reference(q, k, v, heads, mask=None):
+    """The definition, in float64 numpy: softmax(q k^T / sqrt(d_head)) v per head."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, tq, d = q.shape
+    hd = d // heads
+    split = lambda a: a.reshape(b, a.shape[1], heads, hd).transpose(0, 2, 1, 3)  # noqa: E731
+    s = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(hd)
+    if mask is not None:
+        s = np.where(np.broadcast_to(mask, s.shape), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ split(v)).transpose(0, 2, 1, 3).reshape(b, tq, d)
+
+
+@pytest.mark.parametrize("name", ["xla", "jax", "auto"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_implementation_computes_attention(impl, name, masked):
+    impl(name)
+    q, k, v = _qkv(jnp.float32, tq=7)
+    mask = jnp.tril(jnp.ones((7, 7), bool))[None, None] if masked else None  # causal, as the text encoder
+    out = jax.jit(lambda q, k, v: attention.attention(q, k, v, 4, mask))(q, k, v)
+    np.testing.assert_allclose(
+        np.asarray(out), _reference(q, k, v, 4, None if mask is None else np.asarray(mask)), atol=2e-6
+    )
+
+
+def test_half_precision_scores_and_softmax_are_float32(impl):
+    """bfloat16 inputs: the scores and the softmax run in float32 (as cuDNN and JAX's path do), only the two
+    products' inputs are bfloat16, so the result is as close to the float64 definition as bfloat16 inputs allow."""
+    impl("xla")
+    q, k, v = _qkv(jnp.bfloat16, tq=64, tk=64)
+    out = attention.attention(q, k, v, 4)
+    assert out.dtype == jnp.bfloat16
+    ref = _reference(q, k, v, 4)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2)
+    jaxs = attention._library_attention(q, k, v, 4, None, None)
+    assert np.abs(np.asarray(out, np.float32) - ref).max() <= np.abs(np.asarray(jaxs, np.float32) - ref).max() * 1.5
+
+
+def test_cudnn_is_refused_by_name_where_it_cannot_run(impl):
+    impl("cudnn")
+    q, k, v = _qkv(jnp.float32)
+    with pytest.raises(ValueError, match=r"--attention_impl='cudnn': the backend is 'cpu', not 'gpu'"):
+        attention.attention(q, k, v, 4)
+    assert "float32" in attention.cudnn_refusal(q, 4, None) or jax.default_backend() != "gpu"
+    with pytest.raises(ValueError, match=r"--attention_impl='flash': must be one of"):
+        attention.set_implementation("flash")
+
+
+def test_the_unet_is_the_same_function_under_every_cpu_implementation(impl):
+    """The tiny UNet's output (random, non-zero output layer) with ldm_jax's einsum attention equals the one with
+    jax.nn.dot_product_attention; the parameters do not depend on the implementation."""
+    unet = UNetConfig(**UNET_VARIANTS["tiny"]).build(in_channels=4, out_channels=4, context_dim=16)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+    t = jnp.asarray([10, 900])
+    ctx = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    outs, trees = {}, {}
+    for name in ("xla", "jax"):
+        impl(name)
+        params = unet.init(jax.random.key(0), x, t, ctx)["params"]
+        params["conv_out"] = jax.tree.map(
+            lambda a: jax.random.normal(jax.random.key(3), a.shape) * 0.1, params["conv_out"]
+        )
+        trees[name] = jax.tree.structure(params)
+        outs[name] = np.asarray(jax.jit(lambda p: unet.apply({"params": p}, x, t, ctx))(params))
+    assert trees["xla"] == trees["jax"]
+    assert np.abs(outs["xla"]).max() > 0.1
+    np.testing.assert_allclose(outs["xla"], outs["jax"], atol=2e-5)
+
+
+def test_configure_keeps_the_classic_threefry_on_cpu_only():
+    """On CPU the classic threefry (fast to compile, the same draws on any mesh: the 8-vs-1 device tests); on
+    accelerators JAX's partitionable mode, which draws each shard where it lives."""
+    jax_setup.configure()
+    assert jax.default_backend() == "cpu" and jax.config.jax_threefry_partitionable is False
+    assert attention.implementation() == "auto"
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 7, 32), (2, 64, 64, 16), (1, 1024, 1024, 8)])
+def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape, monkeypatch):
+    """The xla path's custom VJP (probabilities recomputed from the log-sum-exp, products ordered by hand, on CPU a
+    few slices per step) against JAX's derivative of jax.nn.dot_product_attention: whole (4 MiB of 1024x1024
+    scores fit the budget), and forced through both loops: slices on one device, heads on several."""
+    b, tq, tk, d = shape
+    heads = 2 if d >= 16 else 1
+    n, per_slice = b * heads, tq * tk * 4
+    keys = jax.random.split(jax.random.key(4), 4)
+    q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys, (tq, tk, tk)))
+    weight = jax.random.normal(keys[3], (b, tq, d))
+
+    def grads(name, plan, budget=attention._CPU_CHUNK_BYTES, devices=jax.device_count()):
+        impl(name)
+        monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", budget)
+        monkeypatch.setattr(jax, "device_count", lambda: devices)
+        assert attention.backward_plan(heads, n, tq, tk) == plan
+        loss = lambda q, k, v: jnp.sum(attention.attention(q, k, v, heads) * weight)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    reference = grads("jax", ("whole", n))
+    ours = [grads("xla", ("whole", n))]
+    if n > 1:
+        ours.append(grads("xla", ("slices", n // 2), (n // 2) * per_slice, devices=1))
+        ours.append(grads("xla", ("heads", 1), per_slice, devices=8))
+    for result in ours:
+        for mine, theirs, name in zip(result, reference, "qkv"):
+            scale = float(jnp.abs(theirs).max())
+            assert scale > 0
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=2e-5 * scale, err_msg=f"d{name}")
+
+
+def test_the_chunked_backward_on_a_sharded_batch_equals_one_device(impl, monkeypatch):
+    """With several devices the backward's loop runs over heads, never over the batch the mesh shards: on 8
+    devices with the batch split 8 ways the gradients stay sharded and equal the one-device ones."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    impl("xla")
+    b, t, d, heads = 8, 64, 16, 2
+    monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", t * t * 4)  # one example's head per device and step
+    assert attention.backward_plan(heads, b * heads, t, t) == ("heads", 1)
+    keys = jax.random.split(jax.random.key(5), 4)
+    q, k, v, weight = (jax.random.normal(key, (b, t, d)) for key in keys)
+    loss = lambda q, k, v: jnp.sum(attention.attention(q, k, v, heads) * weight)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    one = grad(q, k, v)
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = grad(*(jax.device_put(a, rows) for a in (q, k, v)))
+    assert sharded[0].sharding.spec == rows.spec
+    for a, b_ in zip(one, sharded):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)

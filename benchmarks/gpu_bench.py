@@ -269,9 +269,12 @@ def use_attention(impl: str) -> str:
 
     from ldm_jax.models import attention
 
-    if attention.implementation() != impl:
+    # "cudnn" rows use "auto": cuDNN wherever it takes the inputs (half precision, head size, no mask), ldm_jax's
+    # xla path elsewhere (e.g. a float32 stage), instead of stopping on the first attention cuDNN refuses.
+    setting = "auto" if impl == "cudnn" else impl
+    if attention.implementation() != setting:
         jax.clear_caches()
-    attention.set_implementation(impl)
+    attention.set_implementation(setting)
     return impl
 
 

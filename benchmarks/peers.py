@@ -17,8 +17,8 @@ differs more). Each implementation runs in its own process, one after the other,
 reports each time as a ratio, peer time / ldm_jax time (> 1: ldm_jax is faster).
 
 Timing: the first call of each function (compile + run for the JAX ones) is reported as ``first_s``; then
-``--repeats`` calls, of which the median is the time. XLA's CPU backend and PyTorch both use every core
-(``torch.set_num_threads(os.cpu_count())``).
+``--repeats`` calls (the DDIM loop: half as many, at least 2), of which the median is the time. XLA's CPU backend
+and PyTorch both use every core (``torch.set_num_threads(os.cpu_count())``).
 
 Sizes:
   small  the issue's model: block_out_channels (64, 128, 256), 2 layers per block, cross-attention on the first two
@@ -189,7 +189,7 @@ def run_torch(folder: str, size: dict, repeats: int) -> dict:
             return lat
 
         outputs["ddim"] = ddim().numpy().transpose(0, 2, 3, 1)
-        res["ddim"] = _timed(ddim, max(1, repeats // 3))
+        res["ddim"] = _timed(ddim, max(2, repeats // 2))
     if size["vae"]:
         torch.manual_seed(1)
         vae = AutoencoderKL(**size["vae"]).eval()
@@ -293,7 +293,7 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
         out = np.asarray(ddim(params, x, ctx)).transpose(0, 2, 3, 1)
         first = time.perf_counter() - t0
         res["max_abs_diff"]["ddim"] = float(np.abs(out - ref["ddim"]).max())
-        res["ddim"] = _timed(lambda: ddim(params, x, ctx).block_until_ready(), max(1, repeats // 3), first)
+        res["ddim"] = _timed(lambda: ddim(params, x, ctx).block_until_ready(), max(2, repeats // 2), first)
     if size["vae"]:
         vcfg = json.load(open(os.path.join(folder, "vae", "config.json")))
         vae = FlaxAutoencoderKL.from_config(vcfg)
@@ -361,7 +361,7 @@ def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto"
         out = np.asarray(ddim(params, x, ctx))
         first = time.perf_counter() - t0
         res["max_abs_diff"]["ddim"] = float(np.abs(out - ref["ddim"]).max())
-        res["ddim"] = _timed(lambda: ddim(params, x, ctx).block_until_ready(), max(1, repeats // 3), first)
+        res["ddim"] = _timed(lambda: ddim(params, x, ctx).block_until_ready(), max(2, repeats // 2), first)
     if size["vae"]:
         _, vfields, vparams, _ = load_component_folder(os.path.join(folder, "vae"))
         vae = build_first_stage(vfields)

@@ -179,6 +179,7 @@ def _random_vgg16_file(path):
     return path
 
 
+@pytest.mark.slow  # README, Tests: left out of the CI command for time
 def test_vq_with_lpips_and_ema_codebook_trains_through_the_loop(data_dir, tmp_path):
     """VQ with every optional part on: LPIPS (a VGG16 file in torchvision layout), EMA codebook, the GAN from
     step 4; the loop checkpoints it, and `ldm_jax.evaluate` scores the run on held-out images."""

@@ -99,6 +99,7 @@ def test_a_step_from_the_cache_equals_a_step_from_pixels(txt2img_config, txt2img
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # README, Tests: left out of the CI command for time
 def test_a_run_from_the_cache_follows_the_run_from_pixels(txt2img_workdir, latents_dir, data_dir, tmp_path):
     """The session's tiny txt2img run (8 steps from pixels, previews on) and the same config from the latent cache:
     the same latent scale, the same loss at every logged step, the same weights."""

@@ -115,6 +115,31 @@ def _timed(fn, repeats: int, first: float | None = None) -> dict:
     return {"first_s": round(first, 3), "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4)}
 
 
+def _time_adamw(loss, params, batch: tuple, repeats: int) -> dict:
+    """Times ``loss``'s AdamW step (the same for both JAX implementations). The batch is an argument, never a
+    closed-over constant: XLA:CPU runs a program with a large embedded constant measurably slower (a DDIM loop with
+    the context as a constant took 1.3x as long)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    tx = optax.adamw(LEARNING_RATE, weight_decay=1e-2)
+
+    def step(p, o, batch):
+        value, g = jax.value_and_grad(loss)(p, *batch)
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), o, value
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = [jax.tree.map(jnp.copy, params), tx.init(params)]
+
+    def one():
+        state[0], state[1], value = step(*state, batch)
+        value.block_until_ready()
+
+    return _timed(one, repeats)
+
+
 def _inputs(size: dict):
     import numpy as np
 
@@ -226,7 +251,6 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
 
     res = {"impl": f"diffusers {diffusers.__version__} Flax, jax {jax.__version__}"}
@@ -245,26 +269,12 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
     res["max_abs_diff"] = {"unet": float(np.abs(out - ref["unet"]).max())}
     res["forward"] = _timed(lambda: fwd(params, x, t, ctx).block_until_ready(), repeats, first)
     if size["train"]:
-        tx = optax.adamw(LEARNING_RATE, weight_decay=1e-2)
-
-        # Inputs are arguments, never closed-over constants (XLA:CPU runs a program with a large embedded
-        # constant measurably slower: a DDIM loop with the context as a constant took 1.3x as long).
-        def step(p, o, x, t, ctx, target):
-            loss, g = jax.value_and_grad(
-                lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx).sample - target) ** 2)
-            )(p)
-            upd, o = tx.update(g, o, p)
-            return optax.apply_updates(p, upd), o, loss
-
-        step = jax.jit(step, donate_argnums=(0, 1))
-        state = [jax.tree.map(jnp.copy, params), tx.init(params)]
-
-        def one():
-            state[0], state[1], loss = step(*state, x, t, ctx, target)
-            loss.block_until_ready()
-
-        res["train_step"] = _timed(one, repeats)
-        del state
+        res["train_step"] = _time_adamw(
+            lambda p, x, t, ctx, target: jnp.mean((unet.apply({"params": p}, x, t, ctx).sample - target) ** 2),
+            params,
+            (x, t, ctx, target),
+            repeats,
+        )
     if size["ddim_steps"]:
         sched = FlaxDDIMScheduler(
             beta_schedule="scaled_linear",
@@ -313,7 +323,6 @@ def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto"
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     from ldm_jax import jax_setup
     from ldm_jax.diffusion.samplers import SamplerOptions, make_sampler, sample
@@ -336,24 +345,12 @@ def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto"
     res["max_abs_diff"] = {"unet": float(np.abs(out - ref["unet"]).max())}
     res["forward"] = _timed(lambda: fwd(params, x, t, ctx).block_until_ready(), repeats, first)
     if size["train"]:
-        tx = optax.adamw(LEARNING_RATE, weight_decay=1e-2)
-
-        def step(p, o, x, t, ctx, target):  # inputs as arguments (see run_flax)
-            loss, g = jax.value_and_grad(
-                lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx, train=True) - target) ** 2)
-            )(p)
-            upd, o = tx.update(g, o, p)
-            return optax.apply_updates(p, upd), o, loss
-
-        step = jax.jit(step, donate_argnums=(0, 1))
-        state = [jax.tree.map(jnp.copy, params), tx.init(params)]
-
-        def one():
-            state[0], state[1], loss = step(*state, x, t, ctx, target)
-            loss.block_until_ready()
-
-        res["train_step"] = _timed(one, repeats)
-        del state
+        res["train_step"] = _time_adamw(
+            lambda p, x, t, ctx, target: jnp.mean((unet.apply({"params": p}, x, t, ctx, train=True) - target) ** 2),
+            params,
+            (x, t, ctx, target),
+            repeats,
+        )
     if size["ddim_steps"]:
         sampler = make_sampler(SamplerOptions(name="ddim", num_steps=size["ddim_steps"]), make_schedule())
         ddim = jax.jit(lambda p, lat, c: sample(sampler, lambda z, tt: unet.apply({"params": p}, z, tt, c), lat))

@@ -99,6 +99,15 @@ SIZES = {
     ),
 }
 LEARNING_RATE = 1e-4
+# Stable Diffusion's DDIM settings, the same for both diffusers peers (ldm_jax's SamplerOptions defaults are these).
+DDIM_SCHEDULER = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def _timed(fn, repeats: int, first: float | None = None) -> dict:
@@ -195,14 +204,7 @@ def run_torch(folder: str, size: dict, repeats: int) -> dict:
         res["train_step"] = _timed(step, repeats)
         unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval()  # untrained again
     if size["ddim_steps"]:
-        sched = DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+        sched = DDIMScheduler(**DDIM_SCHEDULER)
 
         def ddim():
             sched.set_timesteps(size["ddim_steps"])
@@ -276,14 +278,7 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
             repeats,
         )
     if size["ddim_steps"]:
-        sched = FlaxDDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+        sched = FlaxDDIMScheduler(**DDIM_SCHEDULER)
 
         # The loop of diffusers' FlaxStableDiffusionPipeline: fori_loop over scheduler.step.
         def ddim(p, lat, ctx):

@@ -50,6 +50,12 @@ _INPUTS = flags.DEFINE_list("inputs", ["cache"], f"What the batch holds, among {
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 8, "Examples per device.")
 _CONTEXT_LENGTH = flags.DEFINE_integer("context_length", 77, "Tokens of the (abstract) text context.")
 _LATENT_SIZE = flags.DEFINE_integer("latent_size", 64, "Latent side (64 = 512px images through a KL-f8).")
+_LORA_RANK = flags.DEFINE_integer(
+    "lora_rank",
+    0,
+    "> 0: the LoRA step instead (configs/dreambooth.py:sd_lora): adapters of this rank on the UNet's attention are the "
+    "train state, the base UNet is frozen in bfloat16 and replicated; 0: full fine-tuning.",
+)
 
 GIB = 2**30
 # Stable Diffusion's latent scale (1 / std of the KL-f8's latents).
@@ -57,7 +63,14 @@ SD_LATENT_SCALE = 0.18215
 
 
 def build_step(
-    dtype_name: str, remat: str, fsdp: int, inputs: str, per_device_batch: int, context_length: int, latent: int
+    dtype_name: str,
+    remat: str,
+    fsdp: int,
+    inputs: str,
+    per_device_batch: int,
+    context_length: int,
+    latent: int,
+    lora_rank: int = 0,
 ):
     """(jitted step, abstract arguments) of one configuration."""
     import jax
@@ -98,8 +111,14 @@ def build_step(
         z = jax.lax.stop_gradient(z * SD_LATENT_SCALE)
         return z, clip.apply({"params": frozen["text"]}, batch["tokens"])
 
+    from ldm_jax.models import lora
+
+    lora_cfg = lora.LoraConfig(rank=lora_rank, base_dtype="bfloat16") if lora_rank else None
+
     def loss_fn(params, frozen, batch, rng):
         # The latent diffusion task's loss (epsilon prediction, uniform timesteps) on the batch's latents and context.
+        if lora_cfg is not None:  # as tasks/adapters.py: the adapters merged into the frozen base
+            params = {"unet": lora.merge(frozen["lora_base"]["unet"], params["unet"], lora_cfg.scale)}
         k_post, k_t, k_noise, k_dropout = jax.random.split(rng, 4)
         z0, context = latents_and_context(frozen, batch, k_post)
         t = jax.random.randint(k_t, (z0.shape[0],), 0, schedule.num_train_timesteps)
@@ -116,10 +135,15 @@ def build_step(
     mesh = make_mesh(-1, fsdp)
     b = per_device_batch * n
 
-    def init_state(rng):
+    def init_params(rng):
         x = jnp.zeros((1, latent, latent, 4))
         ctx = jnp.zeros((1, context_length, config.text_encoder.width))
-        return TrainState.create({"unet": unet.init(rng, x, jnp.zeros((1,), jnp.int32), ctx)["params"]}, tx)
+        return {"unet": unet.init(rng, x, jnp.zeros((1,), jnp.int32), ctx)["params"]}
+
+    def init_state(rng):
+        if lora_cfg is not None:
+            return TrainState.create(lora.init_adapters(rng, jax.eval_shape(init_params, rng), lora_cfg), tx)
+        return TrainState.create(init_params(rng), tx)
 
     abstract_state = jax.eval_shape(init_state, jax.random.key(0))
     state_shardings = tree_shardings(abstract_state, mesh)
@@ -147,6 +171,12 @@ def build_step(
             "image": jax.ShapeDtypeStruct((b, f * latent, f * latent, 3), jnp.float32),
             "tokens": jax.ShapeDtypeStruct((b, context_length), jnp.int32),
         }
+    if lora_cfg is not None:
+        base = jax.eval_shape(init_params, jax.random.key(0))
+        frozen = dict(frozen, lora_base=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), base))
+        trainable = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+        print(f"LoRA rank {lora_rank}: {trainable:,} trainable parameters (full: "
+              f"{sum(x.size for x in jax.tree.leaves(base)):,})", flush=True)  # fmt: skip
     rng = jax.eval_shape(lambda: jax.random.key(0))
     step_fn = jax.jit(
         step,
@@ -167,6 +197,7 @@ def measure(name: str) -> dict:
         _PER_DEVICE_BATCH.value,
         _CONTEXT_LENGTH.value,
         _LATENT_SIZE.value,
+        _LORA_RANK.value,
     )
     t0 = time.perf_counter()
     compiled = step_fn.lower(*args).compile()

@@ -18,6 +18,7 @@ from ldm_jax import config_lib
 from ldm_jax.data.pipeline import data_section
 from ldm_jax.diffusion.objectives import diffusion_section
 from ldm_jax.evaluation.in_training import EvalConfig
+from ldm_jax.models.lora import lora_section
 from ldm_jax.models.unet import UNET_VARIANTS, unet_section
 from ldm_jax.tasks.latent_diffusion import sample_section
 from ldm_jax.tasks.latent_space import FirstStageConfig
@@ -38,6 +39,8 @@ def base_config(task: str, preset: str) -> ml_collections.ConfigDict:
     # --config.eval.fid_weights=... --config.eval.clip_weights=...).
     c.eval = EvalConfig.defaults()
     c.sample = sample_section((), num_steps=50)
+    # LoRA fine-tuning of init_from's weights (off: rank 0); e.g. --config.lora.rank=8, configs/dreambooth.py.
+    c.lora = lora_section()
     if preset == "ldm":
         c.first_stage = FirstStageConfig.defaults(workdir="runs/ldm/autoencoder_kl")
         c.data = data_section("256px", 256, 1024)

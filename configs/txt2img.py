@@ -15,6 +15,7 @@ from ldm_jax.data.pipeline import SOURCE_REQUIRED, data_section
 from ldm_jax.diffusion.objectives import diffusion_section
 from ldm_jax.evaluation.in_training import EvalConfig
 from ldm_jax.models.text_encoders import TEXT_ENCODER_VARIANTS
+from ldm_jax.models.lora import lora_section
 from ldm_jax.models.unet import UNET_VARIANTS, unet_section
 from ldm_jax.tasks.conditioners import text_encoder_section
 from ldm_jax.tasks.latent_diffusion import sample_section
@@ -42,6 +43,8 @@ def get_config(arg=None):
     # --config.eval.fid_weights=... --config.eval.clip_weights=...).
     c.eval = EvalConfig.defaults()
     c.sample = sample_section(PROMPTS, num_steps=50)
+    # LoRA fine-tuning of init_from's weights (off: rank 0); e.g. --config.lora.rank=8, configs/dreambooth.py.
+    c.lora = lora_section()
     if preset == "sd":
         c.first_stage = FirstStageConfig.defaults(workdir="runs/sd/autoencoder_kl")
         c.data = data_section("256px", 256, 2048)

@@ -107,6 +107,12 @@ _MASK_IMAGE = flags.DEFINE_string(
 _STRENGTH = flags.DEFINE_float(
     "strength", None, "How much of the schedule to run from --init_image, in (0, 1] (default 0.8; 1.0 to inpaint)."
 )
+_LORA = flags.DEFINE_multi_string(
+    "lora",
+    [],
+    "A LoRA file to apply, PATH[:SCALE] (scale 1 by default): ours (ldm_jax.export --lora_only) or the community's "
+    "diffusers/PEFT and kohya .safetensors; repeatable (their updates add up). Changing a scale does not recompile.",
+)
 _OUTDIR = flags.DEFINE_string(
     "outdir", "", "The job's folder (default: <workdir>/samples/<digest of the job>, so a rerun resumes it)."
 )
@@ -183,9 +189,19 @@ def main(argv):
         sources.append(dict(id=ids[i] if ids else str(i), **describe, **extra))
     with open(config_path, "rb") as f:
         config_digest = hashlib.sha256(f.read()).hexdigest()
+    from ldm_jax.models.lora import parse_lora_flag
+
+    lora_files = [parse_lora_flag(v) for v in _LORA.value]
+    lora_model = []
+    for path, scale in lora_files:
+        if not os.path.isfile(path):
+            raise app.UsageError(f"--lora={path}: no such file (expected PATH[:SCALE], a .safetensors LoRA file)")
+        with open(path, "rb") as f:
+            lora_model.append(dict(sha256=hashlib.sha256(f.read()).hexdigest(), scale=scale))
     spec = JobSpec(
         outdir=_OUTDIR.value,
-        model=dict(config_sha256=config_digest),
+        # Adapters are part of the model: another file or scale in the same --outdir is refused by name.
+        model=dict(config_sha256=config_digest, **({"lora": lora_model} if lora_model else {})),
         settings=dict(
             options.to_config(),
             guidance_scale=guidance,
@@ -209,6 +225,17 @@ def main(argv):
         shard_size=_SHARD_SIZE.value,
     )
     task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, image_size, config=run_config)
+    if lora_files:
+        from ldm_jax.tasks.adapters import apply_files
+
+        try:
+            params, frozen, applied = apply_files(params, frozen, lora_files)
+        except (ValueError, OSError) as e:  # AdapterFileError, WeightFileError: name the file and keys
+            raise app.UsageError(str(e)) from e
+        for a in applied:
+            logging.info(
+                "LoRA %s (%s naming) at scale %g: %s modules", a["path"], a["naming"], a["scale"], a["modules"]
+            )
     # The checkpoint is part of the model: a job continued after more training would mix two models' images.
     spec.settings["checkpoint_step"] = step
     if not spec.outdir:

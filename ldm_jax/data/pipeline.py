@@ -137,7 +137,7 @@ class Preprocess(grain.MapTransform):
         self.labeling = labeling
 
     def map(self, example: dict) -> dict:
-        out = {k: example[k] for k in ("image", *LATENT_FIELDS) if k in example}
+        out = {k: example[k] for k in ("image", "prior_image", *LATENT_FIELDS) if k in example}
         if self.tokenizer is None:
             out.pop("context", None)  # cached text embeddings, for a run without text conditioning
         for k in ("original_size", "crop_offset", "_bad"):
@@ -150,6 +150,8 @@ class Preprocess(grain.MapTransform):
             text = example["caption"]
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
             out["tokens"] = self.tokenizer(text)[0]
+            if "prior_caption" in example:  # DreamBooth's class half (tasks/dreambooth.py)
+                out["prior_tokens"] = self.tokenizer(example["prior_caption"])[0]
         return out
 
 
@@ -266,11 +268,14 @@ def make_loader(
     shuffle: bool = True,
     num_epochs: Optional[int] = None,
     start_step: int = 0,
+    source=None,
 ) -> grain.DataLoader:
     """A grain loader yielding this process's share (global_batch_size / process_count) of every global batch,
-    from global batch ``start_step`` on (``num_epochs`` None: endless)."""
+    from global batch ``start_step`` on (``num_epochs`` None: endless). ``source``: examples to read instead of
+    ``data_source(data_config, split)`` (DreamBooth's pairs)."""
     needs = (("caption",) if tokenizer is not None else ()) + (("label",) if labeling == SOURCE_LABELS else ())
-    source = data_source(data_config, split, needs)
+    if source is None:
+        source = data_source(data_config, split, needs)
     count = jax.process_count()
     if global_batch_size % count:
         raise ValueError(f"data.global_batch_size={global_batch_size}: must be divisible by the process count {count}")
@@ -305,6 +310,7 @@ def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
     name starts with "_" are host-side bookkeeping and stay behind); uint8 images become float32 in [-1, 1] on the
     devices."""
     out = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items() if k[0] != "_"}
-    if "image" in out and out["image"].dtype == np.uint8:
-        out["image"] = _model_range_on_device(out["image"])
+    for k in ("image", "prior_image"):
+        if k in out and out[k].dtype == np.uint8:
+            out[k] = _model_range_on_device(out[k])
     return out

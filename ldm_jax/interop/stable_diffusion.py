@@ -32,6 +32,7 @@ from ldm_jax.interop.state_dict import (
     params_from_state_dict,
     params_to_state_dict,
 )
+from ldm_jax.models import lora
 from ldm_jax.models.text_encoders import CLIPTextTransformer
 from ldm_jax.models.unet import UNet
 from ldm_jax.models.first_stage import build_autoencoder, latent_channels
@@ -424,6 +425,55 @@ def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = Fals
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
+def merged_lora_params(cfg, adapters, meta: dict, lora_cfg) -> dict:
+    """A LoRA run's model weights ({"unet", "text"}): its adapters merged into the base named by its checkpoint."""
+    from ldm_jax.training.checkpoint import load_trained_params
+
+    pointer = meta.get("lora_base") or {"workdir": cfg.init_from, "step": None}
+    base, _, base_step = load_trained_params(pointer["workdir"], "ema")
+    if pointer["step"] is not None and int(pointer["step"]) != base_step:
+        raise ValueError(
+            f"{pointer['workdir']}: its latest checkpoint is step {base_step}, but the adapters were trained on step "
+            f"{pointer['step']}"
+        )
+    base = {k: v for k, v in jax.device_get(base).items() if k in ("unet", "text")}
+    return jax.device_get(lora.merge(base, adapters, lora_cfg.scale))
+
+
+def export_lora(workdir: str, out: str, weights: str = "ema", overwrite: bool = False) -> dict:
+    """A LoRA run's adapters -> one .safetensors in the diffusers/PEFT layout that
+    ``StableDiffusionPipeline.load_lora_weights`` reads (the run's alpha / rank folded into lora_B)."""
+    from ldm_jax.training.checkpoint import load_trained_params
+
+    cfg = config_lib.load_config(os.path.join(workdir, "config.json"))
+    lora_cfg = lora.from_run_config(cfg)
+    if not lora_cfg.enabled:
+        raise ValueError(f"--workdir={workdir}: not a LoRA run (lora.rank=0); export it whole without --lora_only")
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"--out={out}: --lora_only writes one file; name it *.safetensors")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"--out={out}: exists; choose another name or pass --overwrite")
+    adapters, meta, step = load_trained_params(workdir, weights)
+    state_dict = lora.adapter_state_dict(jax.device_get(adapters), lora_cfg.scale)
+    base = (meta.get("lora_base") or {}).get("workdir", cfg.init_from)
+    metadata = {
+        "format": "pt",
+        "ldm_jax_base": str(base),
+        "ldm_jax_step": str(step),
+        "ldm_jax_rank": str(lora_cfg.rank),
+    }
+    wfiles.write_safetensors(out, state_dict, metadata=metadata)
+    return {
+        "workdir": workdir,
+        "step": step,
+        "weights": weights,
+        "out": os.path.abspath(out),
+        "rank": lora_cfg.rank,
+        "modules": len(state_dict) // 2,
+        "parameters": int(sum(v.size for v in state_dict.values())),
+    }
+
+
 def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool = False) -> dict:
     """A txt2img or inpainting workdir (and its first stage) -> a diffusers StableDiffusionPipeline or
     StableDiffusionInpaintPipeline folder."""
@@ -443,6 +493,9 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
         raise FileExistsError(f"--out={out}: exists and is not empty; choose a new folder or pass --overwrite")
     params, meta, step = load_trained_params(workdir, weights)
     fs_params, _, _ = load_trained_params(cfg.first_stage.workdir, cfg.first_stage.weights)
+    lora_cfg = lora.from_run_config(cfg)
+    if lora_cfg.enabled:  # a LoRA run: its adapters merged into the base they were trained on
+        params = merged_lora_params(cfg, params, meta, lora_cfg)
     if "text" not in params:
         if not cfg.init_from:
             raise ValueError(f"{workdir}: the checkpoint has no text encoder and config.init_from is empty")

@@ -228,6 +228,13 @@ class AutoencoderTask:
             model_state = {"cluster_size": jnp.ones((codes.shape[0],), jnp.float32), "embed_sum": codes}
         return gan.GANTrainState.create_gan(params, loss_params, disc_params, model_state, tx, disc_tx)
 
+    trains_from_init = True  # init_from initialises the autoencoder's params
+
+    def train_loader(self, start_step: int):
+        """This process's share of every training batch from ``start_step`` on."""
+        c = self.config
+        return pipeline.make_loader(c.data, "train", c.data.global_batch_size, None, None, start_step=start_step)
+
     def adapt_init_params(self, params: dict) -> dict:
         return params
 

@@ -10,6 +10,7 @@ evaluation. What differs between tasks is asked of its two parts (``tasks/condit
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,10 @@ from ldm_jax.diffusion.guidance import classifier_free_guidance, validate_guidan
 from ldm_jax.diffusion.schedules import schedule_from_config
 from ldm_jax.evaluation.in_training import EvalConfig, PeriodicEval
 from ldm_jax.imaging import to_uint8
+from ldm_jax.models import lora
 from ldm_jax.models.unet import UNetConfig
+from ldm_jax.tasks import adapters as adapters_lib
+from ldm_jax.tasks import dreambooth
 from ldm_jax.tasks.latent_space import FirstStageConfig, LatentSpace
 from ldm_jax.tasks.protocol import EvalInputs, SampleInputs, SampleRequest
 from ldm_jax.training import checkpoint, transfer
@@ -90,6 +94,13 @@ class LatentDiffusionTask:
         self.latent_mask = self.latents.latent_mask
         self._generate_cache = {}
         self._periodic = None
+        lora_cfg = lora.from_run_config(config)
+        # LoRA: the run trains adapters on init_from's frozen weights (tasks/adapters.py); None: the params.
+        self.adapters = (
+            adapters_lib.LoraAdapters(config, lora_cfg, jax.eval_shape(self._model_params, jax.random.key(0)))
+            if lora_cfg.enabled
+            else None
+        )
 
     @classmethod
     def validate(cls, config, conditioner_cls, concat_cls) -> None:
@@ -103,6 +114,8 @@ class LatentDiffusionTask:
         validate_guidance(config.sample.guidance_scale, config.sample.guidance_rescale)
         conditioner_cls.validate(config)
         concat_cls.validate(config)
+        adapters_lib.validate(config, text_conditioned=conditioner_cls.NEEDS == "a text-conditioned run")
+        dreambooth.validate(config)
         every = EvalConfig.from_config(config.eval, "eval.").every
         config_lib.check(not every or concat_cls.from_conditions_alone, "eval.every", every,
                          f"distribution metrics during training need a txt2img, class_cond or unconditional run; "
@@ -114,12 +127,39 @@ class LatentDiffusionTask:
         h, w, c = self.latent_shape
         return h, w, c + self.concat_channels
 
-    def init_params(self, rng: jax.Array):
+    def _model_params(self, rng: jax.Array):
+        """Every parameter of the model, trained or not ({"unet", "text" when text-conditioned, ...})."""
         unet_rng, params, (context, labels) = self.conditioner.init(rng)
         h, w, c = self.unet_input_shape
         x, t = jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32)
         unet = self.unet.init({"params": unet_rng}, x, t, context, class_labels=labels)["params"]
+        text = getattr(self.conditioner, "text_encoder", None)
+        if text is not None and "text" not in params:
+            tokens = jnp.zeros((1, self.tokenizer.max_length), jnp.int32)
+            params = dict(params, text=text.init({"params": jax.random.fold_in(rng, 1)}, tokens)["params"])
         return {"unet": unet, **params}
+
+    def init_params(self, rng: jax.Array):
+        """The trained parameters: the model's (without a frozen text encoder), or a LoRA run's adapters."""
+        if self.adapters is not None:
+            return self.adapters.init(rng)
+        params = self._model_params(rng)
+        return (
+            params if getattr(self.conditioner, "trainable", True) else {k: v for k, v in params.items() if k != "text"}
+        )
+
+    @property
+    def trains_from_init(self) -> bool:
+        """Whether ``init_from`` initialises the trained params (the loop loads them); a LoRA run's ``setup`` reads
+        it as the frozen base instead."""
+        return self.adapters is None
+
+    def model_weights(self, params, frozen, scale=1.0):
+        """(params, frozen) as the model's functions take them: a LoRA run's adapters merged into its base
+        (traceable, ``scale`` too); any other run's as they are."""
+        if self.adapters is None:
+            return params, frozen
+        return self.adapters.model(params, frozen, scale)
 
     def setup(self, meta: dict) -> tuple[dict, dict]:
         """The frozen first stage (and frozen conditioning weights) and the latent scale; returns (frozen, meta)."""
@@ -127,7 +167,10 @@ class LatentDiffusionTask:
         frozen = {"first_stage": fs_params}
         self.conditioner.setup_frozen(frozen)
         frozen["latent_scale"] = jnp.asarray(scale, jnp.float32)
-        return frozen, {"latent_scale": scale}
+        meta_out = {"latent_scale": scale}
+        if self.adapters is not None:
+            meta_out.update(self.adapters.setup(frozen, meta))
+        return frozen, meta_out
 
     def adapt_init_params(self, params: dict) -> dict:
         return self.concat.adapt_init_params(params)
@@ -137,6 +180,7 @@ class LatentDiffusionTask:
         mesh = make_mesh(-1, 1) if mesh is None else mesh
         params, meta, step = checkpoint.load_trained_params(workdir, weights)
         frozen, _ = self.setup(meta)
+        params, frozen = self.model_weights(params, frozen)  # a LoRA run: its adapters merged into the base
         # Every process read the same weights: each places its own replicas (works when the mesh spans processes).
         params, frozen = transfer.to_mesh((params, frozen), replicated(mesh))
         logging.info("loaded %s weights of %s at step %d; %d devices", weights, workdir, step, mesh.size)
@@ -163,8 +207,12 @@ class LatentDiffusionTask:
     def loss_fn(self) -> LossFn:
         cfg = self.config.diffusion
         schedule = self.schedule
+        db = dreambooth.from_run_config(self.config)
 
         def loss_fn(params, frozen, batch, rng):
+            params, frozen = self.model_weights(params, frozen)  # LoRA: gradients reach the adapters through it
+            if "prior_image" in batch:  # DreamBooth: instance rows, then class rows weighted by prior_loss_weight
+                batch = dreambooth.joined_batch(batch, db.prior_loss_weight)
             k_post, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
             z0 = self.latents.training_latents(frozen["first_stage"], batch, k_post) * frozen["latent_scale"]
             b = z0.shape[0]
@@ -180,6 +228,8 @@ class LatentDiffusionTask:
             out = self.apply_unet(params, with_concat(x_t, concat), t, cond, train=True, rngs={"dropout": k_dropout})
             target = objectives.training_target(cfg.prediction_type, schedule, z0, noise, t)
             weights = objectives.loss_weights(cfg.loss_weighting, cfg.prediction_type, schedule, t, cfg.min_snr_gamma)
+            if "loss_weight" in batch:
+                weights = batch["loss_weight"] if weights is None else weights * batch["loss_weight"]
             loss = objectives.diffusion_loss(out, target, weights)
             return loss, {"cond_dropped": jnp.mean(drop.astype(jnp.float32))}
 
@@ -205,6 +255,29 @@ class LatentDiffusionTask:
         )
         return lambda rng: TrainState.create(self.init_params(rng), tx), step
 
+    def train_loader(self, start_step: int):
+        """This process's share of every training batch from ``start_step`` on (``data.pipeline.make_loader``); a
+        DreamBooth run first draws the class images it lacks, then reads (instance, class) pairs."""
+        c = self.config
+        db = dreambooth.from_run_config(c)
+        source = None
+        if db is not None:
+            dreambooth.ensure_class_images(c, self.sampler_options(), self._base_model)
+            source = dreambooth.DreamBoothExamples(c.data, db)
+        return pipeline.make_loader(
+            c.data, "train", c.data.global_batch_size, self.tokenizer, self.label_field, start_step=start_step,
+            source=source,
+        )  # fmt: skip
+
+    def _base_model(self):
+        """(task, params, frozen, mesh) of the ``init_from`` run as that run samples (its own config, this run's
+        image size), on every device."""
+        base_config = config_lib.load_config(os.path.join(self.config.init_from, "config.json"))
+        base_config.data.image_size = self.config.data.image_size
+        task = type(self)(base_config, type(self.conditioner), type(self.concat))
+        params, frozen, mesh, _ = task.load_weights(self.config.init_from)
+        return task, params, frozen, mesh
+
     # ---- previews ------------------------------------------------------------------------------------------
     def preview_images(self, params, frozen, mesh, **images):
         """Samples for the conditioner's preview conditions with the run's sampler and guidance and fixed seeds
@@ -218,7 +291,14 @@ class LatentDiffusionTask:
         )  # fmt: skip
 
     def preview(self, params, frozen, mesh) -> tuple[dict, dict]:
+        params, frozen = self._merged_on_mesh(params, frozen)
         return self.concat.preview(self, params, frozen, mesh)
+
+    def _merged_on_mesh(self, params, frozen):
+        """``model_weights`` of arrays on the training mesh, as one jitted program (the weights stay on the mesh)."""
+        if self.adapters is None:
+            return params, frozen
+        return jax.jit(self.model_weights)(params, frozen)
 
     @property
     def periodic(self) -> PeriodicEval:
@@ -233,6 +313,7 @@ class LatentDiffusionTask:
         return self.periodic.section.every
 
     def periodic_eval(self, params, frozen, mesh) -> dict[str, float]:
+        params, frozen = self._merged_on_mesh(params, frozen)
         return self.periodic.evaluate(params, frozen, mesh)
 
     # ---- generation ----------------------------------------------------------------------------------------

@@ -53,15 +53,21 @@ class LatentSpace:
         self.fingerprint = None  # of the loaded weights, for a run on a latent cache (``check_cache``)
 
     def setup(self, meta: dict) -> tuple[dict, float]:
-        """(the first stage's weights, the latent scale): the checkpoint's scale (``meta``), else the config's, else
-        estimated on training images."""
+        """(the first stage's weights, the latent scale): the checkpoint's scale (``meta``), else (``latent_scale``
+        0) that of the ``init_from`` run, else the config's, else estimated on training images."""
         fs = self.config.first_stage
         params, _, step = checkpoint.load_trained_params(fs.workdir, fs.weights)
         logging.info("first stage: %s at step %d", fs.workdir, step)
         if pipeline.is_latent_cache(self.config.data.source):
             self.fingerprint = (latent_cache.fingerprint(params), step)
+        source_meta = {}
+        if not meta and self.config.init_from:
+            # A fine-tuned model keeps the scale its weights were trained at (the start's, not re-estimated).
+            source_meta, _ = checkpoint.load_trained_meta(self.config.init_from)
         if "latent_scale" in meta:
             scale = float(meta["latent_scale"])
+        elif "latent_scale" in source_meta and self.config.latent_scale == 0:
+            scale = float(source_meta["latent_scale"])
         elif self.config.latent_scale > 0:
             scale = float(self.config.latent_scale)
         else:

@@ -36,8 +36,16 @@ class Task(Protocol):
         """Loads what the step needs but does not train (first stage, frozen text encoder, LPIPS network) from
         the workdir's checkpoint metadata ``meta`` ({} for a new run): returns (frozen tree, metadata to save)."""
 
+    def train_loader(self, start_step: int) -> Any:
+        """This process's share of every training batch from global batch ``start_step`` on (an iterable of dicts
+        of numpy arrays; ``data.pipeline.make_loader``)."""
+
     def make_step(self, num_steps: int) -> tuple[InitFn, StepFn]:
         """(init_state, the pure step function to jit) for a run of ``num_steps`` steps."""
+
+    # Whether ``config.init_from`` initialises the trained params (the loop loads them, through
+    # ``adapt_init_params``); False when ``setup`` reads it instead (a LoRA run's frozen base).
+    trains_from_init: bool
 
     def adapt_init_params(self, params: dict) -> dict:
         """Weights read from ``config.init_from`` -> this task's parameter tree (e.g. a txt2img UNet widened for an

@@ -111,3 +111,21 @@ def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tupl
     )
     manager.close()
     return restored["state"][key], restored["meta"], step
+
+
+def load_trained_meta(workdir: str) -> tuple[dict, int]:
+    """(metadata, step) of the latest checkpoint of another run, without reading its arrays."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train that run first")
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={"meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no finished checkpoint in {directory}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    return meta, step

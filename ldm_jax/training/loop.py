@@ -18,6 +18,7 @@ from ldm_jax import config_lib
 from ldm_jax.data import pipeline, preprocess
 from ldm_jax.imaging import save_png
 from ldm_jax.tasks import build_task, validate_config
+from ldm_jax.tasks import dreambooth
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import transfer
 from ldm_jax.training.reporting import MetricWriter, Progress
@@ -144,6 +145,7 @@ def _match_init_params(src, target, source_name: str):
 
 def train_and_evaluate(config, workdir: str):
     """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one."""
+    dreambooth.resolve(config)  # a DreamBooth run: its previews' prompts, the architecture of the model it tunes
     validate_config(config)
     train_cfg = config.train
     if train_cfg.compilation_cache_dir:
@@ -178,7 +180,7 @@ def train_and_evaluate(config, workdir: str):
         state, _ = ckpt.restore(latest, ckpt_lib.abstract_with_shardings(abstract, state_shardings))
     else:
         state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
-        if config.init_from:
+        if config.init_from and task.trains_from_init:
             params, _, src_step = ckpt_lib.load_trained_params(config.init_from, "ema")
             params = task.adapt_init_params(params)  # e.g. txt2img weights for an inpainting model
             params = _match_init_params(params, state.params, config.init_from)
@@ -188,16 +190,7 @@ def train_and_evaluate(config, workdir: str):
 
     step = int(transfer.to_host(state.step))
     # The data position is the step: global batch s is the same on any number of processes (data/pipeline.py).
-    data_iter = iter(
-        pipeline.make_loader(
-            config.data,
-            "train",
-            config.data.global_batch_size,
-            task.tokenizer,
-            task.label_field,
-            start_step=step,
-        )
-    )
+    data_iter = iter(task.train_loader(step))
     order_log = _DataOrderLog(workdir, train_cfg.record_data_order)
     bsharding = batch_sharding(mesh)
     bad_records = preprocess.BadRecordCount(config.data.source or config.data.name, config.data.max_bad_fraction)

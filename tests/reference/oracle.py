@@ -156,6 +156,30 @@ def run_pipeline(pipe, job, inputs, inpaint=False):
     return out
 
 
+def run_lora(job, inputs):
+    """A saved pipeline's text encoder and UNet outputs: as saved ("base"), with each LoRA file of ``files`` loaded
+    by ``load_lora_weights`` (applied unmerged, as diffusers does), and of each pipeline folder in ``folders``."""
+    from diffusers import StableDiffusionPipeline
+
+    ids = torch.from_numpy(inputs["ids"].astype(np.int64))
+    z, t = nchw(inputs["z"]), torch.from_numpy(inputs["t"].astype(np.int64))
+    out = {}
+
+    def record(name, pipe):
+        context = pipe.text_encoder(ids)[0]
+        out[f"{name}_context"] = context.float().numpy()
+        out[f"{name}_unet"] = nhwc(pipe.unet(z, t, encoder_hidden_states=context).sample)
+
+    record("base", StableDiffusionPipeline.from_pretrained(job["dir"]))
+    for name, path in job["files"].items():
+        pipe = StableDiffusionPipeline.from_pretrained(job["dir"])
+        pipe.load_lora_weights(path)
+        record(name, pipe)
+    for name, folder in job.get("folders", {}).items():
+        record(name, StableDiffusionPipeline.from_pretrained(folder))
+    return out
+
+
 def main(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
@@ -175,6 +199,8 @@ def main(spec_path):
             tensors["bf16.weight"] = tensors["model.w"].bfloat16()
             torch.save({"state_dict": tensors, "global_step": 7}, job["path"])
             out = {k.replace(".", "__"): v for k, v in read_state_dict(job["path"], allow_pickle=True).items()}
+        elif kind == "lora":
+            out = run_lora(job, inputs)
         elif kind == "load_pipeline":
             from diffusers import StableDiffusionPipeline
 

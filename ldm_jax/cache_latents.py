@@ -30,7 +30,7 @@ import time
 
 from absl import app, flags, logging
 
-from ldm_jax import jax_setup
+from ldm_jax import jax_setup, user_errors
 from ldm_jax.training import distributed
 
 _FIRST_STAGE = flags.DEFINE_string(
@@ -342,4 +342,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

@@ -22,6 +22,10 @@ from typing import Any, Iterable
 import ml_collections
 
 
+class ConfigError(ValueError):
+    """A config field (or flag) that breaks its rule: the message names the field, the value and the rule."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """A config section: a frozen dataclass whose fields are the section's keys (see the module docstring)."""
@@ -50,15 +54,15 @@ class Section:
         """The section ``section`` (a ConfigDict or mapping) read and validated; ``prefix`` names it in errors
         ("optim." for ``config.optim``, "--" for flags)."""
         if section is None:
-            raise ValueError(f"{prefix.rstrip('.')}: missing section; the config must declare it")
+            raise ConfigError(f"{prefix.rstrip('.')}: missing section; the config must declare it")
         values = dict(section)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise ValueError(f"{prefix}{unknown[0]}: unknown field; {prefix.rstrip('.')} has {names}")
+            raise ConfigError(f"{prefix}{unknown[0]}: unknown field; {prefix.rstrip('.')} has {names}")
         missing = [n for n in names if n not in values]
         if missing:
-            raise ValueError(f"{prefix}{missing[0]}: missing; the config must declare every field of {names}")
+            raise ConfigError(f"{prefix}{missing[0]}: missing; the config must declare every field of {names}")
         obj = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         obj.validate(prefix)
         return obj
@@ -72,7 +76,7 @@ class Section:
 
 
 def fail(field: str, value, rule: str):
-    raise ValueError(f"{field}={value!r}: {rule}")
+    raise ConfigError(f"{field}={value!r}: {rule}")
 
 
 def check(ok: bool, field: str, value, rule: str) -> None:
@@ -85,7 +89,9 @@ def parse_preset(arg: str | None, presets: Iterable[str]) -> str:
     presets = tuple(presets)
     name = arg or presets[0]
     if name not in presets:
-        raise ValueError(f"config preset {name!r}: must be one of {presets} (as in --config=configs/x.py:{presets[0]})")
+        raise ConfigError(
+            f"config preset {name!r}: must be one of {presets} (as in --config=configs/x.py:{presets[0]})"
+        )
     return name
 
 

@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+from ldm_jax import user_errors
+
 _SRC = flags.DEFINE_string("src", None, "A diffusers pipeline folder, or a .safetensors / .ckpt single file.")
 _OUT = flags.DEFINE_string("out", None, "Output workdir (must not exist or be empty, unless --overwrite).")
 _CONFIG_DIR = flags.DEFINE_string(
@@ -46,8 +48,8 @@ flags.mark_flags_as_required(["src", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax.interop import stable_diffusion
     from ldm_jax import jax_setup
+    from ldm_jax.interop import stable_diffusion
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
@@ -78,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

@@ -51,7 +51,7 @@ import time
 
 from absl import app, flags, logging
 
-from ldm_jax import jax_setup
+from ldm_jax import jax_setup, user_errors
 from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion or first-stage (autoencoder) workdir to evaluate.")
@@ -258,4 +258,4 @@ def evaluate_samples() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

@@ -21,6 +21,8 @@ import os
 
 from absl import app, flags
 
+from ldm_jax import user_errors
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A txt2img or inpainting workdir (trained or converted).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (must not exist or be empty, unless --overwrite).")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Which weights of the checkpoint to export.")
@@ -33,8 +35,8 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax.interop import stable_diffusion
     from ldm_jax import jax_setup
+    from ldm_jax.interop import stable_diffusion
     from ldm_jax.training.reporting import quiet_library_logs
 
     quiet_library_logs()
@@ -69,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

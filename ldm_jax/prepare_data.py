@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
+from ldm_jax import user_errors
 from ldm_jax.data import records, shards, sources
 from ldm_jax.data.preprocess import to_rgb
 
@@ -315,4 +316,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

@@ -42,7 +42,7 @@ import os
 
 from absl import app, flags, logging
 
-from ldm_jax import jax_setup
+from ldm_jax import jax_setup, user_errors
 from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion training (or converted) workdir.")
@@ -269,4 +269,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

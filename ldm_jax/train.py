@@ -19,7 +19,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import jax_setup
+from ldm_jax import jax_setup, user_errors
 from ldm_jax.training import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=True)
@@ -43,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_errors.run(main)

@@ -1,7 +1,7 @@
 """Builders of small "own data" fixtures on disk, in the layouts users bring (``data.source``): img2dataset tar
 shards with known bad members, an image folder with ``metadata.jsonl`` and every awkward PIL mode, class sub-folders,
 and a TFDS dataset prepared without TensorFlow. Images are crops of the photos bundled with scikit-image and scenes
-of the embedded shapes dataset, 8-48 px a side; every builder returns what a test needs to know about its data
+of the embedded shapes dataset, 8-48 px a side, and a DreamBooth subject; every builder returns what a test needs to know about its data
 (keys, captions, labels, which records are bad and why).
 """
 
@@ -280,6 +280,17 @@ def tfds_example(split: str, i: int) -> dict:
         "caption": f"{split} photo {i} of a {name}",
         "label": label,
     }
+
+
+def write_subject_folder(root: str, size: int = 16) -> str:
+    """DreamBooth instance images: three pictures of one "subject" (a red square) on differently tinted grounds."""
+    os.makedirs(root, exist_ok=True)
+    lo, hi = size // 4, size - size // 4
+    for i, ground in enumerate(((0, 0, 60), (0, 60, 0), (40, 40, 40))):
+        a = np.zeros((size, size, 3), np.uint8) + np.array(ground, np.uint8)
+        a[lo:hi, lo:hi] = (230, 20, 20)
+        Image.fromarray(a).save(os.path.join(root, f"subject_{i}.png"))
+    return root
 
 
 def write_tfds(data_dir: str) -> dict:

@@ -51,3 +51,24 @@ def test_ssim_matches_a_direct_windowed_computation():
     assert image_metrics.ssim(a, noisier)[0] < image_metrics.ssim(a, b)[0] < 1.0
     with pytest.raises(ValueError, match="smaller than the 11-pixel window"):
         image_metrics.ssim(a[:, :8, :8], b[:, :8, :8])
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 20, 3), (2, 11, 11, 3), (2, 37, 64, 3), (1, 16, 16, 1)])
+def test_ssim_equals_scikit_image_on_whole_images(shape):
+    """The score scikit-image reports for the whole image (its border handling and crop included) with Wang et al.'s
+    settings: Gaussian weights of sigma 1.5 truncated at 3.5 sigma, population covariances, data range 255."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(sum(shape))
+    a = rng.integers(0, 256, shape).astype(np.uint8)
+    # Structure that differs near the borders too: a shifted copy with noise, and a dark frame.
+    b = np.clip(np.roll(a.astype(int), 1, axis=2) + rng.integers(-40, 41, shape), 0, 255).astype(np.uint8)
+    b[:, :2] = 0
+    ours = image_metrics.ssim(a, b)
+    ref = [
+        structural_similarity(
+            x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1
+        )
+        for x, y in zip(a, b)
+    ]
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)

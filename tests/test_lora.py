@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from own_data import write_subject_folder
 from reference_env import ROOT
 
 # The same tiny pipeline as the interop tests' (one block per level: short compiles).
@@ -45,15 +45,6 @@ def sd(tmp_path_factory):
     return dict(folder=str(d), pipeline=str(d / "pipeline"), converted=out)
 
 
-def _instance_images(folder):
-    """Three 16 px pictures of one 'subject': a red square on differently tinted grounds."""
-    os.makedirs(folder, exist_ok=True)
-    for i, ground in enumerate(((0, 0, 60), (0, 60, 0), (40, 40, 40))):
-        a = np.zeros((16, 16, 3), np.uint8) + np.array(ground, np.uint8)
-        a[4:12, 4:12] = (230, 20, 20)
-        Image.fromarray(a).save(os.path.join(folder, f"dog_{i}.png"))
-
-
 def _dreambooth_config(sd, root, num_steps):
     from configs import dreambooth
 
@@ -75,7 +66,7 @@ def run(sd):
     from ldm_jax.training.loop import train_and_evaluate
 
     root = os.path.join(sd["folder"], "dreambooth")
-    _instance_images(os.path.join(root, "instance"))
+    write_subject_folder(os.path.join(root, "instance"))
     workdir = os.path.join(root, "run")
     state = train_and_evaluate(_dreambooth_config(sd, root, 12), workdir)
     return dict(root=root, workdir=workdir, state=state)

@@ -4,7 +4,7 @@ step 2 and resumed from their checkpoint to step 4.
 
 Covered: the KL autoencoder, the VQ autoencoder with its discriminator (switched on at step 2, after the resume),
 txt2img, class_cond, unconditional, inpainting (from txt2img weights, with FSDP), superres (all on one shared tiny
-first stage), and fine-tuning a converted diffusers pipeline (``init_from`` the import, text encoder frozen). For
+first stage), DreamBooth with LoRA adapters (from the txt2img run), and fine-tuning a converted diffusers pipeline (``init_from`` the import, text encoder frozen). For
 each: the same loss and metric trajectory (evaluation metrics included), the same final parameters (to the tolerance
 ``test_multihost`` documents), and the same preview images. All runs of one layout share one job
 (``multihost_driver.py``), and the two layouts run at the same time, so the matrix costs three JAX start-ups.
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from cli import ROOT, run_module, start, two_process_job, wait_all
 from metric_weights import write_fid_inception
+from own_data import write_subject_folder
 from PIL import Image
 
 from ldm_jax.training import checkpoint as ckpt_lib
@@ -33,10 +34,11 @@ COMMON = {
 }
 # The CI cases cover the paths that put data on the mesh: frozen weights (the first stage), init_from weights (with
 # the inpainting model's widened input, FSDP-sharded), the adversarial step and in-training evaluation, previews from
-# prompts and from per-image inputs (init image and mask). The slow cases repeat those paths with other conditioning,
+# prompts and from per-image inputs (init image and mask), and a LoRA run's frozen base and the DreamBooth class images
+# drawn over both processes. The slow cases repeat those paths with other conditioning,
 # and fine-tuning an imported pipeline with its text encoder frozen (frozen weights from init_from; single-process in
 # CI through tests/test_latent_cache.py): `pytest -m slow tests/test_multihost_tasks.py` runs them.
-CI_CASES = ["ae_vq_gan", "txt2img", "inpainting"]
+CI_CASES = ["ae_vq_gan", "txt2img", "inpainting", "dreambooth_lora"]
 SLOW_CASES = ["ae_kl", "class_cond", "unconditional", "superres", "finetune_imported"]
 
 
@@ -81,6 +83,20 @@ def _cases(names, root, data_dir, first_stage_workdir, txt2img_workdir=None, con
         # embedding is split over a 2-device fsdp axis (inside each process), so init_from weights, the training
         # state and the EMA weights the previews sample with are placed leaf by leaf.
         specs["inpainting"] = ("inpainting:tiny", {**ldm, "init_from": txt2img_workdir, "mesh.fsdp": 2})
+        # DreamBooth with LoRA from the text-to-image run: class images drawn by both processes' devices (process
+        # 0 writes), then adapters trained on the frozen base (replicated on the mesh) and previews of the merge.
+        specs["dreambooth_lora"] = (
+            "dreambooth:tiny",
+            {
+                "init_from": txt2img_workdir,
+                "dreambooth.instance_dir": os.path.join(os.path.dirname(root), "subject"),
+                "dreambooth.instance_prompt": "a photo of sks square",
+                "dreambooth.class_dir": os.path.join(root, "dreambooth_class"),
+                "dreambooth.class_prompt": "a small red square in the center on a black background",
+                "dreambooth.num_class_images": 4,
+                "sample.num_steps": 4,
+            },
+        )
     if converted_pipeline:
         specs["finetune_imported"] = (
             os.path.join(converted_pipeline, "config.json"),
@@ -109,6 +125,7 @@ def _run_matrix(names, root, *workdirs):
     """Runs the cases ``names`` as 2 processes x 2 devices (stopped at step 2 and resumed to 4) and as 1 process x
     4 devices (straight to 4), all at once; returns {layout: {case: workdir}}."""
     write_fid_inception(str(root / "inception.npz"))
+    write_subject_folder(str(root / "subject"))
     layouts = {}
     for layout in ("two", "one"):
         cases = _cases(names, str(root / layout), *workdirs)
@@ -215,6 +232,13 @@ def _check_same_training(two: str, one: str, case: str) -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
         compared += 1
     assert compared > 20
+
+    if case == "dreambooth_lora":  # the class images, drawn by 2 processes and by 1, written once
+        c2, c1 = _previews(two, "../dreambooth_class"), _previews(one, "../dreambooth_class")
+        assert sorted(c2) == sorted(c1) == [f"class_{i:05d}.png" for i in range(4)]
+        for name in c1:
+            assert np.abs(c2[name] - c1[name]).max() <= 1, name
+        assert all(str(p[-1]) in ("['lora_a']", "['lora_b']") for p, _ in jax.tree_util.tree_leaves_with_path(p1))
 
     # Previews at steps 2 (the end of the first job) and 4, written once (by process 0), showing the same images.
     v2, v1 = _previews(two), _previews(one)

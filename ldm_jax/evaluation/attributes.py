@@ -92,3 +92,16 @@ def score_wanted(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]])
     out["no_object_rate"] = missing / n
     out["count"] = float(n)
     return out
+
+
+def shape_accuracy_by_kind(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, float]:
+    """Shape accuracy per asked shape and size ("shape/triangle/small": the share of small triangles read as
+    triangles), for the examples whose ``wanted`` names both; where a model loses shape, this says which."""
+    hits: dict[str, list[int]] = {}
+    for img, want in zip(images, wanted, strict=True):
+        if "shape" not in want or "size" not in want:
+            continue
+        got = predict_attributes(np.asarray(img))
+        key = f"shape/{shapes.SHAPES[want['shape']]}/{shapes.SIZES[want['size']]}"
+        hits.setdefault(key, []).append(int(got is not None and got["shape"] == want["shape"]))
+    return {k: float(np.mean(v)) for k, v in sorted(hits.items())}

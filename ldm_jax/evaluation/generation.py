@@ -2,13 +2,15 @@
 
 One image per example's condition (caption or class label); colour, position, size, shape and background are read
 back from the pixels (``evaluation.attributes``; a class model is scored on the attributes its class names), and
-the same reader is run on the dataset's own images as the ceiling. Inpainting (a mask-conditioned model, or any
+the same reader is run on the dataset's own images and on the first stage's reconstructions of them (the ceiling a
+latent model can reach), with shape accuracy broken down by shape and size. Inpainting (a mask-conditioned model, or any
 other by latent blending): each example's object is masked out (a box ``OBJECT_BOX_HALF`` x 2 of the image side
 around its grid cell) and repainted from its condition; scored as above, plus the PSNR of the kept pixels.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from ldm_jax.data import pipeline
@@ -54,9 +56,19 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
         params, frozen, mesh, conditions, seeds, options, guidance, s.guidance_rescale, negative, inputs.batch_size,
         **extra,
     )  # fmt: skip
+    # The first stage's reconstructions of the same images: the ceiling a latent model can reach (what the
+    # autoencoder already loses, no UNet can draw back).
+    recon = to_uint8(
+        jax.jit(task.latents.reconstruct)(task.host_first_stage(frozen), pipeline.to_model_range(originals))
+    )
     result = dict(guidance_scale=guidance)
     result["generated"] = attributes.score_wanted(images, wanted)
     result["dataset_images"] = attributes.score_wanted(list(originals), wanted)
+    result["reconstructions"] = attributes.score_wanted(list(recon), wanted)
+    result["shape_by_kind"] = {
+        name: attributes.shape_accuracy_by_kind(list(x), wanted)
+        for name, x in (("generated", images), ("dataset_images", originals), ("reconstructions", recon))
+    }
     result["chance"] = {k: v for k, v in CHANCE.items() if k in result["generated"]}
     rows = [originals, images]
     if inpaint_mode:

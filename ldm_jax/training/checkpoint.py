@@ -11,24 +11,163 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+
+ON_CORRUPT = ("fallback", "fail")
+
+
+class CheckpointTreeMismatch(ValueError):
+    """A checkpoint whose arrays do not fit the run's model (a config error, not damage: nothing is moved)."""
+
+
+class CheckpointUnreadable(RuntimeError):
+    """No checkpoint of the run restores (or the one asked for does not), after the fallbacks allowed."""
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return ".".join(parts)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}" + ("..." if len(text) > limit else "")
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process: a checkpoint counts as restored only where every process read it."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, max_to_keep: int, async_save: bool = True, keep_every: int = 0):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+                max_to_keep=max_to_keep,
+                # Steps divisible by keep_every are kept beyond the last max_to_keep (a long run's history).
+                keep_period=keep_every or None,
+                enable_async_checkpointing=async_save,
+                create=True,
             ),
         )
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def check_tree(self, step: int, abstract_state: Any) -> None:
+        """Raises ``CheckpointTreeMismatch`` naming the first parameter whose presence or shape differs between
+        checkpoint ``step`` and ``abstract_state`` (the run's config)."""
+        stored = self.manager.item_metadata(step)["state"]
+        have = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        want = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        for name, shape in want.items():
+            if name not in have:
+                problem = f"{name} {shape} is not in the checkpoint"
+            elif have[name] != shape:
+                problem = f"{name} is {have[name]} in the checkpoint and {shape} in this config"
+            else:
+                continue
+            break
+        else:
+            extra = sorted(set(have) - set(want))
+            if not extra:
+                return
+            problem = f"{extra[0]} {have[extra[0]]} is in the checkpoint but not in this config"
+        raise CheckpointTreeMismatch(
+            f"{self.directory}/{step}: the checkpoint does not fit this run's model: {problem}. The config differs "
+            "from the one that wrote it (compare config.json): restore with that config, or train in a new workdir"
+        )
+
+    def _move_aside(self, step: int, why: str) -> str:
+        """Renames ``<step>`` to ``<step>.<why>-<time>`` (process 0), never deleting it; every process waits."""
+        target = f"{self.directory}/{step}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            os.replace(f"{self.directory}/{step}", target)
+        _barrier(f"checkpoint_move_{step}")
+        self.manager.reload()
+        return target
+
+    def restore_latest(self, abstract_state: Any, restore_step: int = -1, on_corrupt: str = "fallback"):
+        """``(state, meta, step, report)`` of the checkpoint to resume from: ``restore_step`` if >= 0, else the
+        newest one that restores on every process.
+
+        A checkpoint that fails to restore (damaged or missing files) is reported in one paragraph (which step,
+        why) and, with ``on_corrupt="fallback"``, moved aside to ``<step>.corrupt-<time>`` before the next older
+        one is tried; ``"fail"`` raises ``CheckpointUnreadable`` instead. A checkpoint that does not fit the
+        model raises ``CheckpointTreeMismatch`` and moves nothing. Restoring an older step on purpose moves the
+        newer ones aside (``<step>.unused-<time>``), so that the run can save those steps again. ``report``: what
+        was moved, for the run's log and metrics."""
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"train.on_corrupt_checkpoint={on_corrupt!r}: must be one of {ON_CORRUPT}")
+        steps = self.all_steps()
+        report = {"corrupt": [], "unused": [], "seconds": 0.0}
+        t0 = time.perf_counter()
+        if restore_step >= 0:
+            if restore_step not in steps:
+                raise CheckpointUnreadable(
+                    f"train.restore_step={restore_step}: {self.directory} has no such checkpoint (it has {steps})"
+                )
+            candidates = [restore_step]
+        else:
+            candidates = steps[::-1]
+        for step in candidates:
+            try:
+                self.check_tree(step, abstract_state)
+                state, meta = self.restore(step, abstract_state)
+                ok, why = True, ""
+            except CheckpointTreeMismatch:
+                raise
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files; the reason is reported
+                ok, why = False, _first_line(e)
+            if _all_processes_ok(ok):
+                for newer in [s for s in self.all_steps() if s > step]:
+                    report["unused"].append(self._move_aside(newer, "unused"))
+                    logging.warning(
+                        "train.restore_step=%d: newer checkpoint moved aside to %s", step, report["unused"][-1]
+                    )
+                report["seconds"] = time.perf_counter() - t0
+                return state, meta, step, report
+            why = why or "another process could not read it"
+            message = f"checkpoint {self.directory}/{step} does not restore ({why}). " + (
+                "train.on_corrupt_checkpoint=fail: stopping; move it aside by hand or set the option to "
+                "'fallback' to resume from the newest checkpoint that restores"
+                if on_corrupt == "fail" or restore_step >= 0
+                else "It is moved aside (kept, not deleted) and the next older checkpoint is tried."
+            )
+            if on_corrupt == "fail" or restore_step >= 0:
+                raise CheckpointUnreadable(message)
+            logging.error("%s", message)
+            report["corrupt"].append(self._move_aside(step, "corrupt"))
+        raise CheckpointUnreadable(
+            f"{self.directory}: no checkpoint restores (moved aside: {report['corrupt']}); start a new workdir or "
+            "repair the files"
+        )
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
@@ -44,6 +183,16 @@ class Checkpointer:
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["meta"]
+
+    def newest_meta(self) -> dict:
+        """The metadata of the newest checkpoint whose metadata reads ({} if none does); the state itself is
+        checked by ``restore_latest``."""
+        for step in self.all_steps()[::-1]:
+            try:
+                return self.restore_meta(step)
+            except Exception:  # a damaged checkpoint: restore_latest reports it and falls back
+                continue
+        return {}
 
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

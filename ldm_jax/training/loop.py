@@ -164,9 +164,13 @@ def train_and_evaluate(config, workdir: str):
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     task = build_task(config)
 
-    ckpt = ckpt_lib.Checkpointer(workdir, train_cfg.keep_checkpoints, train_cfg.async_checkpointing)
+    ckpt = ckpt_lib.Checkpointer(
+        workdir, train_cfg.keep_checkpoints, train_cfg.async_checkpointing, train_cfg.keep_every
+    )
     latest = ckpt.latest_step()
-    meta = ckpt.restore_meta(latest) if latest is not None else {}
+    if latest is None and train_cfg.restore_step >= 0:
+        raise ValueError(f"train.restore_step={train_cfg.restore_step}: {ckpt.directory} holds no checkpoint")
+    meta = ckpt.newest_meta() if latest is not None else {}
     frozen, task_meta = task.setup(meta)
     # Every process read the same frozen weights; each places its own replicas (no cross-host transfer).
     frozen = transfer.to_mesh(frozen, replicated(mesh))
@@ -174,10 +178,22 @@ def train_and_evaluate(config, workdir: str):
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     init_state, step_fn, state_shardings, abstract = make_train_step(config, task, mesh)
 
+    restore_report = None
     if latest is not None:
-        logging.info("resuming from %s step %d", ckpt.directory, latest)
-        # Onto this run's mesh, whatever device count or mesh wrote the checkpoint.
-        state, _ = ckpt.restore(latest, ckpt_lib.abstract_with_shardings(abstract, state_shardings))
+        # Onto this run's mesh, whatever device count or mesh wrote the checkpoint; the newest that restores on
+        # every process (train.on_corrupt_checkpoint), or train.restore_step.
+        state, meta, restored, restore_report = ckpt.restore_latest(
+            ckpt_lib.abstract_with_shardings(abstract, state_shardings),
+            train_cfg.restore_step,
+            train_cfg.on_corrupt_checkpoint,
+        )
+        logging.info("resumed from %s step %d", ckpt.directory, restored)
+        if restore_report["corrupt"]:
+            logging.error(
+                "resumed from step %d instead of %d: %d damaged checkpoint(s) moved aside (%s), found in %.1f s",
+                restored, latest, len(restore_report["corrupt"]), ", ".join(restore_report["corrupt"]),
+                restore_report["seconds"],
+            )  # fmt: skip
     else:
         state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
         if config.init_from and task.trains_from_init:
@@ -213,6 +229,17 @@ def train_and_evaluate(config, workdir: str):
     if jax.process_index() == 0:
         config_lib.save_config(config, os.path.join(workdir, "config.json"))
     writer = MetricWriter(workdir)
+    if restore_report and (restore_report["corrupt"] or restore_report["unused"]):
+        # In the run's metrics too: a fallback a week into a run must not pass unnoticed.
+        writer.scalars(
+            step,
+            {
+                "checkpoint/fallback_from_step": float(latest),
+                "checkpoint/corrupt_moved_aside": float(len(restore_report["corrupt"])),
+                "checkpoint/unused_moved_aside": float(len(restore_report["unused"])),
+                "checkpoint/restore_seconds": restore_report["seconds"],
+            },
+        )
     progress = Progress(step, train_cfg.num_steps)
     preemption = _PreemptionFlag()
     batch = first_batch

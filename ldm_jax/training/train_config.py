@@ -16,6 +16,13 @@ class TrainConfig(config_lib.Section):
     log_every: int
     checkpoint_every: int
     keep_checkpoints: int = 3
+    # Also keep every checkpoint whose step is a multiple of this (0: none): a long run's history.
+    keep_every: int = 0
+    # Resume from this step instead of the newest (-1); newer checkpoints are moved aside, not deleted.
+    restore_step: int = -1
+    # A newest checkpoint that does not restore: "fallback" moves it aside (<step>.corrupt-<time>) and resumes from
+    # the newest one that does, "fail" stops.
+    on_corrupt_checkpoint: str = "fallback"
     async_checkpointing: bool = True
     preview_every: int  # 0 disables preview grids during training
     # Gradient accumulation: the global batch is split into this many micro-batches inside the step.
@@ -31,6 +38,10 @@ class TrainConfig(config_lib.Section):
         for name in ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps", "max_nonfinite_streak"):
             self.check(getattr(self, name) >= 1, prefix, name, "must be >= 1")
         self.check(self.preview_every >= 0, prefix, "preview_every", "must be >= 0")
+        self.check(self.keep_every >= 0, prefix, "keep_every", "must be >= 0 (0 = keep only the last keep_checkpoints)")
+        self.check(self.restore_step >= -1, prefix, "restore_step", "must be >= 0, or -1 for the newest checkpoint")
+        self.check(self.on_corrupt_checkpoint in ("fallback", "fail"), prefix, "on_corrupt_checkpoint",
+                   "must be 'fallback' or 'fail'")  # fmt: skip
 
 
 def train_section(num_steps: int, log_every: int, checkpoint_every: int, preview_every: int):

@@ -1,0 +1,109 @@
+"""Long-run reliability of checkpoints: a damaged newest checkpoint is moved aside and the run resumes from the
+newest one that restores (bit-identical to restoring that step on purpose), a checkpoint that does not fit the
+config is named, not restored, and retention keeps the last N plus every K-th step."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_jax.training import checkpoint as ckpt_lib
+from ldm_jax.training.loop import train_and_evaluate
+
+
+def _config(data_dir, num_steps):
+    from configs import autoencoder_kl
+
+    c = autoencoder_kl.get_config("tiny")
+    c.data.data_dir = data_dir
+    c.disc.enabled = False
+    # Saves at 2, 4, 6, 8: the last two (6, 8) are kept, and every multiple of 4 (4, 8).
+    c.train.update(num_steps=num_steps, log_every=2, checkpoint_every=2, keep_checkpoints=2, keep_every=4)
+    c.train.async_checkpointing = False
+    return c
+
+
+def _damage(step_dir: str) -> str:
+    """Flips bytes in the middle of the largest array file of a checkpoint's state (as bit rot would)."""
+    files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(step_dir, "state")) for n in names]
+    target = max(files, key=os.path.getsize)
+    with open(target, "r+b") as f:
+        f.seek(os.path.getsize(target) // 2)
+        chunk = bytearray(f.read(64))
+        f.seek(os.path.getsize(target) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    return target
+
+
+def _params(workdir):
+    params, _, step = ckpt_lib.load_trained_params(workdir, "params")
+    return step, jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def eight_steps(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("recovery") / "run")
+    train_and_evaluate(_config(data_dir, 8), workdir)
+    return workdir
+
+
+def test_retention_keeps_the_last_and_every_kth(eight_steps):
+    names = sorted(os.listdir(os.path.join(eight_steps, "checkpoints")), key=lambda n: int(n))
+    assert names == ["4", "6", "8"]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(eight_steps, data_dir, tmp_path):
+    work, on_purpose = str(tmp_path / "damaged"), str(tmp_path / "on_purpose")
+    shutil.copytree(eight_steps, work)
+    shutil.copytree(eight_steps, on_purpose)
+    _damage(os.path.join(work, "checkpoints", "8"))
+
+    # "fail": stops naming the step, moves nothing.
+    c = _config(data_dir, 10)
+    c.train.on_corrupt_checkpoint = "fail"
+    with pytest.raises(ckpt_lib.CheckpointUnreadable, match=r"checkpoints/8 does not restore \(.+\)"):
+        train_and_evaluate(c, work)
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["4", "6", "8"]
+
+    # "fallback" (the default): step 8 moved aside and kept, the run resumes from 6 and goes on to 10.
+    train_and_evaluate(_config(data_dir, 10), work)
+    names = os.listdir(os.path.join(work, "checkpoints"))
+    corrupt = [n for n in names if n.startswith("8.corrupt-")]
+    assert len(corrupt) == 1 and os.listdir(os.path.join(work, "checkpoints", corrupt[0], "state"))
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    fallback = [r for r in rows if "checkpoint/fallback_from_step" in r]
+    assert len(fallback) == 1 and fallback[0]["step"] == 6 and fallback[0]["checkpoint/fallback_from_step"] == 8
+    print(f"damaged checkpoint detected and fallen back from in {fallback[0]['checkpoint/restore_seconds']:.2f} s")
+
+    # The same as restoring step 6 on purpose (the newer checkpoint is moved aside, unused) and training to 10.
+    c = _config(data_dir, 10)
+    c.train.restore_step = 6
+    train_and_evaluate(c, on_purpose)
+    assert any(n.startswith("8.unused-") for n in os.listdir(os.path.join(on_purpose, "checkpoints")))
+    (s1, p1), (s2, p2) = _params(work), _params(on_purpose)
+    assert s1 == s2 == 10
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_of_another_model_is_named_not_restored(eight_steps, data_dir, tmp_path):
+    work = str(tmp_path / "other")
+    shutil.copytree(eight_steps, work)
+    c = _config(data_dir, 10)
+    c.model.block_out_channels = (16, 32)
+    with pytest.raises(
+        ckpt_lib.CheckpointTreeMismatch,
+        match=r"checkpoints/8: .*params\..* is \(.+\) in the checkpoint and \(.+\) in this config",
+    ):
+        train_and_evaluate(c, work)
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["4", "6", "8"]  # nothing moved
+    c = _config(data_dir, 10)
+    c.train.restore_step = 5
+    with pytest.raises(
+        ckpt_lib.CheckpointUnreadable, match=r"restore_step=5: .* has no such checkpoint \(it has \[4, 6, 8\]\)"
+    ):
+        train_and_evaluate(c, work)

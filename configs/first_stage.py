@@ -39,6 +39,7 @@ def schedule(c, size: str) -> None:
         # The reference's rule: base_lr x (batch per GPU x GPUs): 4.5e-6 x 64 = 2.88e-4 at this batch.
         c.optim.update(lr_scaling="linear", base_batch_size=1)
         c.train = train_section(num_steps=200_000, log_every=100, checkpoint_every=5000, preview_every=5000)
+        c.train.keep_every = 50_000  # a week-long run keeps a checkpoint every 50k steps besides the last 3
     elif size in ("demo", "photos"):
         c.data = data_section("32px", 32, 16)
         if size == "photos":

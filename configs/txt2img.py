@@ -54,6 +54,7 @@ def get_config(arg=None):
         c.unet = unet_section(UNET_VARIANTS["sd15"])
         c.optim = optim_section(lr=1e-4, warmup_steps=10_000, ema_decay=0.9999)
         c.train = train_section(num_steps=500_000, log_every=100, checkpoint_every=5000, preview_every=5000)
+        c.train.keep_every = 50_000  # a week-long run keeps a checkpoint every 50k steps besides the last 3
     elif preset == "demo":
         c.first_stage = FirstStageConfig.defaults(workdir="runs/demo/autoencoder_kl")
         c.data = data_section("32px", 32, 64)

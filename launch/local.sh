@@ -54,6 +54,8 @@ case "$mode" in
     t4=$(date +%s)
     echo "stage wall times (s): autoencoder $((t1 - t0)), txt2img $((t2 - t1)), sample $((t3 - t2)), evaluate $((t4 - t3))"
     echo "samples: $RUNS/samples/grid.png (manifest.jsonl beside it); evaluation: $RUNS/txt2img/eval_heldout.json"
+    echo "held-out prompt following (attributes read back from the pixels):"
+    cat "$RUNS/txt2img/eval_heldout.md"
     ;;
   train | sample | evaluate)
     shift

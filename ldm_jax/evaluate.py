@@ -36,7 +36,8 @@ Autoencoder (first-stage) runs: PSNR, SSIM, L1, LPIPS (``--lpips_vgg_weights`` o
 (``--fid_weights``), codebook usage for VQ models.
 
 Each task scores its own kind (``Task.evaluate_workdir``); an option the run's kind does not take is refused.
-Writes ``eval_<split>.json`` (``eval_<split>_inpaint.json`` for ``--inpaint``) and a grid next to it.
+Writes ``eval_<split>.json`` (``eval_<split>_inpaint.json`` for ``--inpaint``) and a grid next to it; attribute
+scores also as a markdown table, ``eval_<split>.md``.
 
 Multi-process: the same command in every process with the ``ldm_jax.train`` multi-process flags; generation,
 reconstruction and feature extraction are split over every device of every process (each process decodes only the
@@ -136,6 +137,12 @@ def _write_result(workdir: str, result: dict, name: str, grid) -> None:
         json.dump(result, f, indent=2)
     os.replace(path + ".tmp", path)  # never a half-written result
     save_png(os.path.join(workdir, f"{name}_grid.png"), grid, upscale=3)
+    if "generated" in result and "dataset_images" in result:  # attribute scores: also as a markdown table
+        from ldm_jax.evaluation.generation import markdown_table
+
+        with open(path.removesuffix(".json") + ".md.tmp", "w") as f:
+            f.write(markdown_table(result))
+        os.replace(path.removesuffix(".json") + ".md.tmp", path.removesuffix(".json") + ".md")
     print(json.dumps(result, indent=2))
 
 

@@ -30,11 +30,12 @@ def _types() -> tuple[type, ...]:
     from ldm_jax.interop.state_dict import ConversionError
     from ldm_jax.interop.weight_files import WeightFileError
     from ldm_jax.models.lora import AdapterFileError
-    from ldm_jax.training.checkpoint import CheckpointTreeMismatch, CheckpointUnreadable
+    from ldm_jax.training.checkpoint import CheckpointSaveFailed, CheckpointTreeMismatch, CheckpointUnreadable
 
     return (
         app.UsageError, flags.Error, config_lib.ConfigError, SourceError, ConversionError, WeightFileError,
-        AdapterFileError, CheckpointTreeMismatch, CheckpointUnreadable, FileNotFoundError, FileExistsError,
+        AdapterFileError, CheckpointTreeMismatch, CheckpointUnreadable, CheckpointSaveFailed, FileNotFoundError,
+        FileExistsError,
     )  # fmt: skip
 
 

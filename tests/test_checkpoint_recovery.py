@@ -107,3 +107,29 @@ def test_checkpoint_of_another_model_is_named_not_restored(eight_steps, data_dir
         ckpt_lib.CheckpointUnreadable, match=r"restore_step=5: .* has no such checkpoint \(it has \[4, 6, 8\]\)"
     ):
         train_and_evaluate(c, work)
+
+
+def test_a_failed_save_names_the_folder_and_keeps_the_earlier_checkpoints(data_dir, tmp_path, monkeypatch):
+    """A save that fails (here: the disk fills up at step 4) stops the run with the folder's name; step 2 stays
+    intact and restores."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    workdir = str(tmp_path / "full")
+    with pytest.raises(
+        ckpt_lib.CheckpointSaveFailed,
+        match=r"saving checkpoint 4 to .*/full/checkpoints failed \(OSError: .*No space left.*\(\[2\]\) are intact",
+    ):
+        train_and_evaluate(_config(data_dir, 4), workdir)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    step, _ = _params(workdir)
+    assert step == 2

@@ -80,3 +80,24 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
         )
         rows = [originals, to_uint8(pipeline.to_model_range(originals) * keep), images]
     return result, rows
+
+
+def markdown_table(result: dict) -> str:
+    """The attribute scores of ``score_attributes``' result as markdown: per attribute, the dataset's images, the
+    first stage's reconstructions and the samples (what the demo prints and the README shows)."""
+    rows = [k for k in ("dataset_images", "reconstructions", "generated") if k in result]
+    attrs = [a for a in result["generated"] if a.startswith("accuracy/")]
+    names = {
+        "dataset_images": "dataset images",
+        "reconstructions": "first-stage reconstructions",
+        "generated": "samples",
+    }
+    out = ["| | " + " | ".join(a.removeprefix("accuracy/") for a in attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
+    out += [f"| {names[r]} | " + " | ".join(f"{result[r][a]:.3f}" for a in attrs) + " |" for r in rows]
+    kinds = result.get("shape_by_kind", {})
+    if kinds:
+        keys = list(kinds.get("generated", {}))
+        out += ["", "| shape accuracy | " + " | ".join(k.removeprefix("shape/") for k in keys) + " |"]
+        out += ["|---" * (len(keys) + 1) + "|"]
+        out += [f"| {names[r]} | " + " | ".join(f"{kinds[r][k]:.3f}" for k in keys) + " |" for r in rows if r in kinds]
+    return "\n".join(out) + "\n"

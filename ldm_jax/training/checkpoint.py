@@ -27,6 +27,10 @@ class CheckpointTreeMismatch(ValueError):
     """A checkpoint whose arrays do not fit the run's model (a config error, not damage: nothing is moved)."""
 
 
+class CheckpointSaveFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions): names the folder; earlier ones are intact."""
+
+
 class CheckpointUnreadable(RuntimeError):
     """No checkpoint of the run restores (or the one asked for does not), after the fallbacks allowed."""
 
@@ -173,10 +177,28 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+        """Starts saving ``step`` (asynchronously unless the run turned it off). A save that fails (disk full,
+        permissions), now or while an earlier asynchronous one finishes, raises ``CheckpointSaveFailed`` naming the
+        folder; Orbax writes into a temporary folder and renames it when complete, so the checkpoints before it
+        stay intact."""
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:
+            raise self._save_failed(step, e) from e
         _inject_fault("during_save", step)
         return saved
+
+    def _save_failed(self, step: int, e: BaseException) -> CheckpointSaveFailed:
+        try:
+            kept = self.all_steps()
+        except Exception:  # the folder itself may be what failed
+            kept = "unknown"
+        return CheckpointSaveFailed(
+            f"saving checkpoint {step} to {self.directory} failed ({_first_line(e)}); the run stopped. The "
+            f"checkpoints already there ({kept}) are intact: free space or fix the folder's permissions, then rerun "
+            "the same command to resume from the newest of them"
+        )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores onto the shardings carried by ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct``)."""
@@ -198,7 +220,10 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(self.manager.latest_step() or -1, e) from e
 
     def close(self) -> None:
         self.manager.close()

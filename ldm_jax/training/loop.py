@@ -280,9 +280,20 @@ def train_and_evaluate(config, workdir: str):
             if preempted:
                 logging.warning("preemption signal at step %d: checkpoint saved, stopping", step)
                 break
-    finally:
+    except BaseException:
+        # The run is already failing: finish what can be finished without hiding its error behind a second one
+        # (a save that failed fails its wait too).
         preemption.restore()
-        ckpt.wait()
+        for close in (ckpt.wait, ckpt.close, writer.close, order_log.close):
+            try:
+                close()
+            except Exception as e:
+                logging.error("while stopping after an error: %s", e)
+        raise
+    preemption.restore()
+    try:
+        ckpt.wait()  # the last asynchronous save: a failure here names the folder (CheckpointSaveFailed)
+    finally:
         ckpt.close()
         writer.close()
         order_log.close()

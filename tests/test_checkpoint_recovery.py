@@ -27,14 +27,17 @@ def _config(data_dir, num_steps):
 
 
 def _damage(step_dir: str) -> str:
-    """Flips bytes in the middle of the largest array file of a checkpoint's state (as bit rot would)."""
+    """Damages the largest array file of a checkpoint's state as a bad write would: its first bytes flipped and its
+    second half lost. (Bits flipped only inside an array's stored bytes can go unnoticed: tensorstore keeps
+    incompressible float chunks as raw zstd blocks, which carry no checksum.)"""
     files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(step_dir, "state")) for n in names]
     target = max(files, key=os.path.getsize)
+    size = os.path.getsize(target)
     with open(target, "r+b") as f:
-        f.seek(os.path.getsize(target) // 2)
-        chunk = bytearray(f.read(64))
-        f.seek(os.path.getsize(target) // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+        head = bytearray(f.read(64))
+        f.seek(0)
+        f.write(bytes(b ^ 0xFF for b in head))
+        f.truncate(size // 2)
     return target
 
 

@@ -187,7 +187,7 @@ def train_and_evaluate(config, workdir: str):
             train_cfg.restore_step,
             train_cfg.on_corrupt_checkpoint,
         )
-        logging.info("resumed from %s step %d", ckpt.directory, restored)
+        logging.info("resuming from %s step %d", ckpt.directory, restored)
         if restore_report["corrupt"]:
             logging.error(
                 "resumed from step %d instead of %d: %d damaged checkpoint(s) moved aside (%s), found in %.1f s",

@@ -283,9 +283,5 @@ def parse_lora_flag(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
-def adapter_components(adapters: Mapping) -> tuple[str, ...]:
-    return tuple(c for c in COMPONENTS if c in adapters)
-
-
 def cast_tree(tree: Any, dtype) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

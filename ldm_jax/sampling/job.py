@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from ldm_jax.imaging import make_grid, save_png, to_uint8
 from ldm_jax.sampling import outputs
 from ldm_jax.training import transfer
+from ldm_jax.training.distributed import barrier
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -144,13 +145,8 @@ def open_job(spec: JobSpec) -> None:
         if not os.path.exists(path):
             outputs.write_json(path, identity)
     # Nobody writes before process 0 has cleaned up (on a shared filesystem its removal could hit their files).
-    _barrier("sampling job opened")
+    barrier("sampling job opened")
     os.makedirs(spec.outdir, exist_ok=True)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def done_outputs(spec: JobSpec) -> np.ndarray:
@@ -215,7 +211,7 @@ def run_job(spec: JobSpec, generate: Callable[[list[int]], Any], batch_size: int
     finally:
         writer.close()
     seconds = time.perf_counter() - t0
-    _barrier("sampling job written")
+    barrier("sampling job written")
     per_process = [made]
     if jax.process_count() > 1:
         per_process = [int(x) for x in np.asarray(multihost_utils.process_allgather(np.int32(made))).reshape(-1)]

@@ -181,9 +181,8 @@ def ensure_class_images(config, options, load_base) -> int:
     """Draws the class images ``class_dir`` lacks with the ``init_from`` model (see the module docstring) and the
     sampler ``options``; returns how many it drew. ``load_base()`` -> (task, params, frozen, mesh) of the base model
     on every device. Every process takes part (the batch is split over every device); process 0 writes."""
-    from jax.experimental import multihost_utils
-
     from ldm_jax.imaging import save_png
+    from ldm_jax.training.distributed import barrier
 
     db = from_run_config(config)
     if db is None or not db.prior_preservation:
@@ -215,6 +214,5 @@ def ensure_class_images(config, options, load_base) -> int:
         if jax.process_index() == 0:
             for (_, name), image in zip(chunk, images):
                 save_png(os.path.join(db.class_dir, name), image)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"dreambooth_class_images_{start}")
+        barrier(f"dreambooth_class_images_{start}")
     return missing

@@ -97,7 +97,11 @@ class LatentDiffusionTask:
         lora_cfg = lora.from_run_config(config)
         # LoRA: the run trains adapters on init_from's frozen weights (tasks/adapters.py); None: the params.
         self.adapters = (
-            adapters_lib.LoraAdapters(config, lora_cfg, jax.eval_shape(self._model_params, jax.random.key(0)))
+            adapters_lib.LoraAdapters(
+                config,
+                lora_cfg,
+                jax.eval_shape(lambda r: self._model_params(r, with_frozen_text=True), jax.random.key(0)),
+            )
             if lora_cfg.enabled
             else None
         )
@@ -127,14 +131,15 @@ class LatentDiffusionTask:
         h, w, c = self.latent_shape
         return h, w, c + self.concat_channels
 
-    def _model_params(self, rng: jax.Array):
-        """Every parameter of the model, trained or not ({"unet", "text" when text-conditioned, ...})."""
+    def _model_params(self, rng: jax.Array, with_frozen_text: bool = False):
+        """The model's parameters ({"unet", ...}): those the run trains, and with ``with_frozen_text`` a frozen text
+        encoder's too (the tree LoRA adapters attach to)."""
         unet_rng, params, (context, labels) = self.conditioner.init(rng)
         h, w, c = self.unet_input_shape
         x, t = jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32)
         unet = self.unet.init({"params": unet_rng}, x, t, context, class_labels=labels)["params"]
         text = getattr(self.conditioner, "text_encoder", None)
-        if text is not None and "text" not in params:
+        if with_frozen_text and text is not None and "text" not in params:
             tokens = jnp.zeros((1, self.tokenizer.max_length), jnp.int32)
             params = dict(params, text=text.init({"params": jax.random.fold_in(rng, 1)}, tokens)["params"])
         return {"unet": unet, **params}
@@ -143,10 +148,7 @@ class LatentDiffusionTask:
         """The trained parameters: the model's (without a frozen text encoder), or a LoRA run's adapters."""
         if self.adapters is not None:
             return self.adapters.init(rng)
-        params = self._model_params(rng)
-        return (
-            params if getattr(self.conditioner, "trainable", True) else {k: v for k, v in params.items() if k != "text"}
-        )
+        return self._model_params(rng)
 
     @property
     def trains_from_init(self) -> bool:

@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ldm_jax.training.distributed import barrier
+
 
 ON_CORRUPT = ("fallback", "fail")
 
@@ -54,13 +56,6 @@ def _all_processes_ok(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -113,7 +108,7 @@ class Checkpointer:
         target = f"{self.directory}/{step}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
             os.replace(f"{self.directory}/{step}", target)
-        _barrier(f"checkpoint_move_{step}")
+        barrier(f"checkpoint_move_{step}")
         self.manager.reload()
         return target
 
@@ -242,6 +237,22 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _read_only_latest(workdir: str, handlers: dict) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager of another run's checkpoints (its "meta" item and ``handlers``) and its latest step."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train that run first")
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={**handlers, "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no finished checkpoint in {directory}")
+    return manager, step
+
+
 def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tuple[Any, dict, int]:
     """Parameters of the latest checkpoint of another run: ``(params, meta, step)``.
 
@@ -251,21 +262,8 @@ def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tupl
     """
     if which not in ("ema", "params"):
         raise ValueError(f"which={which!r}: must be 'ema' or 'params'")
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train that run first")
     # The PyTree handler reads StandardSave's files and, unlike the Standard one, restores a subtree.
-    manager = ocp.CheckpointManager(
-        directory,
-        item_handlers={
-            "state": ocp.PyTreeCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-        },
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    )
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}: no finished checkpoint in {directory}")
+    manager, step = _read_only_latest(workdir, {"state": ocp.PyTreeCheckpointHandler()})
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     key = "ema_params" if which == "ema" else "params"
     state_meta = manager.item_metadata(step)["state"]
@@ -289,17 +287,7 @@ def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tupl
 
 def load_trained_meta(workdir: str) -> tuple[dict, int]:
     """(metadata, step) of the latest checkpoint of another run, without reading its arrays."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train that run first")
-    manager = ocp.CheckpointManager(
-        directory,
-        item_handlers={"meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    )
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}: no finished checkpoint in {directory}")
+    manager, step = _read_only_latest(workdir, {})
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     manager.close()
     return meta, step

@@ -230,3 +230,13 @@ def define_flags() -> Callable[[], None]:
             raise app.UsageError(str(e)) from e
 
     return initialize_from_flags
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for in a single-process run)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

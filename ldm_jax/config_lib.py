@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -107,16 +106,15 @@ def run_header(task: str, preset: str) -> ml_collections.ConfigDict:
 
 
 def save_config(config, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    from ldm_jax import storage
+
+    storage.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """Reads a config written by ``save_config`` (e.g. ``<workdir>/config.json``)."""
-    if not os.path.exists(path):
+    from ldm_jax import storage
+
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no config.json; is this a workdir written by ldm_jax.train?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))

@@ -48,7 +48,7 @@ flags.mark_flags_as_required(["src", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax import jax_setup
+    from ldm_jax import jax_setup, storage
     from ldm_jax.interop import stable_diffusion
     from ldm_jax.training.reporting import quiet_library_logs
 
@@ -69,7 +69,7 @@ def main(argv):
     t2 = time.perf_counter()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = dict(
-        out=os.path.abspath(_OUT.value),
+        out=storage.absolute(_OUT.value),
         parameters=record["parameters"],
         ignored_source_keys=len(record["ignored_source_keys"]),
         read_convert_s=round(t1 - t0, 1),

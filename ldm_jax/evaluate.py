@@ -132,17 +132,14 @@ def _write_result(workdir: str, result: dict, name: str, grid) -> None:
 
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)  # never a half-written result
-    save_png(os.path.join(workdir, f"{name}_grid.png"), grid, upscale=3)
+    from ldm_jax import storage
+
+    storage.write_text(storage.join(workdir, f"{name}.json"), json.dumps(result, indent=2))  # whole or not at all
+    save_png(storage.join(workdir, f"{name}_grid.png"), grid, upscale=3)
     if "generated" in result and "dataset_images" in result:  # attribute scores: also as a markdown table
         from ldm_jax.evaluation.generation import markdown_table
 
-        with open(path.removesuffix(".json") + ".md.tmp", "w") as f:
-            f.write(markdown_table(result))
-        os.replace(path.removesuffix(".json") + ".md.tmp", path.removesuffix(".json") + ".md")
+        storage.write_text(storage.join(workdir, f"{name}.md"), markdown_table(result))
     print(json.dumps(result, indent=2))
 
 
@@ -166,8 +163,11 @@ def main(argv):
     if _SAMPLES.value is not None:
         return evaluate_samples()
     workdir = _WORKDIR.value
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    from ldm_jax import storage
+
+    storage.check(workdir, "--workdir")
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         raise app.UsageError(f"--workdir={workdir!r}: no config.json; train that run first")
     config = config_lib.load_config(path)
     inputs = EvalInputs(

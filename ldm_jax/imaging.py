@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import io
 
 import numpy as np
 from PIL import Image
+
+from ldm_jax import storage
 
 
 def to_uint8(images) -> np.ndarray:
@@ -30,20 +32,13 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_val
 
 
 def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
-    """Writes uint8 [H, W, 3] to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Writes uint8 [H, W, 3] to ``path`` (a local path or a ``gs://`` URL) atomically: whole or not at all."""
     img = Image.fromarray(image)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())
 
 
 def load_image(path: str, size: int = 0, what: str = "--init_image") -> np.ndarray:

@@ -42,7 +42,7 @@ import os
 
 from absl import app, flags, logging
 
-from ldm_jax import jax_setup, user_errors
+from ldm_jax import jax_setup, storage, user_errors
 from ldm_jax.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A latent diffusion training (or converted) workdir.")
@@ -143,7 +143,9 @@ def main(argv):
     if _IMAGE_SIZE.value < 0:
         raise app.UsageError(f"--image_size={_IMAGE_SIZE.value}: must be > 0, or 0 for the run's data.image_size")
     # Everything the flags ask is checked against the run's config before any weights load.
-    config_path = os.path.join(_WORKDIR.value, "config.json")
+    storage.check(_WORKDIR.value, "--workdir")
+    storage.check(_OUTDIR.value, "--outdir")
+    config_path = storage.join(_WORKDIR.value, "config.json")
     try:
         run_config = config_lib.load_config(config_path)
         prompts = job_prompts(_PROMPT.value, _PROMPTS_FILE.value, _CAPTION_COLUMN.value, _ID_COLUMN.value)
@@ -187,8 +189,7 @@ def main(argv):
     for i, describe in enumerate(request.describe):
         extra = prompts[i].extra if ids else {}
         sources.append(dict(id=ids[i] if ids else str(i), **describe, **extra))
-    with open(config_path, "rb") as f:
-        config_digest = hashlib.sha256(f.read()).hexdigest()
+    config_digest = hashlib.sha256(storage.read_bytes(config_path)).hexdigest()
     from ldm_jax.models.lora import parse_lora_flag
 
     lora_files = [parse_lora_flag(v) for v in _LORA.value]
@@ -240,7 +241,7 @@ def main(argv):
     spec.settings["checkpoint_step"] = step
     if not spec.outdir:
         # A folder per job under the run: rerunning a command resumes its job, another command starts its own.
-        spec = dataclasses.replace(spec, outdir=os.path.join(_WORKDIR.value, "samples", digest(spec.identity())[:12]))
+        spec = dataclasses.replace(spec, outdir=storage.join(_WORKDIR.value, "samples", digest(spec.identity())[:12]))
 
     def generate(indices):
         src = [i // per for i in indices]

@@ -10,7 +10,8 @@ Each process starts the JAX distributed system exactly as ``python -m ldm_jax.tr
 several cases pays the interpreter, JAX and distributed start-up once instead of once per case.
 
 The spec: ``{"cases": [{"name", "config": "<module>:<preset>" or a config.json path, "set": {"dotted.field":
-value}, "workdir", "stops": [int, ...]}], "timings": "<path or empty>"}``; process 0 writes per-case wall times to
+value}, "workdir", "stops": [int, ...], "damage_before_stop": int (optional: the newest checkpoint is damaged before
+the invocation that trains to that stop)}], "timings": "<path or empty>"}``; process 0 writes per-case wall times to
 ``timings``.
 """
 
@@ -47,6 +48,23 @@ def build_config(name: str, overrides: dict):
     return config
 
 
+def _damage_newest(workdir: str) -> None:
+    """Process 0 damages the newest checkpoint of ``workdir`` (as a bad write would); every process waits for it."""
+    import os
+
+    import jax
+    from damage import damage_checkpoint
+
+    from ldm_jax.training.distributed import barrier
+
+    if jax.process_index() == 0:
+        folder = os.path.join(workdir, "checkpoints")
+        newest = max((n for n in os.listdir(folder) if n.isdigit()), key=int)
+        damage_checkpoint(os.path.join(folder, newest))
+        logging.info("damaged checkpoint %s of %s", newest, workdir)
+    barrier("matrix_damage")
+
+
 def main(argv):
     del argv
     import jax
@@ -65,6 +83,8 @@ def main(argv):
     for case in spec["cases"]:
         t0 = time.perf_counter()
         for stop in case["stops"]:
+            if case.get("damage_before_stop") == stop:
+                _damage_newest(case["workdir"])
             config = build_config(case["config"], case["set"])
             config.train.num_steps = stop
             train_and_evaluate(config, case["workdir"])

@@ -9,6 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from damage import damage_checkpoint
 
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training.loop import train_and_evaluate
@@ -24,21 +25,6 @@ def _config(data_dir, num_steps):
     c.train.update(num_steps=num_steps, log_every=2, checkpoint_every=2, keep_checkpoints=2, keep_every=4)
     c.train.async_checkpointing = False
     return c
-
-
-def _damage(step_dir: str) -> str:
-    """Damages the largest array file of a checkpoint's state as a bad write would: its first bytes flipped and its
-    second half lost. (Bits flipped only inside an array's stored bytes can go unnoticed: tensorstore keeps
-    incompressible float chunks as raw zstd blocks, which carry no checksum.)"""
-    files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(step_dir, "state")) for n in names]
-    target = max(files, key=os.path.getsize)
-    size = os.path.getsize(target)
-    with open(target, "r+b") as f:
-        head = bytearray(f.read(64))
-        f.seek(0)
-        f.write(bytes(b ^ 0xFF for b in head))
-        f.truncate(size // 2)
-    return target
 
 
 def _params(workdir):
@@ -62,7 +48,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(eight_steps, d
     work, on_purpose = str(tmp_path / "damaged"), str(tmp_path / "on_purpose")
     shutil.copytree(eight_steps, work)
     shutil.copytree(eight_steps, on_purpose)
-    _damage(os.path.join(work, "checkpoints", "8"))
+    damage_checkpoint(os.path.join(work, "checkpoints", "8"))
 
     # "fail": stops naming the step, moves nothing.
     c = _config(data_dir, 10)

@@ -2,7 +2,8 @@
 against 1 process x 4 devices, with previews and in-training evaluation on, and the two-process runs stopped at
 step 2 and resumed from their checkpoint to step 4.
 
-Covered: the KL autoencoder, the VQ autoencoder with its discriminator (switched on at step 2, after the resume),
+Covered: the KL autoencoder, the VQ autoencoder with its discriminator (switched on at step 2, after the resume,
+which falls back past a damaged checkpoint on both processes),
 txt2img, class_cond, unconditional, inpainting (from txt2img weights, with FSDP), superres (all on one shared tiny
 first stage), DreamBooth with LoRA adapters (from the txt2img run), and fine-tuning a converted diffusers pipeline (``init_from`` the import, text encoder frozen). For
 each: the same loss and metric trajectory (evaluation metrics included), the same final parameters (to the tolerance
@@ -39,6 +40,7 @@ COMMON = {
 # and fine-tuning an imported pipeline with its text encoder frozen (frozen weights from init_from; single-process in
 # CI through tests/test_latent_cache.py): `pytest -m slow tests/test_multihost_tasks.py` runs them.
 CI_CASES = ["ae_vq_gan", "txt2img", "inpainting", "dreambooth_lora"]
+DAMAGED_CASE = "ae_vq_gan"  # its two-process run resumes past a damaged checkpoint
 SLOW_CASES = ["ae_kl", "class_cond", "unconditional", "superres", "finetune_imported"]
 
 
@@ -72,7 +74,9 @@ def _cases(names, root, data_dir, first_stage_workdir, txt2img_workdir=None, con
     }
     specs = {
         "ae_kl": ("autoencoder_kl:tiny", {"disc.enabled": False}),
-        "ae_vq_gan": ("autoencoder_vq:tiny", {"disc.start": 2}),
+        # Checkpoints at every step: the two-process run's newest one (2) is damaged before it resumes, so it falls
+        # back to 1 (both processes agreeing) and must still end as the uninterrupted run does.
+        "ae_vq_gan": ("autoencoder_vq:tiny", {"disc.start": 2, "train.checkpoint_every": 1}),
         "txt2img": ("txt2img:tiny", {**ldm, **periodic_eval}),
         "class_cond": ("class_cond:tiny", ldm),
         "unconditional": ("unconditional:tiny", ldm),
@@ -131,6 +135,8 @@ def _run_matrix(names, root, *workdirs):
         cases = _cases(names, str(root / layout), *workdirs)
         for c in cases:
             c["stops"] = [2, 4] if layout == "two" else [4]
+            if layout == "two" and c["name"] == DAMAGED_CASE:
+                c["damage_before_stop"] = 4
         layouts[layout] = {"cases": cases, "timings": str(root / f"timings_{layout}.json")}
         with open(root / f"spec_{layout}.json", "w") as f:
             json.dump(layouts[layout], f)
@@ -203,6 +209,12 @@ def test_two_processes_train_like_one_slow(slow_matrix, case):
 def _check_same_training(two: str, one: str, case: str) -> None:
     m2, m1 = _metrics(two), _metrics(one)
     assert sorted(m2) == sorted(m1) == [1, 2, 3, 4]
+    if case == DAMAGED_CASE:
+        # Both processes fell back from the damaged step 2 to step 1 (reported in the metrics, at the step resumed
+        # from) and kept the damaged checkpoint aside; steps 2-4 were trained again (their rows replaced).
+        fallback = {k: m2[1].pop(k) for k in list(m2[1]) if k.startswith("checkpoint/")}
+        assert fallback["checkpoint/fallback_from_step"] == 2 and fallback["checkpoint/corrupt_moved_aside"] == 1
+        assert [n for n in os.listdir(os.path.join(two, "checkpoints")) if n.startswith("2.corrupt-")]
     if case == "txt2img":
         # eval.every=4: the uninterrupted run evaluates at step 4 only; the two-process run also at step 2, where
         # its first invocation ends (a run evaluates at its last step too), with nothing to compare it with.

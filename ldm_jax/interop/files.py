@@ -13,26 +13,26 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.interop.weight_files import SAFETENSORS_SUFFIX, WeightFileNotFound, read_state_dict
 
 
 def write_safetensors(path: str, state_dict: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
     """Writes atomically: a crash leaves either the old file or none, never a truncated one."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save, save_file
 
+    tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    if storage.is_url(path):  # one upload of the whole file
+        storage.write_bytes(path, save(tensors, metadata=metadata))
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp, metadata=metadata)
+    save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import ml_collections
 
-from ldm_jax import config_lib
+from ldm_jax import config_lib, storage
 from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.diffusion.samplers import SamplerOptions
 from ldm_jax.interop import diffusers_config
@@ -393,20 +394,22 @@ def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = Fals
     """Writes ``out`` (txt2img or inpainting) and ``out/first_stage`` atomically (a temporary folder renamed at the
     end)."""
     check_compatible(pipe)
-    out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out):
-        if not overwrite:
-            raise FileExistsError(f"--out={out}: exists and is not empty; choose a new folder or pass --overwrite")
+    storage.check(out, "--out")
+    out = storage.absolute(out)
+    if storage.listdir(out) and not overwrite:
+        raise FileExistsError(f"--out={out}: exists and is not empty; choose a new folder or pass --overwrite")
+    # Written beside ``out`` and renamed when complete (in a bucket the rename copies: the checkpoints Orbax wrote
+    # there carry their own commit markers).
     tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.rmtree(tmp)
     f = 2 ** (len(pipe.first_stage["block_out_channels"]) - 1)
     image_size = pipe.unet["sample_size"] * f
     fs_cfg = first_stage_config(pipe.first_stage, image_size)
-    config_lib.save_config(fs_cfg, os.path.join(tmp, "first_stage", "config.json"))
+    config_lib.save_config(fs_cfg, storage.join(tmp, "first_stage", "config.json"))
     scale = float(pipe.first_stage["scaling_factor"])
-    _save_weights(os.path.join(tmp, "first_stage"), pipe.params["first_stage"], {"source": source})
-    cfg = workdir_config(pipe, os.path.join(out, "first_stage"))
-    config_lib.save_config(cfg, os.path.join(tmp, "config.json"))
+    _save_weights(storage.join(tmp, "first_stage"), pipe.params["first_stage"], {"source": source})
+    cfg = workdir_config(pipe, storage.join(out, "first_stage"))
+    config_lib.save_config(cfg, storage.join(tmp, "config.json"))
     _save_weights(
         tmp, {"unet": pipe.params["unet"], "text": pipe.params["text"]}, {"latent_scale": scale, "source": source}
     )
@@ -417,10 +420,8 @@ def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = Fals
         "parameters": {k: int(sum(np.size(x) for x in jax.tree.leaves(v))) for k, v in pipe.params.items()},
         "ignored_source_keys": sorted(pipe.ignored),
     }
-    wfiles.write_json(os.path.join(tmp, "conversion.json"), record)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    wfiles.write_json(storage.join(tmp, "conversion.json"), record)
+    storage.replace_folder(tmp, out)
     return record
 
 
@@ -445,13 +446,14 @@ def export_lora(workdir: str, out: str, weights: str = "ema", overwrite: bool = 
     ``StableDiffusionPipeline.load_lora_weights`` reads (the run's alpha / rank folded into lora_B)."""
     from ldm_jax.training.checkpoint import load_trained_params
 
-    cfg = config_lib.load_config(os.path.join(workdir, "config.json"))
+    cfg = config_lib.load_config(storage.join(workdir, "config.json"))
     lora_cfg = lora.from_run_config(cfg)
     if not lora_cfg.enabled:
         raise ValueError(f"--workdir={workdir}: not a LoRA run (lora.rank=0); export it whole without --lora_only")
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out={out}: --lora_only writes one file; name it *.safetensors")
-    if os.path.exists(out) and not overwrite:
+    storage.check(out, "--out")
+    if storage.exists(out) and not overwrite:
         raise FileExistsError(f"--out={out}: exists; choose another name or pass --overwrite")
     adapters, meta, step = load_trained_params(workdir, weights)
     state_dict = lora.adapter_state_dict(jax.device_get(adapters), lora_cfg.scale)
@@ -467,7 +469,7 @@ def export_lora(workdir: str, out: str, weights: str = "ema", overwrite: bool = 
         "workdir": workdir,
         "step": step,
         "weights": weights,
-        "out": os.path.abspath(out),
+        "out": storage.absolute(out),
         "rank": lora_cfg.rank,
         "modules": len(state_dict) // 2,
         "parameters": int(sum(v.size for v in state_dict.values())),
@@ -479,17 +481,18 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     StableDiffusionInpaintPipeline folder."""
     from ldm_jax.training.checkpoint import load_trained_params
 
-    cfg = config_lib.load_config(os.path.join(workdir, "config.json"))
+    cfg = config_lib.load_config(storage.join(workdir, "config.json"))
     if cfg.task not in EXPORTABLE_TASKS:
         raise ValueError(f"--workdir={workdir}: holds a {cfg.task!r} run; export needs a txt2img or inpainting run")
-    fs_cfg = config_lib.load_config(os.path.join(cfg.first_stage.workdir, "config.json"))
+    fs_cfg = config_lib.load_config(storage.join(cfg.first_stage.workdir, "config.json"))
     fs_fields = fs_cfg.model.to_dict()
     # The exported pipeline's scheduler is the run's sampler, with every setting spelled out.
     sample = SamplerOptions.from_config(cfg.sample, cfg.diffusion.prediction_type).to_config()
     if fs_fields["kind"] != "kl":
         raise ValueError("StableDiffusionPipeline needs a KL first stage (AutoencoderKL); this run's is VQ")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out) and not overwrite:
+    storage.check(out, "--out")
+    out = storage.absolute(out)
+    if storage.listdir(out) and not overwrite:
         raise FileExistsError(f"--out={out}: exists and is not empty; choose a new folder or pass --overwrite")
     params, meta, step = load_trained_params(workdir, weights)
     fs_params, _, _ = load_trained_params(cfg.first_stage.workdir, cfg.first_stage.weights)
@@ -513,7 +516,9 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
         keep = te["layers"] + 1 + te["output_layer"]
         text_params = {k: v for k, v in text_params.items() if not (k.startswith("layers_") and int(k[7:]) >= keep)}
     tokenizer = CLIPTokenizer(te["max_length"], te["pad_token"])
-    tmp = f"{out}.tmp-{os.getpid()}"
+    # Written into a local folder first (renamed into place when complete; uploaded to a bucket file by file,
+    # model_index.json last, which diffusers reads first).
+    tmp = tempfile.mkdtemp(prefix="ldm_jax_export-") if storage.is_url(out) else f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     j = lambda *p: os.path.join(tmp, *p)  # noqa: E731
     wfiles.write_json(
@@ -552,7 +557,10 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
             "vae": ["diffusers", "AutoencoderKL"],
         },
     )
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if storage.is_url(out):
+        storage.rmtree(out)
+        storage.upload_tree(tmp, out, last=("model_index.json",))
+        shutil.rmtree(tmp)
+    else:
+        storage.replace_folder(tmp, out)
     return {"workdir": workdir, "step": step, "weights": weights, "out": out, "latent_scale": scale}

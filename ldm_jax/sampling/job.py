@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ldm_jax import storage
 from ldm_jax.imaging import make_grid, save_png, to_uint8
 from ldm_jax.sampling import outputs
 from ldm_jax.training import transfer
@@ -118,35 +118,34 @@ def open_job(spec: JobSpec) -> None:
     """Creates the job folder and its ``job.json``, or checks a folder made before; removes what a killed run left
     half-written. Raises ValueError naming every setting that differs from the folder's job, or for a folder that
     holds other files and no job."""
-    path = os.path.join(spec.outdir, JOB_FILE)
+    path = storage.join(spec.outdir, JOB_FILE)
     identity = json.loads(json.dumps(spec.identity()))  # as it reads back (tuples become lists)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+    if storage.exists(path):
+        old = json.loads(storage.read_text(path))
         diff = _differences(old, identity)
         if diff:
             raise ValueError(
                 f"--outdir={spec.outdir!r} holds a sampling job with other settings ({'; '.join(diff)}); its images "
                 "would not be one job's. Use another --outdir, or the folder's settings to finish that job"
             )
-    elif os.path.isdir(spec.outdir):
+    else:
         ours = (outputs.SHARDS, outputs.PARTS, "manifest.jsonl", "grid.png", SUMMARY_FILE)
-        other = [n for n in os.listdir(spec.outdir) if n not in ours and not outputs.is_temporary(n)]
+        other = [n for n in storage.listdir(spec.outdir) if n not in ours and not outputs.is_temporary(n)]
         if other:
             raise ValueError(
                 f"--outdir={spec.outdir!r} holds files and no {JOB_FILE} (e.g. {sorted(other)[:3]}): not a sampling "
                 "job's folder; use a new or empty folder"
             )
     if jax.process_index() == 0:
-        os.makedirs(spec.outdir, exist_ok=True)
+        storage.makedirs(spec.outdir)
         removed = outputs.remove_temporaries(spec.outdir)
         if removed:
             logging.info("removed %d unfinished file(s) of an interrupted run in %s", removed, spec.outdir)
-        if not os.path.exists(path):
+        if not storage.exists(path):
             outputs.write_json(path, identity)
     # Nobody writes before process 0 has cleaned up (on a shared filesystem its removal could hit their files).
     barrier("sampling job opened")
-    os.makedirs(spec.outdir, exist_ok=True)
+    storage.makedirs(spec.outdir)
 
 
 def done_outputs(spec: JobSpec) -> np.ndarray:
@@ -218,7 +217,7 @@ def run_job(spec: JobSpec, generate: Callable[[list[int]], Any], batch_size: int
     where = done_outputs(spec)
     missing = int(np.sum(where < 0))
     summary = dict(
-        outdir=os.path.abspath(spec.outdir),
+        outdir=storage.absolute(spec.outdir),
         num_images=spec.num_images,
         done_before=done_before,
         made_this_run=len(todo),
@@ -255,11 +254,11 @@ def run_job(spec: JobSpec, generate: Callable[[list[int]], Any], batch_size: int
             grid = np.stack([found[i] for i in range(spec.num_images)])
             ncol = spec.per_source if spec.per_source > 1 else None
             save_png(
-                os.path.join(spec.outdir, "grid.png"),
+                storage.join(spec.outdir, "grid.png"),
                 make_grid(grid, ncol=ncol),
                 upscale=4 if grid.shape[1] <= 64 else 1,
             )
-        outputs.write_json(os.path.join(spec.outdir, SUMMARY_FILE), summary)
+        outputs.write_json(storage.join(spec.outdir, SUMMARY_FILE), summary)
         logging.info(
             "sampling job %s: %d images made in %s (%s images/s), %d done before, %d missing",
             spec.outdir, len(todo), _duration(seconds), summary["images_per_second"], done_before, missing,

@@ -22,10 +22,12 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 
 import numpy as np
 from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.imaging import save_png
 
 FORMATS = ("png", "webdataset")
@@ -56,12 +58,11 @@ def is_temporary(name: str) -> bool:
 def remove_temporaries(outdir: str) -> int:
     """Removes what a killed job left half-written; returns how many."""
     n = 0
-    for folder in (outdir, os.path.join(outdir, SHARDS)):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if is_temporary(name):
-                    os.unlink(os.path.join(folder, name))
-                    n += 1
+    for folder in (outdir, storage.join(outdir, SHARDS)):
+        for name in storage.listdir(folder):
+            if is_temporary(name):
+                storage.remove(storage.join(folder, name))
+                n += 1
     return n
 
 
@@ -70,20 +71,17 @@ def find_done(outdir: str, output_format: str, num_images: int) -> np.ndarray:
     index of the shard that holds it (webdataset). Files of indices past ``num_images`` are not this job's."""
     where = np.full(num_images, -1, np.int64)
     if output_format == "png":
-        if os.path.isdir(outdir):
-            for name in os.listdir(outdir):
-                m = _PNG.match(name)
-                if m and int(m.group(1)) < num_images:
-                    where[int(m.group(1))] = 0
+        for name in storage.listdir(outdir):
+            m = _PNG.match(name)
+            if m and int(m.group(1)) < num_images:
+                where[int(m.group(1))] = 0
         return where
-    folder = os.path.join(outdir, SHARDS)
-    if not os.path.isdir(folder):
-        return where
-    for name in sorted(os.listdir(folder)):
+    folder = storage.join(outdir, SHARDS)
+    for name in storage.listdir(folder):
         m = _SHARD.match(name)
         if not m:
             continue
-        with tarfile.open(os.path.join(folder, name)) as tar:
+        with storage.open_read(storage.join(folder, name)) as f, tarfile.open(fileobj=f) as tar:
             for member in tar:  # headers only: tarfile seeks past the data of a file on disk
                 k = _MEMBER.match(member.name)
                 if k and int(k.group(1)) < num_images:
@@ -96,17 +94,17 @@ def read_images(outdir: str, output_format: str, indices) -> dict[int, np.ndarra
     wanted = set(int(i) for i in indices)
     out = {}
     if output_format == "png":
+        names = set(storage.listdir(outdir))
         for i in wanted:
-            path = os.path.join(outdir, png_name(i))
-            if os.path.exists(path):
-                with Image.open(path) as im:
+            if png_name(i) in names:
+                with Image.open(io.BytesIO(storage.read_bytes(storage.join(outdir, png_name(i))))) as im:
                     out[i] = np.asarray(im.convert("RGB"))
         return out
-    folder = os.path.join(outdir, SHARDS)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    folder = storage.join(outdir, SHARDS)
+    for name in storage.listdir(folder):
         if not _SHARD.match(name):
             continue
-        with tarfile.open(os.path.join(folder, name)) as tar:
+        with storage.open_read(storage.join(folder, name)) as f, tarfile.open(fileobj=f) as tar:
             for member in tar:
                 k = _MEMBER.match(member.name)
                 if k and int(k.group(1)) in wanted:
@@ -122,30 +120,18 @@ def _encode_png(image: np.ndarray) -> bytes:
 
 
 class ManifestPart:
-    """One process's append-only record of the entries it wrote, ``manifest.parts/p<process>.jsonl``. A line cut
-    short by a kill is removed when the part is opened again, so appends never merge into it."""
+    """One process's append-only record of the entries it wrote, ``manifest.parts/p<process>.jsonl``, synced after
+    each batch. A line cut short by a kill is removed when the part is opened again (``storage.AppendLog``)."""
 
     def __init__(self, outdir: str, process_index: int):
-        folder = os.path.join(outdir, PARTS)
-        os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, f"p{process_index:05d}.jsonl")
-        if os.path.exists(self.path):
-            with open(self.path, "rb+") as f:
-                data = f.read()
-                end = data.rfind(b"\n") + 1
-                if end != len(data):
-                    f.truncate(end)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self.path = storage.join(outdir, PARTS, f"p{process_index:05d}.jsonl")
+        self._log = storage.AppendLog(self.path, sync=True)
 
     def append(self, entries: list[dict]) -> None:
-        if not entries:
-            return
-        self._file.write("".join(json.dumps(e) + "\n" for e in entries))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._log.write(json.dumps(e) + "\n" for e in entries)
 
     def close(self) -> None:
-        self._file.close()
+        self._log.close()
 
 
 class PngWriter:
@@ -157,7 +143,7 @@ class PngWriter:
         self._pending: list[dict] = []
 
     def add(self, index: int, image: np.ndarray, entry: dict) -> None:
-        save_png(os.path.join(self.outdir, png_name(index)), image)
+        save_png(storage.join(self.outdir, png_name(index)), image)
         self._pending.append(dict(entry, file=png_name(index)))
 
     def commit(self) -> None:
@@ -174,8 +160,8 @@ class ShardWriter:
     """WebDataset tar shards of up to ``shard_size`` images, each renamed into place only when complete."""
 
     def __init__(self, outdir: str, process_index: int, shard_size: int):
-        self.folder = os.path.join(outdir, SHARDS)
-        os.makedirs(self.folder, exist_ok=True)
+        self.folder = storage.join(outdir, SHARDS)
+        storage.makedirs(self.folder)
         self.process_index = process_index
         self.shard_size = shard_size
         self.part = ManifestPart(outdir, process_index)
@@ -186,7 +172,12 @@ class ShardWriter:
     def add(self, index: int, image: np.ndarray, entry: dict) -> None:
         if self._tar is None:
             self._name = shard_name(index)
-            self._tmp = os.path.join(self.folder, f"{self._name}.tmp-p{self.process_index:05d}")
+            tmp_name = f"{self._name}.tmp-p{self.process_index:05d}"
+            if storage.is_url(self.folder):  # built in a local temporary file, uploaded whole when complete
+                fd, self._tmp = tempfile.mkstemp(prefix=f"{tmp_name}-")
+                os.close(fd)
+            else:
+                self._tmp = os.path.join(self.folder, tmp_name)
             self._tar = tarfile.open(self._tmp, "w")
         key = key_of(index)
         entry = dict(entry, shard=f"{SHARDS}/{self._name}", key=key)
@@ -204,9 +195,15 @@ class ShardWriter:
 
     def _finish_shard(self) -> None:
         self._tar.close()
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self._tmp, os.path.join(self.folder, self._name))
+        final = storage.join(self.folder, self._name)
+        if storage.is_url(final):
+            with open(self._tmp, "rb") as f:
+                storage.write_bytes(final, f.read())
+            os.unlink(self._tmp)
+        else:
+            with open(self._tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self._tmp, final)
         self._tar = None
         self._done_entries += self._open_entries
         self._open_entries = []
@@ -230,14 +227,8 @@ def make_writer(output_format: str, outdir: str, process_index: int, shard_size:
 
 def write_manifest(outdir: str, entries: list[dict]) -> None:
     """``manifest.jsonl`` (atomically): one JSON entry per line."""
-    path = os.path.join(outdir, "manifest.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(e) + "\n" for e in entries))
-    os.replace(path + ".tmp", path)
+    storage.write_text(storage.join(outdir, "manifest.jsonl"), "".join(json.dumps(e) + "\n" for e in entries))
 
 
 def write_json(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, json.dumps(value, indent=2) + "\n")

@@ -10,14 +10,13 @@ step); a run whose base has moved on since is refused rather than silently paire
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from ldm_jax import config_lib
+from ldm_jax import config_lib, storage
 from ldm_jax.models import lora
 from ldm_jax.training import checkpoint, transfer
 
@@ -54,7 +53,7 @@ class LoraAdapters:
 
     def setup(self, frozen: dict, meta: dict) -> dict:
         """Puts the base UNet into ``frozen["lora_base"]``; returns the metadata that points at it."""
-        source = os.path.abspath(self.config.init_from)
+        source = storage.absolute(self.config.init_from)
         params, _, step = checkpoint.load_trained_params(source, "ema")
         recorded = meta.get("lora_base")
         if recorded and int(recorded["step"]) != step:

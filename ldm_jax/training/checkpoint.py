@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ldm_jax import storage
 from ldm_jax.training.distributed import barrier
 
 
@@ -60,7 +61,7 @@ def _all_processes_ok(ok: bool) -> bool:
 
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int, async_save: bool = True, keep_every: int = 0):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = storage.join(storage.absolute(workdir), "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
@@ -107,7 +108,7 @@ class Checkpointer:
         """Renames ``<step>`` to ``<step>.<why>-<time>`` (process 0), never deleting it; every process waits."""
         target = f"{self.directory}/{step}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
-            os.replace(f"{self.directory}/{step}", target)
+            storage.rename(f"{self.directory}/{step}", target)
         barrier(f"checkpoint_move_{step}")
         self.manager.reload()
         return target
@@ -239,8 +240,8 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 def _read_only_latest(workdir: str, handlers: dict) -> tuple[ocp.CheckpointManager, int]:
     """A read-only manager of another run's checkpoints (its "meta" item and ``handlers``) and its latest step."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = storage.join(storage.absolute(workdir), "checkpoints")
+    if not storage.isdir(directory):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train that run first")
     manager = ocp.CheckpointManager(
         directory,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import time
 
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ldm_jax import config_lib
+from ldm_jax import config_lib, storage
 from ldm_jax.data import pipeline, preprocess
 from ldm_jax.imaging import save_png
 from ldm_jax.tasks import build_task, validate_config
@@ -80,9 +79,7 @@ class _DataOrderLog:
     def __init__(self, workdir: str, enabled: bool):
         self._file = None
         if enabled:
-            os.makedirs(os.path.join(workdir, "data_order"), exist_ok=True)
-            path = os.path.join(workdir, "data_order", f"process_{jax.process_index()}.jsonl")
-            self._file = open(path, "a")
+            self._file = storage.AppendLog(storage.join(workdir, "data_order", f"process_{jax.process_index()}.jsonl"))
 
     def record(self, step: int, local_batch: dict) -> None:
         if self._file is not None:
@@ -91,7 +88,6 @@ class _DataOrderLog:
                 h.update(k.encode())
                 h.update(np.ascontiguousarray(local_batch[k]).tobytes())
             self._file.write(json.dumps({"step": step, "sha1": h.hexdigest()}) + "\n")
-            self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
@@ -145,6 +141,10 @@ def _match_init_params(src, target, source_name: str):
 
 def train_and_evaluate(config, workdir: str):
     """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one."""
+    storage.check(workdir, "--workdir")
+    storage.check(config.init_from, "init_from")
+    if "first_stage" in config:
+        storage.check(config.first_stage.workdir, "first_stage.workdir")
     dreambooth.resolve(config)  # a DreamBooth run: its previews' prompts, the architecture of the model it tunes
     validate_config(config)
     train_cfg = config.train
@@ -227,7 +227,7 @@ def train_and_evaluate(config, workdir: str):
 
     meta_out = {"task": config.task, **task_meta}
     if jax.process_index() == 0:
-        config_lib.save_config(config, os.path.join(workdir, "config.json"))
+        config_lib.save_config(config, storage.join(workdir, "config.json"))
     writer = MetricWriter(workdir)
     if restore_report and (restore_report["corrupt"] or restore_report["unused"]):
         # In the run's metrics too: a fallback a week into a run must not pass unnoticed.
@@ -262,7 +262,7 @@ def train_and_evaluate(config, workdir: str):
                 for name, img in images.items():
                     writer.image(step, f"preview/{name}", img)
                     if jax.process_index() == 0:
-                        save_png(os.path.join(workdir, "previews", f"{name}_{step:07d}.png"), img, upscale=2)
+                        save_png(storage.join(workdir, "previews", f"{name}_{step:07d}.png"), img, upscale=2)
                 if eval_metrics:
                     logging.info("step %d eval: %s", step, eval_metrics)
             if task.eval_every and (step % task.eval_every == 0 or step == train_cfg.num_steps):

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from ldm_jax import storage
+
 
 class MetricWriter:
     def __init__(self, logdir: str):
@@ -23,8 +25,9 @@ class MetricWriter:
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir=os.path.join(logdir, "tensorboard"), flush_secs=30)
-            self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+            # tensorboardX writes gs:// event files itself (google-cloud-storage, whole-file uploads on flush).
+            self._writer = SummaryWriter(logdir=storage.join(logdir, "tensorboard"), flush_secs=30)
+            self._jsonl = storage.AppendLog(storage.join(logdir, "metrics.jsonl"))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is not None and values:
@@ -33,7 +36,6 @@ class MetricWriter:
             # NaN / inf as strings: JSON has no literal for them, and a skipped step's loss may be one.
             row = {k: (float(v) if np.isfinite(v) else str(float(v))) for k, v in values.items()}
             self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
-            self._jsonl.flush()
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         """``image``: uint8 [H, W, 3]."""

@@ -4,6 +4,7 @@ config is named, not restored, and retention keeps the last N plus every K-th st
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -77,6 +78,61 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(eight_steps, d
     assert s1 == s2 == 10
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bytes_flipped_inside_an_array_are_caught_by_the_checksums(eight_steps, data_dir, tmp_path):
+    """Bit rot inside an array's stored bytes (tensorstore keeps incompressible float chunks as raw zstd blocks,
+    without a checksum) restores without any error from Orbax; the per-leaf checksums saved with the checkpoint
+    catch it, naming the leaf, and the run treats the checkpoint as damaged."""
+    from ldm_jax.training import checksums
+
+    work = str(tmp_path / "bitrot")
+    shutil.copytree(eight_steps, work)
+    state_dir = os.path.join(work, "checkpoints", "8", "state")
+    target = max((os.path.join(d, n) for d, _, names in os.walk(state_dir) for n in names), key=os.path.getsize)
+    ckpt = ckpt_lib.Checkpointer(work, 3)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ckpt.manager.item_metadata(8)["state"]
+    )
+    size = os.path.getsize(target)
+
+    def flip(at: int) -> None:
+        with open(target, "r+b") as f:  # four bytes, one bit each
+            f.seek(at)
+            data = f.read(4)
+            f.seek(at)
+            f.write(bytes(b ^ 0x10 for b in data))
+
+    # A flip that lands in a compressed chunk's framing fails to decode (the case the other test covers); one that
+    # lands in a raw block restores without any error. Find such a spot, as bit rot would.
+    for at in [size * k // 16 for k in (8, 4, 12, 2, 6, 10, 14, 1, 3, 5, 7, 9, 11, 13, 15)]:
+        flip(at)
+        try:
+            state, meta = ckpt.restore(8, abstract)  # no error from the storage layer...
+        except Exception:
+            flip(at)  # undo
+            continue
+        mismatch = checksums.first_mismatch(state, meta[ckpt_lib.CHECKSUMS])  # ...but the checksums see it
+        if mismatch:
+            break
+        flip(at)  # bytes that hold no array value (unchanged arrays): undo
+    else:
+        pytest.fail("no flip restored silently with changed values: nothing for the checksums to catch")
+    ckpt.close()
+    assert "checksum" in mismatch, mismatch
+    intact = ckpt_lib.Checkpointer(eight_steps, 3)
+    assert intact.restore_meta(8)[ckpt_lib.CHECKSUMS] == meta[ckpt_lib.CHECKSUMS]
+    intact.close()
+
+    c = _config(data_dir, 10)
+    c.train.on_corrupt_checkpoint = "fail"
+    leaf = mismatch.split(":")[0]
+    with pytest.raises(
+        ckpt_lib.CheckpointUnreadable,
+        match=r"checkpoints/8 does not restore \(its arrays differ from what was saved: " + re.escape(leaf),
+    ):
+        train_and_evaluate(c, work)
 
 
 def test_checkpoint_of_another_model_is_named_not_restored(eight_steps, data_dir, tmp_path):

@@ -20,10 +20,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ldm_jax import storage
+from ldm_jax.training import checksums
 from ldm_jax.training.distributed import barrier
 
 
 ON_CORRUPT = ("fallback", "fail")
+CHECKSUMS = "checksums"  # the meta key of the state's per-leaf checksums
 
 
 class CheckpointTreeMismatch(ValueError):
@@ -137,6 +139,7 @@ class Checkpointer:
         else:
             candidates = steps[::-1]
         for step in candidates:
+            state = meta = None
             try:
                 self.check_tree(step, abstract_state)
                 state, meta = self.restore(step, abstract_state)
@@ -145,7 +148,14 @@ class Checkpointer:
                 raise
             except Exception as e:  # orbax/tensorstore raise many types for damaged files; the reason is reported
                 ok, why = False, _first_line(e)
-            if _all_processes_ok(ok):
+            ok = _all_processes_ok(ok)
+            if ok and CHECKSUMS in meta:
+                # Bytes flipped inside an array's data can restore without an error: the saved checksums catch
+                # them (computed over the global arrays, so every process reaches the same verdict).
+                mismatch = checksums.first_mismatch(state, meta[CHECKSUMS])
+                if mismatch:
+                    ok, why = False, f"its arrays differ from what was saved: {mismatch}"
+            if ok:
                 for newer in [s for s in self.all_steps() if s > step]:
                     report["unused"].append(self._move_aside(newer, "unused"))
                     logging.warning(
@@ -172,11 +182,14 @@ class Checkpointer:
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
-    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, meta: dict, force: bool = False, checksum: bool = True) -> bool:
         """Starts saving ``step`` (asynchronously unless the run turned it off). A save that fails (disk full,
         permissions), now or while an earlier asynchronous one finishes, raises ``CheckpointSaveFailed`` naming the
         folder; Orbax writes into a temporary folder and renames it when complete, so the checkpoints before it
-        stay intact."""
+        stay intact. ``checksum``: the state's per-leaf checksums go into the meta (``training/checksums.py``; a
+        collective over the global arrays), for ``restore_latest`` to check."""
+        if checksum:
+            meta = {**meta, CHECKSUMS: checksums.of_tree(state)}
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)

@@ -276,7 +276,8 @@ def train_and_evaluate(config, workdir: str):
                 if step % train_cfg.log_every and step != train_cfg.num_steps:
                     _check_nonfinite(state, train_cfg.max_nonfinite_streak, step)
                 # Every batch fetched so far trained (the next is fetched at the next step): exact counts.
-                ckpt.save(step, state, {**meta_out, "bad_records": bad_records.totals().tolist()}, force=True)
+                saved_meta = {**meta_out, "bad_records": bad_records.totals().tolist()}
+                ckpt.save(step, state, saved_meta, force=True, checksum=train_cfg.checkpoint_checksums)
             if preempted:
                 logging.warning("preemption signal at step %d: checkpoint saved, stopping", step)
                 break

@@ -24,6 +24,10 @@ class TrainConfig(config_lib.Section):
     # the newest one that does, "fail" stops.
     on_corrupt_checkpoint: str = "fallback"
     async_checkpointing: bool = True
+    # Per-leaf checksums of the state saved with each checkpoint and checked on resume (training/checksums.py):
+    # bytes flipped inside an array's data otherwise restore silently. Costs a host pass over the state per save
+    # (0.14 s for the demo's 66 MiB on CPU).
+    checkpoint_checksums: bool = True
     preview_every: int  # 0 disables preview grids during training
     # Gradient accumulation: the global batch is split into this many micro-batches inside the step.
     grad_accum_steps: int = 1

@@ -80,57 +80,47 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(eight_steps, d
         np.testing.assert_array_equal(a, b)
 
 
-def test_bytes_flipped_inside_an_array_are_caught_by_the_checksums(eight_steps, data_dir, tmp_path):
-    """Bit rot inside an array's stored bytes (tensorstore keeps incompressible float chunks as raw zstd blocks,
-    without a checksum) restores without any error from Orbax; the per-leaf checksums saved with the checkpoint
-    catch it, naming the leaf, and the run treats the checkpoint as damaged."""
+def test_bits_changed_inside_an_array_are_caught_by_the_checksums(eight_steps, data_dir, tmp_path):
+    """Bit rot inside an array's stored bytes can restore without any error from Orbax (tensorstore keeps
+    incompressible float chunks as raw zstd blocks, without a checksum): the per-leaf checksums saved with each
+    checkpoint catch it. One flipped bit in one leaf changes that leaf's checksum and no other; a checkpoint whose
+    arrays do not match its saved checksums counts as damaged, named by leaf."""
     from ldm_jax.training import checksums
 
-    work = str(tmp_path / "bitrot")
-    shutil.copytree(eight_steps, work)
-    state_dir = os.path.join(work, "checkpoints", "8", "state")
-    target = max((os.path.join(d, n) for d, _, names in os.walk(state_dir) for n in names), key=os.path.getsize)
-    ckpt = ckpt_lib.Checkpointer(work, 3)
+    ckpt = ckpt_lib.Checkpointer(eight_steps, 3)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ckpt.manager.item_metadata(8)["state"]
     )
-    size = os.path.getsize(target)
-
-    def flip(at: int) -> None:
-        with open(target, "r+b") as f:  # four bytes, one bit each
-            f.seek(at)
-            data = f.read(4)
-            f.seek(at)
-            f.write(bytes(b ^ 0x10 for b in data))
-
-    # A flip that lands in a compressed chunk's framing fails to decode (the case the other test covers); one that
-    # lands in a raw block restores without any error. Find such a spot, as bit rot would.
-    for at in [size * k // 16 for k in (8, 4, 12, 2, 6, 10, 14, 1, 3, 5, 7, 9, 11, 13, 15)]:
-        flip(at)
-        try:
-            state, meta = ckpt.restore(8, abstract)  # no error from the storage layer...
-        except Exception:
-            flip(at)  # undo
-            continue
-        mismatch = checksums.first_mismatch(state, meta[ckpt_lib.CHECKSUMS])  # ...but the checksums see it
-        if mismatch:
-            break
-        flip(at)  # bytes that hold no array value (unchanged arrays): undo
-    else:
-        pytest.fail("no flip restored silently with changed values: nothing for the checksums to catch")
+    state, meta = ckpt.restore(8, abstract)
     ckpt.close()
-    assert "checksum" in mismatch, mismatch
-    intact = ckpt_lib.Checkpointer(eight_steps, 3)
-    assert intact.restore_meta(8)[ckpt_lib.CHECKSUMS] == meta[ckpt_lib.CHECKSUMS]
-    intact.close()
+    saved = meta[ckpt_lib.CHECKSUMS]
+    names = list(checksums.of_tree(state))  # in the tree's leaf order (the saved JSON's keys are sorted)
+    assert checksums.of_tree(state) == saved and len(saved) == len(jax.tree.leaves(state))
 
+    # One bit of one element (a sign bit: the high bit, the hardest for a sum to see) of one leaf, on the host.
+    leaves, treedef = jax.tree.flatten(jax.device_get(state))
+    i = max(range(len(leaves)), key=lambda k: np.size(leaves[k]))
+    bad = np.array(leaves[i])
+    bad.reshape(-1).view(np.uint32)[np.size(bad) // 2] ^= np.uint32(1 << 31)
+    changed = checksums.of_tree(jax.tree.unflatten(treedef, leaves[:i] + [bad] + leaves[i + 1 :]))
+    assert [n for n in names if changed[n] != saved[n]] == [names[i]]
+
+    # The run: the checkpoint's data no longer matches its checksums (here the saved value of that leaf is what
+    # differs, which the check cannot tell from the data differing).
+    work = str(tmp_path / "bitrot")
+    shutil.copytree(eight_steps, work)
+    meta_file = os.path.join(work, "checkpoints", "8", "meta", "metadata")
+    with open(meta_file) as f:
+        stored = json.load(f)
+    stored[ckpt_lib.CHECKSUMS][names[i]] = changed[names[i]]
+    with open(meta_file, "w") as f:
+        json.dump(stored, f)
     c = _config(data_dir, 10)
     c.train.on_corrupt_checkpoint = "fail"
-    leaf = mismatch.split(":")[0]
     with pytest.raises(
         ckpt_lib.CheckpointUnreadable,
-        match=r"checkpoints/8 does not restore \(its arrays differ from what was saved: " + re.escape(leaf),
+        match=r"checkpoints/8 does not restore \(its arrays differ from what was saved: " + re.escape(names[i]),
     ):
         train_and_evaluate(c, work)
 

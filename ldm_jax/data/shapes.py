@@ -101,6 +101,16 @@ def triple_splits(seed: int) -> tuple[list[tuple[int, int, int]], list[tuple[int
     return train, held
 
 
+# Half the side of a square of radius r, in units of r: the square has the circle's area.
+SQUARE_HALF = 0.886
+
+
+def triangle_vertices(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """The upright triangle of radius ``r`` centred at (cx, cy): apex 1.3 r above the centre, base 0.78 r below."""
+    h = r * 1.3
+    return [(cx, cy - h), (cx - h * 0.866 * 1.15, cy + h * 0.6), (cx + h * 0.866 * 1.15, cy + h * 0.6)]
+
+
 def render(shape: int, color: int, size: int, position: int, background: int, image_size: int, rng) -> np.ndarray:
     """Draws one scene as uint8 [image_size, image_size, 3]; ``rng`` jitters position, size and colour slightly."""
     scale = 4  # draw at 4x and downsample for anti-aliased edges
@@ -118,13 +128,10 @@ def render(shape: int, color: int, size: int, position: int, background: int, im
     if name == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif name == "square":
-        h = r * 0.886  # same area as the circle
+        h = r * SQUARE_HALF
         draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
     else:
-        h = r * 1.3
-        draw.polygon(
-            [(cx, cy - h), (cx - h * 0.866 * 1.15, cy + h * 0.6), (cx + h * 0.866 * 1.15, cy + h * 0.6)], fill=fill
-        )
+        draw.polygon(triangle_vertices(cx, cy, r), fill=fill)
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
     return np.asarray(img, dtype=np.uint8)
 

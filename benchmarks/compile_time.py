@@ -5,9 +5,10 @@
 Programs (abstract arguments: nothing is allocated or run, so the full-size model compiles on a laptop):
 
   train_step  the SD-1.5 UNet train step of ``benchmarks.memory`` (configs/txt2img.py "sd": AdamW, EMA,
-              skip-if-non-finite, epsilon loss on cached latents), float32, no remat, one device
+              skip-if-non-finite, epsilon loss on cached latents), float32, no remat, data-parallel over 8 host
+              devices, one example per device
   sampler     what ``ldm_jax.sample`` compiles for a txt2img run of that size: DDIM 50 with classifier-free guidance
-              (both halves in one batch), a ``lax.scan`` over the 50 UNet calls, one image
+              (both halves in one batch), a ``lax.scan`` over the 50 UNet calls, one image, one device
 
 Each program is compiled in a fresh process three times: cold (no cache), cold again writing the persistent cache
 (``--compilation_cache_dir`` of the entry points), and in a third process reading it back: what a restarted
@@ -26,9 +27,13 @@ import time
 
 from absl import app, flags
 
+# The train step is benchmarks.memory's (its flags, --latent_size among them, are this script's too); importing it
+# also gives the process 8 host devices, the mesh that step is compiled for.
+from benchmarks import memory
+
 PROGRAMS = ("train_step", "sampler")
 _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), f"Which programs, among {PROGRAMS}.")
-_LATENT = flags.DEFINE_integer("latent_size", 64, "Latent side (64 = 512 px images through a KL-f8).")
+_LATENT = memory._LATENT_SIZE
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Persistent cache folder (default: a fresh temporary one).")
 _CHILD = flags.DEFINE_string("child", "", "Internal: compile this program in this process and print JSON.")
 _USE_CACHE = flags.DEFINE_bool("use_cache", False, "Internal: the child uses --cache_dir.")
@@ -81,8 +86,6 @@ def _child(program: str) -> dict:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     t0 = time.perf_counter()
     if program == "train_step":
-        from benchmarks import memory
-
         fn, args = memory.build_step("fp32", "none", 1, "cache", 1, 77, _LATENT.value)
     else:
         fn, args = _sampler(_LATENT.value)
@@ -121,7 +124,7 @@ def main(argv):
             print(f"{program} ({label}): trace+lower {r['trace_lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
                   flush=True)  # fmt: skip
     size = _LATENT.value
-    print(f"\nSD-1.5 UNet programs at {size}x{size}x4 latents ({8 * size} px), XLA:CPU, one device\n")
+    print(f"\nSD-1.5 UNet programs at {size}x{size}x4 latents ({8 * size} px), XLA:CPU\n")
     print("| program | run | trace + lower s | XLA compile (or cache load) s | total s |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -314,7 +314,7 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
 
 
 # ---- ldm_jax ---------------------------------------------------------------------------------------------------------
-def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto") -> dict:
+def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto", conv_impl: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -324,8 +324,8 @@ def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto"
     from ldm_jax.diffusion.schedules import make_schedule
     from ldm_jax.interop.stable_diffusion import build_first_stage, build_unet, load_component_folder
 
-    jax_setup.configure(attention_impl)
-    res = {"impl": f"ldm_jax (attention_impl={attention_impl}), jax {jax.__version__}"}
+    jax_setup.configure(attention_impl, conv_impl=conv_impl)
+    res = {"impl": f"ldm_jax (attention_impl={attention_impl}, conv_impl={conv_impl}), jax {jax.__version__}"}
     _, fields, params, _ = load_component_folder(os.path.join(folder, "unet"))
     unet = build_unet(fields)
     params = jax.device_put(params)
@@ -372,11 +372,11 @@ RUNNERS = {"torch": run_torch, "flax": run_flax, "ours": run_ours}
 OPS = ("forward", "train_step", "ddim", "decode")
 
 
-def _child(which: str, python: str, folder: str, args, attention_impl: str = "auto") -> dict:
+def _child(which: str, python: str, folder: str, args, attention_impl: str = "auto", conv_impl: str = "auto") -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one real CPU device, XLA's default optimisation
     cmd = [python, os.path.abspath(__file__), "--_child", which, "--_folder", folder, "--size", args.size]
-    cmd += ["--repeats", str(args.repeats), "--_attention_impl", attention_impl]
+    cmd += ["--repeats", str(args.repeats), "--_attention_impl", attention_impl, "--_conv_impl", conv_impl]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -420,15 +420,21 @@ def main() -> None:
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--_folder", default="", help=argparse.SUPPRESS)
     parser.add_argument("--_attention_impl", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--_conv_impl", default="auto", help=argparse.SUPPRESS)
     parser.add_argument(
         "--ours_attention",
         default="auto",
         help="comma-separated ldm_jax attention implementations to time, each its own row (e.g. auto,jax)",
     )
+    parser.add_argument(
+        "--ours_conv",
+        default="auto",
+        help="comma-separated ldm_jax 3x3 convolution implementations, each its own row (e.g. auto,xla)",
+    )
     args = parser.parse_args()
     size = SIZES[args.size]
     if args._child:
-        extra = (args._attention_impl,) if args._child == "ours" else ()
+        extra = (args._attention_impl, args._conv_impl) if args._child == "ours" else ()
         print(json.dumps(RUNNERS[args._child](args._folder, size, args.repeats, *extra)))
         return
     only = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -441,8 +447,10 @@ def main() -> None:
         if "flax" in only:
             results["flax"] = _child("flax", args.flax_python, folder, args)
         if "ours" in only:
-            for i, impl in enumerate(args.ours_attention.split(",")):
-                results["ours" if i == 0 else f"ours_{impl}"] = _child("ours", sys.executable, folder, args, impl)
+            rows = [(a, c) for a in args.ours_attention.split(",") for c in args.ours_conv.split(",")]
+            for i, (attn, conv) in enumerate(rows):
+                name = "ours" if i == 0 else f"ours_{attn}_{conv}"
+                results[name] = _child("ours", sys.executable, folder, args, attn, conv)
     summary = {"size": args.size, "cpus": os.cpu_count(), "results": results}
     if args.out:
         with open(args.out, "w") as f:

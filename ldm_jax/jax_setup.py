@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 
-def configure(attention_impl: str = "auto", compilation_cache_dir: str = "") -> None:
+def configure(attention_impl: str = "auto", compilation_cache_dir: str = "", conv_impl: str = "auto") -> None:
     """Applies ldm_jax's JAX settings; idempotent. Call after ``jax.distributed`` is initialised (it asks for the
     backend).
 
@@ -18,26 +18,30 @@ def configure(attention_impl: str = "auto", compilation_cache_dir: str = "") -> 
     tensor, and FSDP init would build every parameter whole), and the partitionable mode, which draws each shard
     where it lives, stays; its values are as independent of the mesh, but differ from the CPU mode's.
 
-    ``attention_impl`` selects the attention implementation (``ldm_jax.models.attention``).
+    ``attention_impl`` selects the attention implementation (``ldm_jax.models.attention``), ``conv_impl`` that of
+    the 3x3 convolutions (``ldm_jax.models.conv``).
     ``compilation_cache_dir`` turns on JAX's persistent compilation cache there ("" leaves JAX's setting, e.g.
     ``JAX_COMPILATION_CACHE_DIR``): a restarted job (a preempted sampling job, a resumed run) loads its compiled
     programs instead of compiling them again.
     """
     import jax
 
-    from ldm_jax.models import attention
+    from ldm_jax.models import attention, conv
 
     jax.config.update("jax_threefry_partitionable", jax.default_backend() != "cpu")
     attention.set_implementation(attention_impl)
+    conv.set_implementation(conv_impl)
     if compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
 
 
 def define_flags() -> Callable[[], None]:
-    """Defines ``--attention_impl`` and ``--compilation_cache_dir`` for an entry point (call at its module level, once); returns the function its
-    ``main`` calls, after ``jax.distributed`` is initialised and before any JAX computation, to ``configure``."""
+    """Defines ``--attention_impl``, ``--conv_impl`` and ``--compilation_cache_dir`` for an entry point (call at
+    its module level, once); returns the function its ``main`` calls, after ``jax.distributed`` is initialised and
+    before any JAX computation, to ``configure``."""
     from absl import app, flags
 
+    from ldm_jax.models import conv
     from ldm_jax.models.attention import IMPLEMENTATIONS
 
     impl = flags.DEFINE_enum(
@@ -49,6 +53,14 @@ def define_flags() -> Callable[[], None]:
         "it), 'jax' (jax.nn.dot_product_attention's XLA path). An execution setting: results agree to rounding.",
     )
 
+    conv_impl = flags.DEFINE_enum(
+        "conv_impl",
+        "auto",
+        conv.IMPLEMENTATIONS,
+        "3x3 convolution implementation: 'auto' (one matmul over the nine shifted inputs where XLA:CPU's "
+        "convolution is slower: at most 16x16 positions, at least 512 channels; else 'xla'), 'xla', 'matmul' "
+        "(every stride-1 3x3 convolution). An execution setting: results agree to rounding.",
+    )
     cache = flags.DEFINE_string(
         "compilation_cache_dir",
         "",
@@ -58,7 +70,7 @@ def define_flags() -> Callable[[], None]:
 
     def configure_from_flags() -> None:
         try:
-            configure(impl.value, cache.value)
+            configure(impl.value, cache.value, conv_impl.value)
         except ValueError as e:
             raise app.UsageError(str(e)) from e
 

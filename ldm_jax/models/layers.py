@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models import conv
 from ldm_jax.models.attention import attention
 
 Dtype = Any
@@ -64,6 +65,8 @@ def _conv(features, kernel, name, dtype, param_dtype, strides=1, padding="SAME",
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
+        # The implementation of models/conv.py (XLA's, or one matmul where that is faster); nn.Conv's parameters.
+        conv_general_dilated=conv.conv_general_dilated,
         **kwargs,
     )
 

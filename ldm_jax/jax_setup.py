@@ -58,7 +58,7 @@ def define_flags() -> Callable[[], None]:
         "auto",
         conv.IMPLEMENTATIONS,
         "3x3 convolution implementation: 'auto' (one matmul over the nine shifted inputs where XLA:CPU's "
-        "convolution is slower: at most 16x16 positions, at least 512 channels; else 'xla'), 'xla', 'matmul' "
+        "convolution is slower: the deepest, smallest ones; else 'xla'), 'xla', 'matmul' "
         "(every stride-1 3x3 convolution). An execution setting: results agree to rounding.",
     )
     cache = flags.DEFINE_string(

@@ -136,7 +136,7 @@ def main(argv):
     from ldm_jax.diffusion.samplers import SamplerOptions
     from ldm_jax.sampling.job import JobSpec, digest, run_job
     from ldm_jax.sampling.prompts import job_prompts
-    from ldm_jax.tasks import SAMPLE_FLAGS, build_task, check_sample_flags, load_for_sampling
+    from ldm_jax.tasks import SAMPLE_FLAGS, build_task, cast_weights, check_sample_flags, load_for_sampling
     from ldm_jax.tasks.protocol import SampleInputs
     from ldm_jax.training.reporting import quiet_library_logs
 
@@ -236,9 +236,7 @@ def main(argv):
         output_format=_OUTPUT_FORMAT.value,
         shard_size=_SHARD_SIZE.value,
     )
-    task, params, frozen, mesh, step = load_for_sampling(
-        _WORKDIR.value, _WEIGHTS.value, image_size, config=run_config, weights_dtype=_DTYPE.value
-    )
+    task, params, frozen, mesh, step = load_for_sampling(_WORKDIR.value, _WEIGHTS.value, image_size, config=run_config)
     if lora_files:
         from ldm_jax.tasks.adapters import apply_files
 
@@ -250,6 +248,8 @@ def main(argv):
             logging.info(
                 "LoRA %s (%s naming) at scale %g: %s modules", a["path"], a["naming"], a["scale"], a["modules"]
             )
+    if _DTYPE.value:  # after the adapters are merged: the merged weights are what the sampler reads
+        params, frozen = cast_weights(params, frozen, _DTYPE.value)
     # The checkpoint is part of the model: a job continued after more training would mix two models' images.
     spec.settings["checkpoint_step"] = step
     if not spec.outdir:

@@ -52,11 +52,13 @@ def test_auto_takes_the_matmul_form_only_for_deep_small_convolutions_on_cpu(impl
             x.shape, k.shape, NHWC))  # fmt: skip
 
     deep = (jnp.zeros((1, 8, 8, 512)), jnp.zeros((3, 3, 512, 64)))
-    wide = (jnp.zeros((1, 32, 32, 512)), jnp.zeros((3, 3, 512, 64)))
+    deeper = (jnp.zeros((1, 16, 16, 1024)), jnp.zeros((3, 3, 1024, 8)))
+    wide = (jnp.zeros((1, 16, 16, 640)), jnp.zeros((3, 3, 640, 64)))
     narrow = (jnp.zeros((1, 8, 8, 64)), jnp.zeros((3, 3, 64, 64)))
     impl("auto")
     assert jax.default_backend() == "cpu"
     assert "conv_general_dilated" not in _primitives(run, *deep) and "dot_general" in _primitives(run, *deep)
+    assert "conv_general_dilated" not in _primitives(run, *deeper)
     assert "conv_general_dilated" in _primitives(run, *wide)
     assert "conv_general_dilated" in _primitives(run, *narrow)
     impl("xla")

@@ -77,12 +77,13 @@ def test_img2img_keeps_the_init_image_at_low_strength_and_inpainting_runs(txt2im
 
 def test_bfloat16_sampling_casts_the_weights_and_draws_what_float32_draws(txt2img_workdir):
     from ldm_jax import config_lib
-    from ldm_jax.tasks import load_for_sampling
+    from ldm_jax.tasks import cast_weights, load_for_sampling
 
     task, params, frozen, mesh, _ = load_for_sampling(txt2img_workdir)
     config = config_lib.load_config(os.path.join(txt2img_workdir, "config.json"))
-    config.dtype = "bfloat16"  # what sample --dtype=bfloat16 sets
-    task16, params16, frozen16, _, _ = load_for_sampling(txt2img_workdir, config=config, weights_dtype="bfloat16")
+    config.dtype = "bfloat16"  # what sample --dtype=bfloat16 sets, then casts the loaded weights
+    task16, params16, frozen16, _, _ = load_for_sampling(txt2img_workdir, config=config)
+    params16, frozen16 = cast_weights(params16, frozen16, "bfloat16")
     weights = jax.tree.leaves((params16, {k: v for k, v in frozen16.items() if k != "latent_scale"}))
     floating = [w for w in weights if jnp.issubdtype(w.dtype, jnp.floating)]
     assert len(floating) > 50 and {w.dtype for w in floating} == {jnp.dtype(jnp.bfloat16)}

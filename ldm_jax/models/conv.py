@@ -9,9 +9,10 @@ matmul  for a stride-1 3x3 "SAME" convolution, the input padded once, its nine s
         640 at 16x16 20.0 vs 25.8 ms; but 320 at 32x32 34.4 vs 19.5 ms, and small-channel convolutions are slower
         too (the 9x larger operand no longer pays for itself). Other convolutions (strided, 1x1, padded by hand)
         use XLA's.
-auto    (default) matmul on the CPU backend where it wins there (at most 16x16 positions and at least 512 input
-        channels: the SD UNet's two deepest levels, where PyTorch's oneDNN convolutions were 1.5-1.6x XLA:CPU's),
-        xla otherwise (GPU and TPU convolutions are the vendors' kernels).
+auto    (default) matmul on the CPU backend where it wins there at batch 2 and 8 alike (at least 512 input
+        channels at 8x8 or fewer positions, at least 1024 at 16x16 or fewer: the SD UNet's deepest levels, where
+        PyTorch's oneDNN convolutions were 1.5-1.6x XLA:CPU's), xla otherwise (GPU and TPU convolutions are the
+        vendors' kernels).
 
 Like the attention implementation, it is a process-wide execution setting, read when a function is traced; it
 changes neither parameters nor (beyond float rounding) results. Flax's ``nn.Conv`` takes the function through its
@@ -26,9 +27,10 @@ from jax import lax
 
 IMPLEMENTATIONS = ("auto", "xla", "matmul")
 _current = {"impl": "auto"}
-# auto's rule on CPU: spatial positions at most this, input channels at least this.
-_AUTO_MAX_POSITIONS = 16 * 16
-_AUTO_MIN_CHANNELS = 512
+# auto's rule on CPU, (at most this many positions, at least this many input channels) pairs; measured at batch 2
+# and 8: 1280 channels win at 16x16 (93 vs 149 ms, 435 vs 565 ms) and at 8x8 (22 vs 68, 105 vs 240), 512 at 8x8
+# (3.8 vs 4.2, 15 vs 23); 640 at 16x16 wins at batch 2 (21 vs 28) but loses at 8 (126 vs 100), 320 at 16x16 loses.
+_AUTO_RULES = ((8 * 8, 512), (16 * 16, 1024))
 
 
 def set_implementation(name: str) -> None:
@@ -67,7 +69,7 @@ def _takes_matmul(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
 
 def _wins_on_this_backend(lhs) -> bool:
     _, h, w, c = lhs.shape
-    return jax.default_backend() == "cpu" and h * w <= _AUTO_MAX_POSITIONS and c >= _AUTO_MIN_CHANNELS
+    return jax.default_backend() == "cpu" and any(h * w <= p and c >= n for p, n in _AUTO_RULES)
 
 
 def matmul_conv3x3(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:

@@ -112,20 +112,11 @@ def check_sample_flags(task_name: str, given: set[str]) -> None:
             raise ValueError(f"{listed} {verb} {other.NEEDS}; this is a {task_name} run")
 
 
-def load_for_sampling(
-    workdir: str,
-    weights: str = "ema",
-    image_size: int = 0,
-    tasks=DIFFUSION_TASKS,
-    config=None,
-    weights_dtype: str | None = None,
-):
+def load_for_sampling(workdir: str, weights: str = "ema", image_size: int = 0, tasks=DIFFUSION_TASKS, config=None):
     """(task, params, frozen, mesh, step) of a latent diffusion workdir, ready for ``task.generate_images``.
 
     ``image_size`` > 0 samples at another resolution than the run's ``data.image_size`` (the UNet is convolutional).
-    ``config``: the workdir's config when the caller has already read it. ``weights_dtype``: cast every network
-    weight to it (sampling in bfloat16 holds half the bytes and reads half as many per step); the latent scale stays
-    float32.
+    ``config``: the workdir's config when the caller has already read it.
     """
     if config is None:
         config = config_lib.load_config(os.path.join(workdir, "config.json"))
@@ -135,16 +126,17 @@ def load_for_sampling(
         raise ValueError(f"workdir {workdir!r}: holds a {config.task!r} run; sampling needs a {' or '.join(tasks)} run")
     task = build_task(config)
     params, frozen, mesh, step = task.load_weights(workdir, weights)
-    if weights_dtype:
-        params, frozen = cast_weights(params, frozen, jnp.dtype(weights_dtype))
     return task, params, frozen, mesh, step
 
 
 def cast_weights(params, frozen, dtype):
-    """``params`` and ``frozen`` with every floating-point network weight in ``dtype`` (in place on the mesh: the
-    cast keeps each array's sharding, so it works when the mesh spans processes); ``frozen["latent_scale"]`` stays
-    as it is, since the latents it scales are float32 in the sampler."""
+    """``params`` and ``frozen`` with every floating-point network weight in ``dtype`` (sampling in bfloat16 holds
+    half the bytes and reads half as many per step). One jitted elementwise program: each array keeps its sharding,
+    so it works when the mesh spans processes (every process calls it, as every process loaded the weights).
+    ``frozen["latent_scale"]`` stays as it is, since the latents it scales are float32 in the sampler."""
+    dtype = jnp.dtype(dtype)
 
+    @jax.jit
     def cast(tree):
         return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 

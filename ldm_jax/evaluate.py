@@ -25,6 +25,11 @@ txt2img / class_cond: one image per caption (class label) of the first ``num_exa
 position, size, shape and background are read back from the pixels (``ldm_jax.evaluation.attributes``; a class model
 is scored on the attributes its class names), and the same reader is run on the dataset's own images as the ceiling.
 
+``--strength=S`` (txt2img / class_cond): each image starts from its example's own image, encoded and noised to
+strength S (image-to-image: the last S x num_steps steps), instead of from noise. Set against the reconstructions'
+row, it shows at which noise level an attribute is lost: an attribute the model drops at a low strength is lost
+while it finishes the picture, not while it lays it out.
+
 Inpainting (an inpainting run, or any txt2img or class_cond run with ``--inpaint``, by latent blending): each
 example's object is masked out (a box 0.6 of the image side around its grid cell) and repainted from its caption;
 scored as above, plus the PSNR of the kept pixels against the original.
@@ -36,7 +41,8 @@ Autoencoder (first-stage) runs: PSNR, SSIM, L1, LPIPS (``--lpips_vgg_weights`` o
 (``--fid_weights``), codebook usage for VQ models.
 
 Each task scores its own kind (``Task.evaluate_workdir``); an option the run's kind does not take is refused.
-Writes ``eval_<split>.json`` (``eval_<split>_inpaint.json`` for ``--inpaint``) and a grid next to it; attribute
+Writes ``eval_<split>.json`` (``eval_<split>_inpaint.json`` for ``--inpaint``, ``eval_<split>_strength<S>.json``
+for ``--strength``) and a grid next to it; attribute
 scores also as a markdown table, ``eval_<split>.md``.
 
 Multi-process: the same command in every process with the ``ldm_jax.train`` multi-process flags; generation,
@@ -104,6 +110,13 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "Sampler (default: config.sample
 _SEED = flags.DEFINE_integer("seed", 1234, "Image i uses seed + i.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per device call.")
 _INPAINT = flags.DEFINE_bool("inpaint", False, "txt2img runs: evaluate inpainting by latent blending.")
+_STRENGTH = flags.DEFINE_float(
+    "strength",
+    None,
+    "txt2img / class_cond runs: start each image from its example's own image noised to this "
+    "strength (image-to-image, in (0, 1]) instead of from noise: what the model keeps of each attribute when it "
+    "only draws the last steps.",
+)
 _NOISE_LEVEL = flags.DEFINE_integer("noise_level", None, "superres runs: noise level (default: config.sample).")
 _FID_WEIGHTS = flags.DEFINE_string(
     "fid_weights", "", "Autoencoder runs: FID Inception weights (pytorch-fid's, as .safetensors/.npz) for rFID."
@@ -118,7 +131,7 @@ _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 _CONFIGURE_JAX = jax_setup.define_flags()
 # The options of one mode that the other does not read (--fid_weights serves both).
 WORKDIR_FLAGS = ("split", "num_examples", "guidance_scale", "num_steps", "sampler", "seed", "batch_size", "inpaint",
-                 "noise_level", "lpips_vgg_weights")  # fmt: skip
+                 "strength", "noise_level", "lpips_vgg_weights")  # fmt: skip
 SAMPLES_FLAGS = ("reference", "metrics", "clip_weights", "clip_arch", "reference_image_size", "reference_data_dir",
                  "reference_image_key", "reference_cache", "save_reference_stats", "save_samples_stats",
                  "kid_subsets", "kid_subset_size", "per_device_batch", "out")  # fmt: skip
@@ -158,6 +171,10 @@ def main(argv):
     stray = [f"--{f}" for f in others if flags.FLAGS[f].present]
     if stray:
         raise app.UsageError(f"{', '.join(stray)}: not an option of {mode} evaluation")
+    if _STRENGTH.value is not None and not 0.0 < _STRENGTH.value <= 1.0:
+        raise app.UsageError(
+            f"--strength={_STRENGTH.value}: must be in (0, 1] (1: from the image noised to the first step, practically noise)"
+        )
     _INITIALIZE_DISTRIBUTED()
     _CONFIGURE_JAX()  # after distributed: it asks for the backend
     if _SAMPLES.value is not None:
@@ -179,6 +196,7 @@ def main(argv):
         num_steps=_STEPS.value,
         sampler=_SAMPLER.value,
         inpaint=_INPAINT.value,
+        strength=_STRENGTH.value,
         noise_level=_NOISE_LEVEL.value,
         fid_weights=_FID_WEIGHTS.value,
         lpips_vgg_weights=_LPIPS_VGG.value,

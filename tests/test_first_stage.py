@@ -222,6 +222,9 @@ def test_vq_with_lpips_and_ema_codebook_trains_through_the_loop(data_dir, tmp_pa
     with open(os.path.join(workdir, "eval_validation.json")) as f:
         again = json.load(f)
     assert again["autoencoder"]["lpips"] == pytest.approx(result["autoencoder"]["lpips"], rel=1e-5)
+    # An option of diffusion runs' evaluation is refused by name, not ignored.
+    proc = run_module("ldm_jax.evaluate", f"--workdir={workdir}", "--strength=0.5")
+    assert proc.returncode != 0 and "--strength does not apply to a" in proc.stderr, proc.stderr[-2000:]
 
 
 def _smoothed(cluster):

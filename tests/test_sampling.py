@@ -75,6 +75,57 @@ def test_img2img_keeps_the_init_image_at_low_strength_and_inpainting_runs(txt2im
         task.generate_images(params, frozen, mesh, prompt, seeds, options, 3.0, init_image=init, mask=speck)
 
 
+def test_evaluation_from_the_dataset_images_at_a_strength(txt2img_workdir, tmp_path):
+    """``ldm_jax.evaluate --strength``: each image starts from its example's own image noised to that strength. At
+    the lowest strength (one DDIM step from t = 1) the images are the first stage's reconstructions of the examples,
+    which generation from noise is not; the result and its table say how the images were made."""
+    import dataclasses
+    import shutil
+
+    from ldm_jax.data import pipeline
+    from ldm_jax.evaluation import generation
+    from ldm_jax.imaging import to_uint8
+    from ldm_jax.tasks import load_for_sampling
+    from ldm_jax.tasks.protocol import EvalInputs
+
+    task, params, frozen, mesh, _ = load_for_sampling(txt2img_workdir)
+    source = pipeline.data_source(task.config.data, "validation")
+    examples = [source[i] for i in range(8)]
+    originals = pipeline.to_model_range(np.stack([e["image"] for e in examples]))
+    seeds = list(range(8))
+    # What image-to-image starts from: the posterior sample each image's key draws, decoded.
+    z = task.encode_images(frozen["first_stage"], originals, jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
+    recon = to_uint8(task.first_stage.apply({"params": frozen["first_stage"]}, z, method="decode")).astype(np.float32)
+    options = task.sampler_options(name="ddim", num_steps=4)
+    inputs = EvalInputs(split="validation", num_examples=8, seed=0, batch_size=8, strength=0.25)
+    low, (_, low_images) = generation.score_attributes(
+        task, params, frozen, mesh, examples, options, seeds, inputs, None
+    )
+    free_inputs = dataclasses.replace(inputs, strength=None)
+    free, (_, free_images) = generation.score_attributes(
+        task, params, frozen, mesh, examples, options, seeds, free_inputs, None
+    )
+    err = lambda imgs: float(np.abs(imgs.astype(np.float32) - recon).mean())  # noqa: E731
+    assert err(low_images) < 0.25 * err(free_images), (err(low_images), err(free_images))
+    assert low["from_dataset_images_at_strength"] == 0.25 and "from_dataset_images_at_strength" not in free
+    assert "| samples from the dataset images at strength 0.25 |" in generation.markdown_table(low)
+    assert "| samples |" in generation.markdown_table(free)
+
+    # The command line: its own result files (beside the plain evaluation's), and a strength out of range refused
+    # before anything loads.
+    workdir = str(tmp_path / "run")
+    shutil.copytree(txt2img_workdir, workdir)
+    common = ["ldm_jax.evaluate", f"--workdir={workdir}", "--split=validation", "--num_examples=4", "--num_steps=2"]
+    proc = run_module(*common, "--strength=0.5", "--batch_size=8", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_validation_strength0.5.json")) as f:
+        assert json.load(f)["from_dataset_images_at_strength"] == 0.5
+    assert os.path.exists(os.path.join(workdir, "eval_validation_strength0.5.md"))
+    assert not os.path.exists(os.path.join(workdir, "eval_validation.json"))
+    proc = run_module(*common, "--strength=1.5", timeout=300)
+    assert proc.returncode != 0 and "--strength=1.5: must be in (0, 1]" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_bfloat16_sampling_casts_the_weights_and_draws_what_float32_draws(txt2img_workdir):
     from ldm_jax import config_lib
     from ldm_jax.tasks import cast_weights, load_for_sampling

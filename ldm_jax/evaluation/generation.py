@@ -52,6 +52,9 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
     if inpaint_mode:
         masks = object_masks(examples, task.config.data.image_size)
         extra = dict(init_image=pipeline.to_model_range(originals), mask=masks)
+    if inputs.strength is not None:
+        # From each example's own image, noised to this strength (with --inpaint: inpainting from it).
+        extra.update(init_image=pipeline.to_model_range(originals), strength=inputs.strength)
     images = task.generate_images(
         params, frozen, mesh, conditions, seeds, options, guidance, s.guidance_rescale, negative, inputs.batch_size,
         **extra,
@@ -62,6 +65,8 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
         jax.jit(task.latents.reconstruct)(task.host_first_stage(frozen), pipeline.to_model_range(originals))
     )
     result = dict(guidance_scale=guidance)
+    if inputs.strength is not None:
+        result["from_dataset_images_at_strength"] = inputs.strength
     result["generated"] = attributes.score_wanted(images, wanted)
     result["dataset_images"] = attributes.score_wanted(list(originals), wanted)
     result["reconstructions"] = attributes.score_wanted(list(recon), wanted)
@@ -87,10 +92,11 @@ def markdown_table(result: dict) -> str:
     first stage's reconstructions and the samples (what the demo prints and the README shows)."""
     rows = [k for k in ("dataset_images", "reconstructions", "generated") if k in result]
     attrs = [a for a in result["generated"] if a.startswith("accuracy/")]
+    strength = result.get("from_dataset_images_at_strength")
     names = {
         "dataset_images": "dataset images",
         "reconstructions": "first-stage reconstructions",
-        "generated": "samples",
+        "generated": "samples" if strength is None else f"samples from the dataset images at strength {strength:g}",
     }
     out = ["| | " + " | ".join(a.removeprefix("accuracy/") for a in attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
     out += [f"| {names[r]} | " + " | ".join(f"{result[r][a]:.3f}" for a in attrs) + " |" for r in rows]

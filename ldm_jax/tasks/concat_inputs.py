@@ -49,7 +49,7 @@ class NoConcat:
 
     FLAGS = ("init_image", "mask_image", "strength")
     NEEDS = "a model that takes whole images (not superres: pass --low_res_image)"
-    EVAL_OPTIONS = ("inpaint",)
+    EVAL_OPTIONS = ("inpaint", "strength")
     channels = 0
     mask_conditioned = False
     needs_pixels = False  # training reads only the latents (a latent cache will do)

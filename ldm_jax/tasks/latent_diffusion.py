@@ -551,4 +551,5 @@ class LatentDiffusionTask:
         result.update(generation_seconds=time.perf_counter() - t0, **scores)
         k = min(8, n)
         grid = make_grid(np.concatenate([r[:k] for r in rows]), ncol=k)
-        return result, grid, f"eval_{inputs.split}" + ("_inpaint" if inputs.inpaint else "")
+        name = f"eval_{inputs.split}" + ("_inpaint" if inputs.inpaint else "")
+        return result, grid, name + (f"_strength{inputs.strength:g}" if inputs.strength is not None else "")

@@ -102,13 +102,14 @@ class EvalInputs:
     num_steps: int | None = None
     sampler: str | None = None
     inpaint: bool = False
+    strength: float | None = None
     noise_level: int | None = None
     fid_weights: str = ""
     lpips_vgg_weights: str = ""
 
     def given(self) -> dict[str, Any]:
         """The task-specific options that were set, by flag name."""
-        optional = ("guidance_scale", "num_steps", "sampler", "inpaint", "noise_level", "fid_weights")
+        optional = ("guidance_scale", "num_steps", "sampler", "inpaint", "strength", "noise_level", "fid_weights")
         return {
             k: getattr(self, k) for k in optional + ("lpips_vgg_weights",) if getattr(self, k) not in (None, False, "")
         }

@@ -42,8 +42,7 @@ Autoencoder (first-stage) runs: PSNR, SSIM, L1, LPIPS (``--lpips_vgg_weights`` o
 
 Each task scores its own kind (``Task.evaluate_workdir``); an option the run's kind does not take is refused.
 Writes ``eval_<split>.json`` (``eval_<split>_inpaint.json`` for ``--inpaint``, ``eval_<split>_strength<S>.json``
-for ``--strength``) and a grid next to it; attribute
-scores also as a markdown table, ``eval_<split>.md``.
+for ``--strength``) and a grid next to it; attribute scores also as a markdown table, ``eval_<split>.md``.
 
 Multi-process: the same command in every process with the ``ldm_jax.train`` multi-process flags; generation,
 reconstruction and feature extraction are split over every device of every process (each process decodes only the

@@ -77,8 +77,8 @@ def test_img2img_keeps_the_init_image_at_low_strength_and_inpainting_runs(txt2im
 
 def test_evaluation_from_the_dataset_images_at_a_strength(txt2img_workdir, tmp_path):
     """``ldm_jax.evaluate --strength``: each image starts from its example's own image noised to that strength. At
-    the lowest strength (one DDIM step from t = 1) the images are the first stage's reconstructions of the examples,
-    which generation from noise is not; the result and its table say how the images were made."""
+    the lowest strength (one DDIM step from t = 1) the images are the examples' decoded posterior samples, which
+    generation from noise is not; the result and its table say how the images were made."""
     import dataclasses
     import shutil
 

@@ -46,24 +46,23 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
     (None: generate from the condition alone)."""
     conditions, wanted, negative = task.conditioner.eval_conditions(examples)
     originals = np.stack([e["image"] for e in examples])
+    in_model_range = pipeline.to_model_range(originals)
     s = task.config.sample
     guidance = s.guidance_scale if inputs.guidance_scale is None else inputs.guidance_scale
     extra = {}
     if inpaint_mode:
         masks = object_masks(examples, task.config.data.image_size)
-        extra = dict(init_image=pipeline.to_model_range(originals), mask=masks)
+        extra = dict(init_image=in_model_range, mask=masks)
     if inputs.strength is not None:
         # From each example's own image, noised to this strength (with --inpaint: inpainting from it).
-        extra.update(init_image=pipeline.to_model_range(originals), strength=inputs.strength)
+        extra.update(init_image=in_model_range, strength=inputs.strength)
     images = task.generate_images(
         params, frozen, mesh, conditions, seeds, options, guidance, s.guidance_rescale, negative, inputs.batch_size,
         **extra,
     )  # fmt: skip
     # The first stage's reconstructions of the same images: the ceiling a latent model can reach (what the
     # autoencoder already loses, no UNet can draw back).
-    recon = to_uint8(
-        jax.jit(task.latents.reconstruct)(task.host_first_stage(frozen), pipeline.to_model_range(originals))
-    )
+    recon = to_uint8(jax.jit(task.latents.reconstruct)(task.host_first_stage(frozen), in_model_range))
     result = dict(guidance_scale=guidance)
     if inputs.strength is not None:
         result["from_dataset_images_at_strength"] = inputs.strength
@@ -83,7 +82,7 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
             masked_fraction=float(np.mean(masks)),
             kept_region_psnr=float(np.mean(image_metrics.psnr(images, originals, where=keep))),
         )
-        rows = [originals, to_uint8(pipeline.to_model_range(originals) * keep), images]
+        rows = [originals, to_uint8(in_model_range * keep), images]
     return result, rows
 
 

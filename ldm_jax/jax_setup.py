@@ -29,6 +29,11 @@ def configure(attention_impl: str = "auto", compilation_cache_dir: str = "", con
     from ldm_jax.models import attention, conv
 
     jax.config.update("jax_threefry_partitionable", jax.default_backend() != "cpu")
+    if attention_impl == "splash" and jax.default_backend() != "tpu":  # refused before anything loads
+        raise ValueError(
+            f"--attention_impl='splash': a TPU Pallas kernel, and the backend is {jax.default_backend()!r}; "
+            "use 'auto' (cudnn on GPU, xla elsewhere)"
+        )
     attention.set_implementation(attention_impl)
     conv.set_implementation(conv_impl)
     if compilation_cache_dir:
@@ -50,7 +55,8 @@ def define_flags() -> Callable[[], None]:
         IMPLEMENTATIONS,
         "Attention implementation: 'auto' (cuDNN fused attention on GPUs for half-precision inputs it takes, "
         "else 'xla'), 'xla' (ldm_jax's einsum formulation), 'cudnn' (required; an error where cuDNN cannot run "
-        "it), 'jax' (jax.nn.dot_product_attention's XLA path). An execution setting: results agree to rounding.",
+        "it), 'splash' (TPU only: the Pallas splash-attention kernel), 'jax' (jax.nn.dot_product_attention's XLA "
+        "path). An execution setting: results agree to rounding.",
     )
 
     conv_impl = flags.DEFINE_enum(

@@ -160,3 +160,81 @@ def test_the_chunked_backward_on_a_sharded_batch_equals_one_device(impl, monkeyp
     assert sharded[0].sharding.spec == rows.spec
     for a, b_ in zip(one, sharded):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def splash():
+    """The TPU splash kernel, run by Pallas's interpreter (this machine has no TPU): the same kernel code, grid and
+    padding as on a TPU, executed op by op."""
+    before = attention.implementation()
+    attention.set_implementation("splash", interpret=True)
+    jax.clear_caches()
+    yield
+    attention.set_implementation(before)
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 7, 32, 4), (1, 200, 77, 80, 2)])
+def test_the_splash_kernel_computes_attention_and_its_gradient(splash, shape):
+    """Forward against the float64 definition, gradients against JAX's derivative of jax.nn.dot_product_attention.
+    Neither sequence is a multiple of the kernel's 128-row blocks and the head sizes (8, 40: SD-1.5's) are not
+    multiples of 128, so the padding (keys masked by segment ids, zero head columns) is what is tested; the second
+    shape is a cross-attention on 77 text tokens."""
+    b, tq, tk, d, heads = shape
+    keys = jax.random.split(jax.random.key(6), 4)
+    q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys, (tq, tk, tk)))
+    fwd = lambda q, k, v: attention.attention(q, k, v, heads)  # noqa: E731
+    assert "pallas_call" in str(jax.make_jaxpr(fwd)(q, k, v))
+    out = jax.jit(fwd)(q, k, v)
+    assert out.shape == (b, tq, d)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, heads), atol=5e-6)
+
+    weight = jax.random.normal(keys[3], (b, tq, d))
+    loss = lambda q, k, v: jnp.sum(attention.attention(q, k, v, heads) * weight)  # noqa: E731
+    ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    theirs = jax.grad(
+        lambda q, k, v: jnp.sum(attention._library_attention(q, k, v, heads, None, None) * weight), argnums=(0, 1, 2)
+    )(q, k, v)
+    for mine, ref, name in zip(ours, theirs, "qkv"):
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(ref), atol=2e-5 * scale, err_msg=f"d{name}")
+
+
+def test_the_unet_under_splash_is_the_same_function_sharded_over_8_devices(splash):
+    """The tiny UNet (self-attention on 64 positions, cross-attention on 5 tokens) under the splash kernel equals
+    the xla path, on one device and with the batch split over an 8-device (data, fsdp) mesh, where the
+    kernel runs per device under shard_map: the output stays sharded over the batch."""
+    from ldm_jax.training.sharding import batch_sharding, make_mesh
+
+    unet = UNetConfig(**UNET_VARIANTS["tiny"]).build(in_channels=4, out_channels=4, context_dim=16)
+    x = jax.random.normal(jax.random.key(1), (8, 16, 16, 4))
+    t = jnp.arange(8) * 120
+    ctx = jax.random.normal(jax.random.key(2), (8, 5, 16))
+    params = unet.init(jax.random.key(0), x[:1], t[:1], ctx[:1])["params"]
+    params["conv_out"] = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape) * 0.1, params["conv_out"])
+    apply = lambda p, x, t, c: unet.apply({"params": p}, x, t, c)  # noqa: E731
+    program = str(jax.make_jaxpr(apply)(params, x, t, ctx))
+    # Four transformer blocks at the 8x8 level, a self- and a cross-attention each, every one a kernel call.
+    assert "pallas_call" in program and program.count("shard_map") == 8
+    splashed = np.asarray(jax.jit(apply)(params, x, t, ctx))
+    mesh = make_mesh(4, 2)
+    rows = batch_sharding(mesh)
+    sharded = jax.jit(apply)(params, *(jax.device_put(a, rows) for a in (x, t, ctx)))
+    assert sharded.sharding.is_equivalent_to(rows, sharded.ndim)
+    attention.set_implementation("xla")
+    jax.clear_caches()
+    reference = np.asarray(jax.jit(apply)(params, x, t, ctx))
+    assert np.abs(reference).max() > 0.1
+    np.testing.assert_allclose(splashed, reference, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(sharded), reference, atol=2e-5)
+
+
+def test_splash_is_refused_by_name_off_tpu(impl):
+    q, k, v = _qkv(jnp.float32)
+    impl("splash")
+    with pytest.raises(ValueError, match=r"--attention_impl='splash': a TPU Pallas kernel, and the backend is 'cpu'"):
+        attention.attention(q, k, v, 4)
+    with pytest.raises(ValueError, match=r"--attention_impl='splash': a TPU Pallas kernel"):
+        jax_setup.configure(attention_impl="splash")
+    with pytest.raises(ValueError, match=r"interpret=True applies to the 'splash' implementation, not 'xla'"):
+        attention.set_implementation("xla", interpret=True)

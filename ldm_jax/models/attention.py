@@ -9,13 +9,20 @@ xla     ldm_jax's einsum formulation: the query is scaled before the first produ
 cudnn   ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN's fused flash attention on NVIDIA GPUs; it
         never writes the scores to memory. cuDNN takes float16/bfloat16 inputs, head sizes that are multiples of 8
         up to 256, and no mask; anything else is refused by name when asked for explicitly.
+splash  the TPU Pallas splash-attention kernel that ships with JAX (``jax.experimental.pallas.ops.tpu``): flash
+        attention in VMEM tiles, scores never written to HBM, with its own backward kernels. Sequences are padded
+        to multiples of 128 (padded keys masked by segment ids) and head sizes to multiples of 128 (zero columns
+        change no score), as TPU tiles require; the batch is split over the mesh by ``shard_map`` (a Pallas
+        kernel is not partitioned by XLA). Asked for on another backend it is refused by name, except through
+        ``set_implementation("splash", interpret=True)``, which runs the same kernel in Pallas's interpreter on any
+        backend: the tests check it there against the float64 definition, whole models and 8 devices included.
 jax     ``jax.nn.dot_product_attention`` with no implementation named (JAX's XLA path), kept for comparison.
-auto    (default) cudnn on a GPU backend for inputs cuDNN takes, xla otherwise.
+auto    (default) cudnn on a GPU backend for inputs cuDNN takes, xla otherwise (on TPU too: splash is opt-in
+        until it has been measured on TPU hardware, which this project has not had).
 
 The choice is a process-wide execution setting, not part of a model's config: it changes neither parameters nor
 (beyond float rounding) results, and a checkpoint trained with one samples with any other. It is read when a
 function is traced, so set it before the first jit (every entry point does, through ``jax_setup.configure``).
-A TPU Pallas (splash) kernel is not implemented: on TPU ``auto`` is xla.
 """
 
 from __future__ import annotations
@@ -25,16 +32,24 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "jax")
-_current = {"impl": "auto"}
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "jax")
+_current = {"impl": "auto", "interpret": False}
 
 
-def set_implementation(name: str) -> None:
-    """Selects the implementation for functions traced from now on (see the module docstring)."""
+def set_implementation(name: str, *, interpret: bool = False) -> None:
+    """Selects the implementation for functions traced from now on (see the module docstring).
+
+    ``interpret`` (splash only) runs the Pallas kernel in Pallas's interpreter, on any backend: for tests.
+    """
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"--attention_impl={name!r}: must be one of {IMPLEMENTATIONS}")
+    if interpret and name != "splash":
+        raise ValueError(f"interpret=True applies to the 'splash' implementation, not {name!r}")
     _current["impl"] = name
+    _current["interpret"] = interpret
 
 
 def implementation() -> str:
@@ -190,6 +205,86 @@ def _xla_attention(q, k, v, heads):
     return out.reshape(b, heads, tq, head_dim).transpose(0, 2, 1, 3).reshape(b, tq, d)
 
 
+# ---- splash: the TPU Pallas kernel ----------------------------------------------------------------------------------
+_TPU_TILE = 128  # TPU lanes: the kernel's sequence blocks and the head size are padded to multiples of this
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _splash_kernel(heads: int, tq: int, tk: int, interpret: bool):
+    """The kernel for [heads, tq, D] x [heads, tk, D] (tq, tk multiples of 128): the largest of 512/256/128 that
+    divides each length as its block (bigger blocks amortise the per-block softmax bookkeeping)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    def block(n):
+        return next(b for b in (512, 256, _TPU_TILE) if n % b == 0)
+
+    bq, bkv = block(tq), block(tk)
+    sizes = splash.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
+    mask = splash_mask.MultiHeadMask([splash_mask.FullMask((tq, tk)) for _ in range(heads)])
+    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret), splash
+
+
+def _splash_local(q, k, v, *, heads: int, tk: int, interpret: bool):
+    """One device's share: q [b, Tq', D] (scaled), k, v [b, Tk', D], sequences padded to 128 with ``tk`` real keys."""
+    b, tq_pad, d = q.shape
+    tk_pad = k.shape[1]
+    head_dim = d // heads
+    head_pad = _round_up(head_dim, _TPU_TILE) - head_dim
+
+    def split(x):  # [b, t, D] -> [b, heads, t, head_dim padded with zero columns]
+        x = x.reshape(b, x.shape[1], heads, head_dim).transpose(0, 2, 1, 3)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, head_pad))) if head_pad else x
+
+    kernel, splash = _splash_kernel(heads, tq_pad, tk_pad, interpret)
+    segments = None
+    if tk_pad != tk:  # padded keys get their own segment, which no query belongs to
+        segments = splash.SegmentIds(q=jnp.zeros((tq_pad,), jnp.int32), kv=(jnp.arange(tk_pad) >= tk).astype(jnp.int32))
+    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(split(q), split(k), split(v))
+    out = out[..., :head_dim].transpose(0, 2, 1, 3)
+    return out.reshape(b, tq_pad, d)
+
+
+def _splash_attention(q, k, v, heads):
+    interpret = _current["interpret"]
+    if not interpret and jax.default_backend() != "tpu":
+        raise ValueError(
+            f"--attention_impl='splash': a TPU Pallas kernel, and the backend is {jax.default_backend()!r}; "
+            "use 'auto' (cudnn on GPU, xla elsewhere)"
+        )
+    b, tq, d = q.shape
+    tk = k.shape[1]
+    q = q * jnp.asarray((d // heads) ** -0.5, q.dtype)
+    tq_pad, tk_pad = _round_up(tq, _TPU_TILE), _round_up(tk, _TPU_TILE)
+    q = jnp.pad(q, ((0, 0), (0, tq_pad - tq), (0, 0)))
+    k, v = (jnp.pad(x, ((0, 0), (0, tk_pad - tk), (0, 0))) for x in (k, v))
+    local = functools.partial(_splash_local, heads=heads, tk=tk, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        if jax.device_count() == 1:
+            return local(q, k, v)[:, :tq].astype(v.dtype)
+        # Our meshes (training/sharding.py) lay every device out in jax.devices() order and split the batch over
+        # all of them, so one flat axis over the same devices is the batch layout the caller already has.
+        mesh = Mesh(np.asarray(jax.devices()), ("devices",))
+    # A Pallas kernel is one device's program: shard_map runs it on each device's rows. A batch the devices do not
+    # divide (a sampler's odd last batch) is computed whole on every device, which is correct, only redundant.
+    spec = P(tuple(mesh.axis_names)) if b % mesh.size == 0 else P()
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    return out[:, :tq].astype(v.dtype)
+
+
 def _library_attention(q, k, v, heads, mask, implementation):
     b, tq, d = q.shape
     tk = k.shape[1]
@@ -210,6 +305,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: Option
       [B, Tq, D] in the dtype of ``v``.
     """
     impl = _current["impl"]
+    if impl == "splash" and mask is None:  # the text encoder's causal attention takes the general path
+        return _splash_attention(q, k, v, heads)
     if impl == "jax":
         return _library_attention(q, k, v, heads, mask, None)
     if impl in ("cudnn", "auto"):

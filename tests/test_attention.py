@@ -174,19 +174,21 @@ def splash():
     jax.clear_caches()
 
 
-@pytest.mark.parametrize("shape", [(2, 24, 7, 32, 4), (1, 200, 77, 80, 2)])
+@pytest.mark.parametrize("shape", [(8, 24, 7, 32, 4), (1, 200, 77, 80, 2)])
 def test_the_splash_kernel_computes_attention_and_its_gradient(splash, shape, monkeypatch):
     """Forward against the float64 definition, gradients against JAX's derivative of jax.nn.dot_product_attention.
     Neither sequence is a multiple of the kernel's 128-row blocks and the head sizes (8, 40: SD-1.5's) are not
     multiples of 128, so the padding (keys masked by segment ids, zero head columns) is what is tested; the second
-    shape is a cross-attention on 77 text tokens. With 8 devices and a batch they do not divide, the kernel runs
-    whole on each under shard_map; the second shape also runs as on a single device (no shard_map)."""
+    shape is a cross-attention on 77 text tokens. With 8 devices, the first batch is split over them (one example
+    per device under shard_map); the second, which they do not divide, runs whole on each, and also as on a single
+    device (no shard_map)."""
     b, tq, tk, d, heads = shape
     keys = jax.random.split(jax.random.key(6), 4)
     q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys, (tq, tk, tk)))
     fwd = lambda q, k, v: attention.attention(q, k, v, heads)  # noqa: E731
     program = str(jax.make_jaxpr(fwd)(q, k, v))
     assert "pallas_call" in program and "shard_map" in program
+    assert ("P('devices',), P('devices',), P('devices',))" in program) == (b == 8)  # q, k, v split by rows
     out = jax.jit(fwd)(q, k, v)
     assert out.shape == (b, tq, d)
     reference = _reference(q, k, v, heads)

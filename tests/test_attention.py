@@ -1,14 +1,22 @@
 """Attention implementations (ldm_jax.models.attention): every one computes the same function, the choice is
 process-wide and read at trace time, and a choice that cannot run here is refused by name."""
 
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import ROOT, two_process_job, wait_all
+from splash_driver import tiny_unet_case
 
 from ldm_jax import jax_setup
 from ldm_jax.models import attention
 from ldm_jax.models.unet import UNET_VARIANTS, UNetConfig
+
+DRIVER = os.path.join(ROOT, "tests", "splash_driver.py")
 
 
 @pytest.fixture
@@ -218,25 +226,50 @@ def test_the_unet_under_splash_is_the_same_function_sharded_over_8_devices(splas
     path on one device, and its output stays sharded over the batch."""
     from ldm_jax.training.sharding import batch_sharding, make_mesh
 
-    unet = UNetConfig(**UNET_VARIANTS["tiny"]).build(in_channels=4, out_channels=4, context_dim=16)
-    x = jax.random.normal(jax.random.key(1), (8, 16, 16, 4))
-    t = jnp.arange(8) * 120
-    ctx = jax.random.normal(jax.random.key(2), (8, 5, 16))
-    params = unet.init(jax.random.key(0), x[:1], t[:1], ctx[:1])["params"]
-    params["conv_out"] = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape) * 0.1, params["conv_out"])
-    apply = lambda p, x, t, c: unet.apply({"params": p}, x, t, c)  # noqa: E731
+    params, (x, t, ctx), apply = tiny_unet_case()
     program = str(jax.make_jaxpr(apply)(params, x, t, ctx))
     # Four transformer blocks at the 8x8 level, a self- and a cross-attention each, every one a kernel call.
     assert "pallas_call" in program and program.count("shard_map") == 8
-    mesh = make_mesh(4, 2)
-    rows = batch_sharding(mesh)
+    rows = batch_sharding(make_mesh(4, 2))
     sharded = jax.jit(apply)(params, *(jax.device_put(a, rows) for a in (x, t, ctx)))
     assert sharded.sharding.is_equivalent_to(rows, sharded.ndim)
+    reference = _xla_reference(params, (x, t, ctx), apply)
+    np.testing.assert_allclose(np.asarray(sharded), reference, atol=2e-5)
+
+
+def _xla_reference(params, inputs, apply):
+    before = attention.implementation()
     attention.set_implementation("xla")
     jax.clear_caches()
-    reference = np.asarray(jax.jit(apply)(params, x, t, ctx))
-    assert np.abs(reference).max() > 0.1
-    np.testing.assert_allclose(np.asarray(sharded), reference, atol=2e-5)
+    try:
+        out = np.asarray(jax.jit(apply)(params, *inputs))
+    finally:
+        attention.set_implementation(before, interpret=before == "splash")
+        jax.clear_caches()
+    assert np.abs(out).max() > 0.1
+    return out
+
+
+def test_the_unet_under_splash_on_a_mesh_over_two_processes(tmp_path):
+    """As on a pod: 2 processes x 2 CPU devices (jax.distributed over 127.0.0.1) put the batch on one (data, fsdp)
+    mesh over all 4 devices and run the tiny UNet with the splash kernel under shard_map; the gathered output
+    equals the xla path in this process."""
+    out = str(tmp_path / "out.npy")
+    procs = two_process_job(
+        [sys.executable, DRIVER, f"--out={out}"], str(tmp_path / "splash"), env={"PYTHONPATH": ROOT}
+    )
+    wait_all(procs, timeout=600)
+    with open(out + ".json") as f:
+        report = json.load(f)
+    assert report == {
+        "processes": 2,
+        "devices": 4,
+        "kernel": True,
+        "shard_maps": 8,
+        "output_sharded_like_rows": True,
+    }
+    params, inputs, apply = tiny_unet_case()
+    np.testing.assert_allclose(np.load(out), _xla_reference(params, inputs, apply), atol=2e-5)
 
 
 def test_splash_is_refused_by_name_off_tpu(impl):

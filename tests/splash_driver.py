@@ -17,9 +17,6 @@ from absl import app, flags
 
 from ldm_jax.training import distributed
 
-_OUT = flags.DEFINE_string("out", None, "Where process 0 writes the gathered output (.npy) and a .json beside it.")
-_INITIALIZE_DISTRIBUTED = distributed.define_flags()
-
 
 def tiny_unet_case(batch: int = 8):
     """The tiny UNet (attention at its 8x8 level: 64-position self-attention, 5-token cross-attention), its
@@ -38,9 +35,8 @@ def tiny_unet_case(batch: int = 8):
     return params, (x, t, ctx), lambda p, x, t, c: unet.apply({"params": p}, x, t, c)
 
 
-def main(argv):
-    del argv
-    _INITIALIZE_DISTRIBUTED()
+def run(out_path: str, initialize_distributed) -> None:
+    initialize_distributed()
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -65,8 +61,8 @@ def main(argv):
     out = jax.jit(apply)(params, *inputs)
     full = np.asarray(multihost_utils.process_allgather(out, tiled=True))
     if jax.process_index() == 0:
-        np.save(_OUT.value, full)
-        with open(_OUT.value + ".json", "w") as f:
+        np.save(out_path, full)
+        with open(out_path + ".json", "w") as f:
             json.dump(
                 {
                     "processes": jax.process_count(),
@@ -80,5 +76,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not at import: the tests import tiny_unet_case into processes whose other modules
+    # define the same distributed flags.
+    out = flags.DEFINE_string("out", None, "Where process 0 writes the gathered output (.npy) and a .json beside it.")
+    initialize = distributed.define_flags()
     flags.mark_flags_as_required(["out"])
-    app.run(main)
+    app.run(lambda argv: run(out.value, initialize))

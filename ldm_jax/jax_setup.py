@@ -29,11 +29,8 @@ def configure(attention_impl: str = "auto", compilation_cache_dir: str = "", con
     from ldm_jax.models import attention, conv
 
     jax.config.update("jax_threefry_partitionable", jax.default_backend() != "cpu")
-    if attention_impl == "splash" and jax.default_backend() != "tpu":  # refused before anything loads
-        raise ValueError(
-            f"--attention_impl='splash': a TPU Pallas kernel, and the backend is {jax.default_backend()!r}; "
-            "use 'auto' (cudnn on GPU, xla elsewhere)"
-        )
+    if attention_impl == "splash" and attention.splash_refusal():  # refused before anything loads
+        raise ValueError(attention.splash_refusal())
     attention.set_implementation(attention_impl)
     conv.set_implementation(conv_impl)
     if compilation_cache_dir:

@@ -44,19 +44,16 @@ def run(out_path: str, initialize_distributed) -> None:
     from ldm_jax import jax_setup
     from ldm_jax.models import attention
     from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated
+    from ldm_jax.training.transfer import to_mesh
 
     jax_setup.configure()  # as every entry point (and the tests' process): the same random draws
     attention.set_implementation("splash", interpret=True)
     params, inputs, apply = tiny_unet_case()
     mesh = make_mesh(-1, 2)  # 2 processes x 2 devices: data 2 x fsdp 2, each process holding its own rows
 
-    def put(a, sharding):
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    params = jax.tree.map(lambda a: put(a, replicated(mesh)), params)
+    params = to_mesh(params, replicated(mesh))
     rows = batch_sharding(mesh)
-    inputs = [put(a, rows) for a in inputs]
+    inputs = to_mesh(list(inputs), rows)
     program = str(jax.make_jaxpr(apply)(params, *inputs))
     out = jax.jit(apply)(params, *inputs)
     full = np.asarray(multihost_utils.process_allgather(out, tiled=True))

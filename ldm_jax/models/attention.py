@@ -257,13 +257,21 @@ def _splash_local(q, k, v, *, heads: int, tk: int, interpret: bool):
     return out.reshape(b, tq_pad, d)
 
 
+def splash_refusal() -> str:
+    """Why the splash kernel cannot run compiled here ("" on TPU); Pallas's interpreter runs it anywhere."""
+    if jax.default_backend() == "tpu":
+        return ""
+    return (
+        f"--attention_impl='splash': a TPU Pallas kernel, and the backend is {jax.default_backend()!r}; "
+        "use 'auto' (cudnn on GPU, xla elsewhere)"
+    )
+
+
 def _splash_attention(q, k, v, heads):
     interpret = _current["interpret"]
-    if not interpret and jax.default_backend() != "tpu":
-        raise ValueError(
-            f"--attention_impl='splash': a TPU Pallas kernel, and the backend is {jax.default_backend()!r}; "
-            "use 'auto' (cudnn on GPU, xla elsewhere)"
-        )
+    why = "" if interpret else splash_refusal()
+    if why:
+        raise ValueError(why)
     b, tq, d = q.shape
     tk = k.shape[1]
     q = q * jnp.asarray((d // heads) ** -0.5, q.dtype)

@@ -10,7 +10,13 @@ SIZE="${1:-small}"
 shift || true
 PEER=.venv-flaxpeer
 if [ ! -x "$PEER/bin/python" ]; then
-  "$(command -v python3.12 || echo "$(pyenv root)/versions/3.12.1/bin/python3.12")" -m venv "$PEER"
+  # The first Python 3.12 that runs (a pyenv shim is on PATH even where its version is not selected).
+  PY312=""
+  for c in python3.12 "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python3.12; do
+    if "$c" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; then PY312="$c"; break; fi
+  done
+  [ -n "$PY312" ] || { echo "benchmarks/peers.sh: no Python 3.12 found (diffusers-Flax runs with our jax)" >&2; exit 1; }
+  "$PY312" -m venv "$PEER"
   JAX_PIN="$(.venv/bin/python -c 'import jax, jaxlib, flax; print(f"jax=={jax.__version__} jaxlib=={jaxlib.__version__} flax=={flax.__version__}")')"
   # shellcheck disable=SC2086
   "$PEER/bin/python" -m pip install -q $JAX_PIN diffusers==0.39.0 safetensors huggingface_hub optax

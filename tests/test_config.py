@@ -46,6 +46,8 @@ def test_pod_scale_txt2img_describes_the_paper_setup():
         ("diffusion.rescale_betas_zero_snr", True, "needs prediction_type 'v_prediction' or 'sample'"),
         ("data.name", "photo_crops", "data.name='photo_crops': has images only"),
         ("eval.every", -1, "eval.every=-1: must be >= 0"),
+        ("data.prefetch_buffer_size", 0, "data.prefetch_buffer_size=0: must be >= 1"),
+        ("data.read_threads", 0, "data.read_threads=0: must be >= 1"),
     ],
 )
 def test_validate_names_the_bad_field(field, value, match):

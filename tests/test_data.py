@@ -80,3 +80,26 @@ def test_attribute_reader_rejects_wrong_images():
 def test_parse_caption_errors():
     with pytest.raises(ValueError, match="not a shapes-dataset caption"):
         attributes.parse_caption("a photo of a cat")
+
+
+def test_read_options_change_neither_the_batches_nor_their_order(data_dir):
+    """data.read_threads and data.prefetch_buffer_size reach grain's reader, and only change how far it reads
+    ahead: the batches and their order are the same with one thread and a one-example buffer."""
+    from configs import txt2img
+    from ldm_jax.data import pipeline
+    from ldm_jax.data.tokenizer import CLIPTokenizer
+
+    config = txt2img.get_config("tiny")
+    config.data.data_dir = data_dir
+    tokenizer = CLIPTokenizer(config.text_encoder.max_length, config.text_encoder.pad_token)
+    batches = {}
+    for threads, buffer in ((1, 1), (4, 128)):
+        config.data.read_threads, config.data.prefetch_buffer_size = threads, buffer
+        loader = pipeline.make_loader(config.data, "train", 8, tokenizer, start_step=3)
+        assert (loader._read_options.num_threads, loader._read_options.prefetch_buffer_size) == (threads, buffer)
+        it = iter(loader)
+        batches[threads] = [next(it) for _ in range(4)]
+    for a, b in zip(batches[1], batches[4]):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

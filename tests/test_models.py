@@ -63,3 +63,64 @@ def test_text_encoder_is_causal():
     assert float(jnp.abs(a[:, 5:] - b[:, 5:]).max()) > 1e-4
     penultimate = CLIPTextTransformer(vocab_size=100, max_length=8, width=16, layers=2, heads=2, output_layer=-2)
     assert penultimate.apply({"params": params}, tokens).shape == (1, 8, 16)
+
+
+@pytest.mark.parametrize(
+    "shape, groups, dtype",
+    [
+        ((2, 8, 8, 32), 8, jnp.float32),
+        ((3, 5, 7, 64), 32, jnp.float32),  # odd sizes: positions are not a multiple of anything
+        ((2, 16, 12), 4, jnp.float32),  # [B, T, C]
+        ((2, 6, 6, 16), 16, jnp.bfloat16),  # bf16 in and out, float32 statistics
+    ],
+)
+def test_group_norm_is_flax_group_norm(shape, groups, dtype):
+    """layers.GroupNorm computes flax's nn.GroupNorm (the function the converters and checkpoints assume) from
+    the same parameters, with the same gradients, on an input whose groups differ in mean and scale."""
+    from flax import linen as nn
+
+    from ldm_jax.models.layers import GroupNorm
+
+    k = jax.random.split(jax.random.key(0), 4)
+    offsets = jnp.arange(shape[-1]) * 0.3 - 2.0  # a mean far from zero tests the one-pass variance's rounding
+    x = (jax.random.normal(k[0], shape) * jnp.linspace(0.5, 3.0, shape[-1]) + offsets).astype(dtype)
+    ours, ref = GroupNorm(groups, epsilon=1e-5, dtype=dtype), nn.GroupNorm(groups, epsilon=1e-5, dtype=dtype)
+    params = ours.init(k[1], x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(k[1], x))
+    np.testing.assert_array_equal(params["params"]["scale"], 1.0)
+    np.testing.assert_array_equal(params["params"]["bias"], 0.0)
+    params = {"params": {"scale": jax.random.normal(k[2], shape[-1:]), "bias": jax.random.normal(k[3], shape[-1:])}}
+    out, want = jax.jit(ours.apply)(params, x), jax.jit(ref.apply)(params, x)
+    assert out.dtype == want.dtype == dtype
+    # Both take the variance as E[x^2] - E[x]^2 in float32; with means up to 17 in this input, their different
+    # summation orders round apart by about 1e-5.
+    tol = 3e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+    if dtype == jnp.float32:
+        w = jax.random.normal(jax.random.key(5), shape)
+
+        def grads(model):
+            return jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x) * w), argnums=(0, 1)))(params, x)
+
+        for got, exp in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref))):
+            np.testing.assert_allclose(got, exp, atol=3e-5, rtol=5e-5)
+
+
+def test_group_norm_refuses_groups_that_do_not_divide_the_channels():
+    from ldm_jax.models.layers import GroupNorm
+
+    with pytest.raises(ValueError, match="num_groups=3 must divide the 8 channels"):
+        GroupNorm(3).init(jax.random.key(0), jnp.ones((1, 2, 2, 8)))
+
+
+def test_upsample_repeats_each_pixel_as_nearest_resize_does():
+    from ldm_jax.models.layers import Upsample
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+    model = Upsample(4)
+    params = model.init(jax.random.key(1), x)
+    # The 3x3 convolution after it, replaced by the identity, leaves the upsampled map.
+    identity = jnp.zeros((3, 3, 4, 4)).at[1, 1].set(jnp.eye(4))
+    params = {"params": {"conv": {"kernel": identity, "bias": jnp.zeros(4)}}}
+    out = jax.jit(model.apply)(params, x)
+    np.testing.assert_array_equal(out, jax.image.resize(x, (2, 6, 10, 4), method="nearest"))

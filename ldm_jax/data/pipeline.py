@@ -49,6 +49,10 @@ class DataConfig(config_lib.Section):
     global_batch_size: int
     shuffle_seed: int = 0
     worker_count: int = 0  # grain worker processes (decoding, cropping, tokenizing); 0 reads in the training process
+    read_threads: int = 16  # grain's reader threads per process (grain's default)
+    # Examples read ahead per process. Not grain's 500: its reader scans the ready part of this buffer on every
+    # example it hands out, which at 500 cost the 32px demo a third of its data time (62 vs 34-45 ms a batch of 64).
+    prefetch_buffer_size: int = 128
     source: str = ""
     eval_source: str = ""
     image_key: str = "image"  # tfds: the image feature
@@ -64,6 +68,8 @@ class DataConfig(config_lib.Section):
         self.check(self.config in DATASET_CONFIGS, prefix, "config", f"must be one of {DATASET_CONFIGS}")
         self.check(self.global_batch_size >= 1, prefix, "global_batch_size", "must be >= 1")
         self.check(self.worker_count >= 0, prefix, "worker_count", "must be >= 0")
+        self.check(self.read_threads >= 1, prefix, "read_threads", "must be >= 1")
+        self.check(self.prefetch_buffer_size >= 1, prefix, "prefetch_buffer_size", "must be >= 1")
         self.check(self.image_size >= 1, prefix, "image_size", "must be >= 1")
         self.check(self.crop in preprocess.CROPS, prefix, "crop", f"must be one of {preprocess.CROPS}")
         self.check(0.0 <= self.max_bad_fraction <= 1.0, prefix, "max_bad_fraction", "must be in [0, 1]")
@@ -291,6 +297,9 @@ def make_loader(
         sampler=sampler,
         operations=[Preprocess(tokenizer, labeling), grain.Batch(local, drop_remainder=True)],
         worker_count=data_config.worker_count,
+        read_options=grain.ReadOptions(
+            num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_buffer_size
+        ),
     )
 
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
+from ldm_jax.models.layers import Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
 from ldm_jax.models.remat import remat
 
 Dtype = Any
@@ -116,7 +116,7 @@ class Encoder(nn.Module):
                 self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="mid_block_attentions_0"
             )(h)
         h = resnet_block(ch, name="mid_block_resnets_1", **kw)(h)
-        h = nn.GroupNorm(
+        h = GroupNorm(
             self.norm_groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
         )(h)
         h = nn.silu(h)
@@ -151,7 +151,7 @@ class Decoder(nn.Module):
                 h = resnet_block(ch, name=f"up_blocks_{i}_resnets_{j}", **kw)(h)
             if i != len(chans) - 1:
                 h = Upsample(ch, dtype=self.dtype, param_dtype=self.param_dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
-        h = nn.GroupNorm(
+        h = GroupNorm(
             self.norm_groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
         )(h)
         h = nn.silu(h)

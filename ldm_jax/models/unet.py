@@ -18,6 +18,7 @@ from ldm_jax import config_lib
 
 from ldm_jax.models.layers import (
     Downsample,
+    GroupNorm,
     ResnetBlock,
     SpatialTransformer,
     TimestepEmbedding,
@@ -252,7 +253,7 @@ class UNet(nn.Module):
             if lev != 0:
                 h = Upsample(ch, dtype=self.dtype, param_dtype=self.param_dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
 
-        h = nn.GroupNorm(
+        h = GroupNorm(
             self.norm_groups, epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_norm_out"
         )(h)
         h = nn.silu(h)

@@ -219,3 +219,26 @@ def test_sample_cli_names_a_bad_sampler_and_writes_nothing(txt2img_workdir, tmp_
 def test_sample_cli_rejects_a_non_txt2img_workdir(first_stage_workdir):
     proc = run_module("ldm_jax.sample", f"--workdir={first_stage_workdir}", "--prompt=x", timeout=300)
     assert proc.returncode != 0 and "sampling needs a txt2img" in proc.stderr
+
+
+def test_the_markdown_table_has_no_empty_shape_breakdown():
+    """Class-conditional evaluation scores shape without sizes, so there is no per-kind breakdown: the table then
+    has the attribute rows only (it used to end in a header-only table that no markdown reader renders)."""
+    from ldm_jax.evaluation import generation
+
+    scores = {"accuracy/color": 0.9, "accuracy/shape": 0.3}
+    result = {"generated": scores, "dataset_images": scores, "reconstructions": scores}
+    result["shape_by_kind"] = {k: {} for k in ("generated", "dataset_images", "reconstructions")}
+    table = generation.markdown_table(result)
+    assert "shape accuracy" not in table
+    assert table.splitlines() == [
+        "| | color | shape |",
+        "|---|---|---|",
+        "| dataset images | 0.900 | 0.300 |",
+        "| first-stage reconstructions | 0.900 | 0.300 |",
+        "| samples | 0.900 | 0.300 |",
+    ]
+    result["shape_by_kind"] = {
+        k: {"shape/square/small": 0.5} for k in ("generated", "dataset_images", "reconstructions")
+    }
+    assert "| shape accuracy | square/small |" in generation.markdown_table(result)

@@ -100,8 +100,8 @@ def markdown_table(result: dict) -> str:
     out = ["| | " + " | ".join(a.removeprefix("accuracy/") for a in attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
     out += [f"| {names[r]} | " + " | ".join(f"{result[r][a]:.3f}" for a in attrs) + " |" for r in rows]
     kinds = result.get("shape_by_kind", {})
-    if kinds:
-        keys = list(kinds.get("generated", {}))
+    keys = list(kinds.get("generated", {}))
+    if keys:  # none for conditions without a size (class labels are colour x shape): no empty table
         out += ["", "| shape accuracy | " + " | ".join(k.removeprefix("shape/") for k in keys) + " |"]
         out += ["|---" * (len(keys) + 1) + "|"]
         out += [f"| {names[r]} | " + " | ".join(f"{kinds[r][k]:.3f}" for k in keys) + " |" for r in rows if r in kinds]

@@ -61,16 +61,19 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
-        b = x.shape[0]
-        xf = x.astype(jnp.float32).reshape(b, -1, c)
-        n = xf.shape[1] * (c // g)
-        mean = xf.sum(1).reshape(b, g, c // g).sum(-1) / n
-        mean_sq = (xf * xf).sum(1).reshape(b, g, c // g).sum(-1) / n
+        b, k = x.shape[0], c // g
+        xf = x.astype(jnp.float32).reshape(b, -1, c)  # [B, positions, C]
+
+        def group_mean(v):  # [B, positions, C] -> [B, G]
+            return v.sum(1).reshape(b, g, k).sum(-1) / (v.shape[1] * k)
+
+        def per_channel(v):  # [B, G] -> [B, 1, C], broadcast over the positions
+            return jnp.repeat(v, k, axis=1)[:, None, :]
+
+        mean, mean_sq = group_mean(xf), group_mean(xf * xf)
         inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
-        per_channel = (b,) + (1,) * (x.ndim - 2) + (c,)
-        mean = jnp.repeat(mean, c // g, axis=1).reshape(per_channel)
-        mul = jnp.repeat(inv, c // g, axis=1).reshape(per_channel) * scale.astype(jnp.float32)
-        return ((x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)).astype(dtype)
+        y = (xf - per_channel(mean)) * (per_channel(inv) * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+        return y.reshape(x.shape).astype(dtype)
 
 
 class TimestepEmbedding(nn.Module):

@@ -11,12 +11,11 @@ several cases pays the interpreter, JAX and distributed start-up once instead of
 
 The spec: ``{"cases": [{"name", "config": "<module>:<preset>" or a config.json path, "set": {"dotted.field":
 value}, "workdir", "stops": [int, ...], "damage_before_stop": int (optional: the newest checkpoint is damaged before
-the invocation that trains to that stop)}], "timings": "<path or empty>", "shared_compile_cache": "<folder or
-empty>"}``; process 0 writes per-case wall times to ``timings``.
+the invocation that trains to that stop)}], "timings": "<path or empty>"}``; process 0 writes per-case wall times to ``timings``.
 
-With ``shared_compile_cache`` (a multi-process spec), process 0 compiles every program and hands the executable to
-the other processes (``share_compiles``): the other processes of a job run the same program, so they would only
-compile it again, on the same CPU cores.
+In a multi-process job, process 0 compiles every program that spans processes and hands the executable to the
+others (``compile_sharing.share_compiles``): they run the same programs, so they would only compile them again, on
+the same CPU cores.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import importlib
 import json
 import time
 
+import compile_sharing
 from absl import app, flags, logging
 
 from ldm_jax.training import distributed
@@ -69,38 +69,6 @@ def _damage_newest(workdir: str) -> None:
     barrier("matrix_damage")
 
 
-def share_compiles(cache_dir: str) -> None:
-    """Process 0 compiles each program once and the others load its executable (JAX's
-    ``jax_share_binary_between_hosts``), with XLA's persistent cache in ``cache_dir``, a folder of this job alone.
-
-    Why the patch: JAX keys a compiled program partly by the devices' topology fingerprint, and on the CPU backend
-    that fingerprint differs between the processes of one job (each describes its own host), so process 1 would
-    wait for a key that process 0 never writes. The replacement hashes the global device list instead, which every
-    process sees alike; single-process programs keep JAX's key. The folder must be this job's own: if process 0
-    found a program in a cache that another job had just written, it would not share it, and process 1, which had
-    looked a moment earlier, would wait for it until the share timeout.
-    """
-    import hashlib
-
-    import jax
-    from jax._src import cache_key
-
-    original = cache_key._hash_accelerator_config  # fails loudly if a JAX release renames it
-
-    def hash_accelerators(hash_obj, accelerators):
-        devices = list(accelerators.flat)
-        if devices[0].platform != "cpu" or len({d.process_index for d in devices}) == 1:
-            return original(hash_obj, accelerators)
-        described = ";".join(f"{d.platform}:{d.id}:{d.process_index}" for d in devices)
-        hash_obj.update(hashlib.sha256(described.encode()).digest())
-
-    cache_key._hash_accelerator_config = hash_accelerators
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_share_binary_between_hosts", True)
-    # Longer than any one compile of the matrix on a busy 2-core machine; a process left waiting fails the test.
-    jax.config.update("jax_share_binary_between_hosts_timeout_ms", 600_000)
-
-
 def main(argv):
     del argv
     import jax
@@ -113,8 +81,7 @@ def main(argv):
     quiet_library_logs()
     with open(_SPEC.value) as f:
         spec = json.load(f)
-    if spec.get("shared_compile_cache"):  # before anything compiles: JAX opens its cache folder once
-        share_compiles(spec["shared_compile_cache"])
+    compile_sharing.share_compiles()  # before anything compiles; single-process programs are left as they are
     _INITIALIZE_DISTRIBUTED()
     jax_setup.configure()  # after distributed: it asks for the backend
     timings = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import compile_sharing
 from absl import app, flags
 
 from ldm_jax.training import distributed
@@ -36,6 +37,7 @@ def tiny_unet_case(batch: int = 8):
 
 
 def run(out_path: str, initialize_distributed) -> None:
+    compile_sharing.share_compiles()  # process 0 compiles the sharded UNet, process 1 loads it
     initialize_distributed()
     import jax
     import numpy as np

@@ -4,6 +4,7 @@ and their checkpoint resumes in a single process."""
 import copy
 import json
 import os
+import re
 import sys
 
 import jax
@@ -45,6 +46,8 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(dat
     )
     outputs = wait_all(procs, timeout=420)
     assert "(2 processes)" in outputs[0]
+    # Process 1 compiled nothing that spans both processes: it loaded process 0's executables (cli.two_process_job).
+    assert re.search(r"compile_sharing: [1-9]\d* programs from process 0", outputs[1]), outputs[1][-2000:]
     # Only process 0 writes logs.
     assert os.path.exists(os.path.join(two, "metrics.jsonl")) and os.path.exists(os.path.join(two, "config.json"))
 

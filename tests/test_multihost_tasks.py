@@ -10,7 +10,7 @@ each: the same loss and metric trajectory (evaluation metrics included), the sam
 ``test_multihost`` documents), and the same preview images. All runs of one layout share one job
 (``multihost_driver.py``), and the two layouts run at the same time, so the matrix costs three JAX start-ups. In the
 two-process job, process 0 compiles each program and process 1 loads its executable
-(``multihost_driver.share_compiles``): 100 s less CPU for the CI cases (627 vs 726 s, the file alone on 2 cores). A
+(``compile_sharing.py``): 100 s less CPU for the CI cases (627 vs 726 s, the file alone on 2 cores). A
 process 1 that traced a different program than process 0 would wait for an executable that never comes, and fail
 at the share timeout.
 """
@@ -142,8 +142,6 @@ def _run_matrix(names, root, *workdirs):
             if layout == "two" and c["name"] == DAMAGED_CASE:
                 c["damage_before_stop"] = 4
         layouts[layout] = {"cases": cases, "timings": str(root / f"timings_{layout}.json")}
-        if layout == "two":  # process 0 compiles, process 1 loads its executables (multihost_driver.share_compiles)
-            layouts[layout]["shared_compile_cache"] = str(root / "xla_cache_two")
         with open(root / f"spec_{layout}.json", "w") as f:
             json.dump(layouts[layout], f)
     t0 = time.perf_counter()

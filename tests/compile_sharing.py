@@ -1,0 +1,96 @@
+"""One compile per program in a multi-process test job: process 0 compiles (or loads from XLA's persistent cache)
+every program that spans processes and hands the executable to the others, which would otherwise compile the same
+program again on the same two CPU cores.
+
+  python tests/compile_sharing.py MODULE [ARGS...]   # runs ``python -m MODULE ARGS...`` with sharing on
+
+``cli.two_process_job`` starts every ``python -m ...`` job this way, and ``multihost_driver.py`` calls
+``share_compiles`` itself. The persistent cache is the test run's own (``JAX_COMPILATION_CACHE_DIR``, conftest.py).
+
+JAX's own ``jax_share_binary_between_hosts`` does not work here unchanged, for two reasons this module patches:
+
+- JAX keys a compiled program partly by the devices' topology fingerprint, and on the CPU backend that fingerprint
+  differs between the processes of one job (each describes its own host): process 1 would wait for a key that
+  process 0 never writes (and, without sharing, never finds process 0's cache entries). Multi-process CPU programs
+  are keyed by the global device list instead, which every process sees alike.
+- When process 0 finds a program in the persistent cache it returns it without sharing, while process 1, which
+  looked a moment earlier (or before another test's job wrote the entry), waits for process 0's executable until the
+  share timeout. Here process 1 never reads the cache for a multi-process program: it always takes process 0's
+  executable, and process 0 hands out what it loaded from the cache as well as what it compiled.
+
+Single-process programs (each process's own devices) keep JAX's key and path. A process that traced a different
+program than process 0 waits for an executable that never comes and fails at the share timeout: the job's
+processes must run the same programs, which is what multi-host training needs anyway.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import runpy
+import sys
+
+
+def _spans_processes(devices) -> bool:
+    return len({d.process_index for d in devices}) > 1
+
+
+def share_compiles() -> None:
+    """Patches this process's JAX as the module docstring says; call it before anything compiles. Fails loudly
+    (AttributeError) if a JAX release renames what it patches."""
+    import jax
+    from jax._src import cache_key, compilation_cache, compiler, distributed
+
+    original_hash = cache_key._hash_accelerator_config
+    original_read = compiler._cache_read
+    shared = compiler._compile_and_share_module.modules_cache  # keys process 0 already handed out by compiling
+    published = set()
+    taken = []  # keys this process took from process 0 instead of compiling
+
+    def hash_accelerators(hash_obj, accelerators):
+        devices = list(accelerators.flat)
+        if devices[0].platform != "cpu" or not _spans_processes(devices):
+            return original_hash(hash_obj, accelerators)
+        described = ";".join(f"{d.platform}:{d.id}:{d.process_index}" for d in devices)
+        hash_obj.update(hashlib.sha256(described.encode()).digest())
+
+    def cache_read(module_name, key, compile_options, backend, executable_devices, host_callbacks):
+        devices = list(executable_devices)
+        client = distributed.global_state.client
+        if client is None or not _spans_processes(devices):
+            return original_read(module_name, key, compile_options, backend, executable_devices, host_callbacks)
+        first = min(devices, key=lambda d: d.id).process_index  # the process JAX's share path compiles on
+        if distributed.global_state.process_id != first:
+            taken.append(key)
+            return None, None  # a miss: JAX's share path then waits for the first process's executable
+        executable, compile_time = original_read(
+            module_name, key, compile_options, backend, executable_devices, host_callbacks
+        )
+        if executable is not None and key not in published and key not in shared:
+            data = compilation_cache.compress_executable(backend.serialize_executable(executable))
+            client.key_value_set_bytes(key, data)
+            published.add(key)
+        return executable, compile_time
+
+    cache_key._hash_accelerator_config = hash_accelerators
+    compiler._cache_read = cache_read
+    jax.config.update("jax_share_binary_between_hosts", True)
+    # Longer than any one compile of the suite on a busy 2-core machine; a process left waiting fails its test.
+    jax.config.update("jax_share_binary_between_hosts_timeout_ms", 600_000)
+    # Tests read this line from process 1's log: sharing took effect.
+    atexit.register(lambda: print(f"compile_sharing: {len(taken)} programs from process 0", file=sys.stderr))
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit("usage: python tests/compile_sharing.py MODULE [ARGS...]")
+    module = sys.argv[1]
+    share_compiles()
+    sys.argv = [module, *sys.argv[2:]]
+    sys.path[0] = os.getcwd()  # as ``python -m`` has it (configs/ importable from the repository root), not tests/
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

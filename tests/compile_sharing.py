@@ -16,7 +16,7 @@ JAX's own ``jax_share_binary_between_hosts`` does not work here unchanged, for t
 - When process 0 finds a program in the persistent cache it returns it without sharing, while process 1, which
   looked a moment earlier (or before another test's job wrote the entry), waits for process 0's executable until the
   share timeout. Here process 1 never reads the cache for a multi-process program: it always takes process 0's
-  executable, and process 0 hands out what it loaded from the cache as well as what it compiled.
+  executable, and process 0 hands out the cache entry it loaded (its bytes, as written) as well as what it compiled.
 
 Single-process programs (each process's own devices) keep JAX's key and path. A process that traced a different
 program than process 0 waits for an executable that never comes and fails at the share timeout: the job's
@@ -68,8 +68,11 @@ def share_compiles() -> None:
             module_name, key, compile_options, backend, executable_devices, host_callbacks
         )
         if executable is not None and key not in published and key not in shared:
-            data = compilation_cache.compress_executable(backend.serialize_executable(executable))
-            client.key_value_set_bytes(key, data)
+            # The entry's own bytes: XLA:CPU serialises an executable it deserialised without its compiled
+            # functions (process 1 then fails with "Function ... not found"), so never re-serialise the loaded one.
+            entry = compilation_cache.decompress_executable(compilation_cache._get_cache(backend).get(key))
+            serialized, _ = compilation_cache.extract_executable_and_time(entry)
+            client.key_value_set_bytes(key, compilation_cache.compress_executable(serialized))
             published.add(key)
         return executable, compile_time
 

@@ -74,3 +74,21 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(dat
     state = loop.train_and_evaluate(resumed, two)
     assert int(state.step) == 6
     assert len(_losses(two)) == 6
+
+
+def test_a_program_process_0_loads_from_the_cache_reaches_process_1(tmp_path):
+    """``compile_sharing.py`` in both of its paths: the first job's process 0 compiles the program and hands it
+    over; the second job's process 0 loads it from the persistent cache and hands over the entry (an executable
+    re-serialised after loading lacks its XLA:CPU kernels, and process 1 failed with "Function ... not found").
+    Both processes of both jobs compute what one process does."""
+    from sharing_probe import program, rows
+
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    expected = np.asarray(program(np.concatenate([rows(0), rows(1)])))
+    for job in ("compiled", "from_cache"):
+        argv = [sys.executable, "-m", "tests.sharing_probe", f"--out={tmp_path / job}"]
+        outputs = wait_all(two_process_job(argv, str(tmp_path / job), env=env), timeout=300)
+        assert "compile_sharing: 1 programs from process 0" in outputs[1], outputs[1][-2000:]
+        for process in (0, 1):
+            np.testing.assert_allclose(np.load(tmp_path / f"{job}.{process}.npy"), expected, rtol=1e-6)
+    assert os.listdir(tmp_path / "cache")  # the second job had an entry to load

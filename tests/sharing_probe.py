@@ -1,0 +1,40 @@
+"""A small program over a mesh that spans processes, for ``test_multihost``'s check of ``compile_sharing.py``:
+
+  python tests/compile_sharing.py tests.sharing_probe --out=FILE [--coordinator_address=... --num_processes=2
+      --process_id=0|1]
+
+Each process contributes its own rows; each writes the replicated result (a reduction, whose XLA:CPU kernel a
+badly shared executable lacks) to ``FILE.<process>.npy``.
+"""
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from ldm_jax.training import distributed
+
+_OUT = flags.DEFINE_string("out", None, "Result path prefix.")
+_INITIALIZE_DISTRIBUTED = distributed.define_flags()
+
+
+def program(x):
+    return (x * 3).sum(axis=1) * x.mean()
+
+
+def rows(process: int) -> np.ndarray:
+    return np.arange(4, dtype=np.float32).reshape(2, 2) + 10 * process
+
+
+def main(argv):
+    del argv
+    _INITIALIZE_DISTRIBUTED()
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), rows(jax.process_index()))
+    out = jax.jit(program, out_shardings=NamedSharding(mesh, PartitionSpec()))(x)
+    np.save(f"{_OUT.value}.{jax.process_index()}.npy", np.asarray(out))
+
+
+if __name__ == "__main__":
+    app.run(main)

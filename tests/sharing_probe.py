@@ -13,9 +13,6 @@ from absl import app, flags
 
 from ldm_jax.training import distributed
 
-_OUT = flags.DEFINE_string("out", None, "Result path prefix.")
-_INITIALIZE_DISTRIBUTED = distributed.define_flags()
-
 
 def program(x):
     return (x * 3).sum(axis=1) * x.mean()
@@ -25,16 +22,18 @@ def rows(process: int) -> np.ndarray:
     return np.arange(4, dtype=np.float32).reshape(2, 2) + 10 * process
 
 
-def main(argv):
-    del argv
-    _INITIALIZE_DISTRIBUTED()
+def main(out_prefix: str, initialize_distributed) -> None:
+    initialize_distributed()
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), rows(jax.process_index()))
     out = jax.jit(program, out_shardings=NamedSharding(mesh, PartitionSpec()))(x)
-    np.save(f"{_OUT.value}.{jax.process_index()}.npy", np.asarray(out))
+    np.save(f"{out_prefix}.{jax.process_index()}.npy", np.asarray(out))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # Flags only when run: the test imports program and rows into a pytest worker that holds other modules' flags.
+    _out = flags.DEFINE_string("out", None, "Result path prefix.")
+    _initialize = distributed.define_flags()
+    app.run(lambda argv: main(_out.value, _initialize))

@@ -11,7 +11,8 @@ several cases pays the interpreter, JAX and distributed start-up once instead of
 
 The spec: ``{"cases": [{"name", "config": "<module>:<preset>" or a config.json path, "set": {"dotted.field":
 value}, "workdir", "stops": [int, ...], "damage_before_stop": int (optional: the newest checkpoint is damaged before
-the invocation that trains to that stop)}], "timings": "<path or empty>"}``; process 0 writes per-case wall times to ``timings``.
+the invocation that trains to that stop)}], "timings": "<path or empty>"}``; process 0 writes per-case wall times to
+``timings``.
 
 In a multi-process job, process 0 compiles every program that spans processes and hands the executable to the
 others (``compile_sharing.share_compiles``): they run the same programs, so they would only compile them again, on

@@ -124,3 +124,89 @@ def test_upsample_repeats_each_pixel_as_nearest_resize_does():
     params = {"params": {"conv": {"kernel": identity, "bias": jnp.zeros(4)}}}
     out = jax.jit(model.apply)(params, x)
     np.testing.assert_array_equal(out, jax.image.resize(x, (2, 6, 10, 4), method="nearest"))
+
+
+def test_sincos_position_embedding_values_and_distinct_rows():
+    from ldm_jax.models.layers import sincos_position_embedding
+
+    h, w, dim = 4, 6, 18  # 4 frequencies, 2 zero channels
+    e = sincos_position_embedding(h, w, dim)
+    assert e.shape == (h * w, dim) and e.dtype == np.float32
+    freqs = np.pi * np.geomspace(1.0, max(h, w) / 2, 4)
+    for i in range(h):
+        for j in range(w):
+            y, x = (i + 0.5) / h, (j + 0.5) / w
+            want = [*np.sin(y * freqs), *np.cos(y * freqs), *np.sin(x * freqs), *np.cos(x * freqs), 0.0, 0.0]
+            np.testing.assert_allclose(e[i * w + j], want, atol=1e-6)
+    # Every pixel of the maps a UNet sees gets its own code, far from every other's.
+    for side, dim in ((4, 32), (8, 64), (16, 32), (32, 64)):
+        e = sincos_position_embedding(side, side, dim)
+        d = np.linalg.norm(e[:, None] - e[None], axis=-1) + np.eye(side * side) * 1e9
+        assert d.min() > 0.2, (side, dim, d.min())
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_position_embedding_tells_the_transformer_where_each_pixel_is(linear):
+    """On a uniform feature map a SpatialTransformer without a position input gives every pixel the same output (it
+    only has 1x1 projections and attention); with ``position_embedding="sincos"`` each pixel's output differs."""
+    from ldm_jax.models.layers import SpatialTransformer
+
+    x = jnp.ones((2, 8, 8, 16)) * jnp.array([0.3, -1.2])[:, None, None, None]
+    x = x + jnp.linspace(-1, 1, 16)  # uniform over pixels, varied over channels
+    ctx = jax.random.normal(jax.random.key(0), (2, 5, 12))
+    outs = {}
+    for kind in ("none", "sincos"):
+        block = SpatialTransformer(2, 8, groups=4, use_linear_projection=linear, position_embedding=kind)
+        params = block.init(jax.random.key(1), x, ctx)["params"]
+        # proj_out starts at zero (the block is the identity); give it weights so the tokens reach the output.
+        params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+        outs[kind] = np.asarray(block.apply({"params": params}, x, ctx)).reshape(2, 64, 16)
+    spread = lambda y: float(np.abs(y - y[:, :1]).max())  # noqa: E731
+    assert spread(outs["none"]) < 1e-5
+    y = outs["sincos"]
+    assert spread(y) > 1e-2
+    d = np.linalg.norm(y[:, :, None] - y[:, None], axis=-1) + np.eye(64) * 1e9
+    assert d.min() > 1e-4, d.min()
+
+
+def test_position_embedding_adds_no_parameters_and_is_validated():
+    from configs import txt2img
+
+    from ldm_jax.tasks import validate_config
+
+    kw = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(True, True), num_heads=(2, 2))
+    kw.update(context_dim=8, norm_groups=8)
+    x, t, ctx = jnp.zeros((1, 8, 8, 4)), jnp.array([10]), jnp.zeros((1, 3, 8))
+    shapes = {
+        kind: jax.tree.map(
+            lambda a: a.shape, jax.eval_shape(UNet(**kw, position_embedding=kind).init, jax.random.key(0), x, t, ctx)
+        )
+        for kind in ("none", "sincos")
+    }
+    assert shapes["none"] == shapes["sincos"]
+    c = txt2img.get_config("tiny")
+    c.first_stage.workdir = "/some/ae"
+    assert c.unet.position_embedding == "none"
+    c.unet.position_embedding = "learned"
+    with pytest.raises(ValueError, match=r"unet.position_embedding='learned': must be one of \('none', 'sincos'\)"):
+        validate_config(c)
+
+
+def test_export_refuses_a_run_with_a_position_embedding(tmp_path):
+    """diffusers' UNet has no position input: exporting such a run would write a pipeline that computes something
+    else. The refusal names the field and comes before anything is written."""
+    from configs import autoencoder_kl, txt2img
+
+    from ldm_jax import config_lib
+    from ldm_jax.interop import stable_diffusion
+
+    ae, run, out = tmp_path / "ae", tmp_path / "run", tmp_path / "out"
+    ae.mkdir(), run.mkdir()
+    config_lib.save_config(autoencoder_kl.get_config("tiny"), str(ae / "config.json"))
+    c = txt2img.get_config("tiny")
+    c.first_stage.workdir = str(ae)
+    c.unet.position_embedding = "sincos"
+    config_lib.save_config(c, str(run / "config.json"))
+    with pytest.raises(ValueError, match="unet.position_embedding='sincos'.*only runs with 'none' export"):
+        stable_diffusion.export_workdir(str(run), str(out))
+    assert not out.exists()

@@ -491,6 +491,12 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     sample = SamplerOptions.from_config(cfg.sample, cfg.diffusion.prediction_type).to_config()
     if fs_fields["kind"] != "kl":
         raise ValueError("StableDiffusionPipeline needs a KL first stage (AutoencoderKL); this run's is VQ")
+    if cfg.unet.position_embedding != "none":
+        raise ValueError(
+            f"--workdir={workdir}: unet.position_embedding={cfg.unet.position_embedding!r}; diffusers' "
+            "UNet2DConditionModel has no position embedding, so it would compute another function: only runs with "
+            "'none' export"
+        )
     storage.check(out, "--out")
     out = storage.absolute(out)
     if storage.listdir(out) and not overwrite:

@@ -18,6 +18,7 @@ from ldm_jax import config_lib
 
 from ldm_jax.models.layers import (
     Downsample,
+    POSITION_EMBEDDINGS,
     GroupNorm,
     ResnetBlock,
     SpatialTransformer,
@@ -64,6 +65,10 @@ class UNetConfig(config_lib.Section):
     transformer_depth: int
     norm_groups: int
     use_linear_projection: bool = False
+    # "sincos": a fixed position embedding in every SpatialTransformer (layers.sincos_position_embedding), for
+    # latent maps too wide for the convolutions' padding to tell the middle where it is. Not in SD's UNet: a run
+    # with it cannot be exported to diffusers.
+    position_embedding: str = "none"
     dropout: float = 0.0
     # Rematerialisation of the blocks (models/remat.py), trading compute for memory: "full" or "dots" for large
     # models and batches, "none" (fastest) when everything fits.
@@ -94,6 +99,12 @@ class UNetConfig(config_lib.Section):
                     tuple(self.num_heads),
                 )
         self.check(0.0 <= self.dropout < 1.0, prefix, "dropout", "must be in [0, 1)")
+        self.check(
+            self.position_embedding in POSITION_EMBEDDINGS,
+            prefix,
+            "position_embedding",
+            f"must be one of {POSITION_EMBEDDINGS}",
+        )
         self.check(self.remat_policy in REMAT_POLICIES, prefix, "remat_policy", f"must be one of {REMAT_POLICIES}")
 
     def build(self, *, in_channels: int, out_channels: int, context_dim: int, num_classes: int = 0, dtype=jnp.float32):
@@ -111,6 +122,7 @@ class UNetConfig(config_lib.Section):
             context_dim=context_dim,
             norm_groups=self.norm_groups,
             use_linear_projection=self.use_linear_projection,
+            position_embedding=self.position_embedding,
             dropout=self.dropout,
             num_classes=num_classes,
             remat_policy=self.remat_policy,
@@ -133,6 +145,7 @@ class UNet(nn.Module):
       num_heads / head_dim: heads per level; when ``head_dim > 0`` it wins and heads = channels // head_dim.
       context_dim: width of the conditioning sequence (text encoder output); 0 for models without one, whose
         transformer blocks then attend to the feature map in both attention layers (as LDM does without context).
+      position_embedding: "sincos" adds a fixed position embedding to every SpatialTransformer's tokens.
       num_classes: > 0 adds a learned class embedding to the timestep embedding, with one extra row (index
         ``num_classes``) for the null class that classifier-free guidance conditions on.
       remat_policy: rematerialisation of every ResNet block and SpatialTransformer (a name in
@@ -150,6 +163,7 @@ class UNet(nn.Module):
     context_dim: int = 768
     norm_groups: int = 32
     use_linear_projection: bool = False
+    position_embedding: str = "none"
     dropout: float = 0.0
     num_classes: int = 0
     remat_policy: str = "none"
@@ -184,6 +198,7 @@ class UNet(nn.Module):
             depth=self.transformer_depth,
             groups=self.norm_groups,
             use_linear_projection=self.use_linear_projection,
+            position_embedding=self.position_embedding,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,

@@ -61,7 +61,13 @@ class Section:
             raise ConfigError(f"{prefix}{unknown[0]}: unknown field; {prefix.rstrip('.')} has {names}")
         missing = [n for n in names if n not in values]
         if missing:
-            raise ConfigError(f"{prefix}{missing[0]}: missing; the config must declare every field of {names}")
+            msg = f"{prefix}{missing[0]}: missing; the config must declare every field of {names}"
+            default = {f.name: f.default for f in dataclasses.fields(cls)}[missing[0]]
+            if default is not dataclasses.MISSING:
+                # Usually a field added after the run was saved: name the value a fresh config would hold.
+                value = json.dumps(default, default=str)
+                msg += f" (a run saved before the field existed: add it to its config.json; default {value})"
+            raise ConfigError(msg)
         obj = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         obj.validate(prefix)
         return obj

@@ -157,5 +157,7 @@ def test_config_validates_and_defaults_remat_policy(tmp_path):
         d.get("first_stage", {})["workdir"] = "/some/ae"
         path = tmp_path / "config.json"
         path.write_text(json.dumps(d))
-        with pytest.raises(ValueError, match=f"{field}.remat_policy: missing"):
+        with pytest.raises(
+            ValueError, match=f'{field}.remat_policy: missing.*add it to its config.json; default "none"'
+        ):
             validate_config(config_lib.load_config(str(path)))

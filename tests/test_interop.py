@@ -39,6 +39,8 @@ UNET_SD1 = dict(
 )
 # The pipelines' UNet: one block per level keeps the sampling and fine-tuning compiles short.
 UNET_PIPE = dict(UNET_SD1, layers_per_block=1)
+# The prompt pooled into the timestep embedding (unet.addition_embed_type="text", diffusers' TextTimeEmbedding).
+UNET_TEXT_EMBED = dict(UNET_PIPE, addition_embed_type="text", addition_embed_type_num_heads=4)
 UNET_SD2 = dict(
     sample_size=8,
     in_channels=4,
@@ -138,6 +140,7 @@ def reference(tmp_path_factory):
     specs = {
         "unet_sd1": ("unet", UNET_SD1, unet_in(32)),
         "unet_sd2": ("unet", UNET_SD2, unet_in(48)),
+        "unet_text_embed": ("unet", UNET_TEXT_EMBED, unet_in(32)),
         "vae": ("vae", VAE, image_in),
         "vq": ("vq", VQ, image_in),
         "clip": ("clip", CLIP, text_in),
@@ -222,11 +225,12 @@ def _load(folder):
     return kind, fields, jax.tree.map(jnp.asarray, params)
 
 
-@pytest.mark.parametrize("name", ["unet_sd1", "unet_sd2"])
+@pytest.mark.parametrize("name", ["unet_sd1", "unet_sd2", "unet_text_embed"])
 def test_unet_matches_diffusers(reference, name):
     folder, inputs, ref = reference[name]
     kind, fields, params = _load(folder)
     assert kind == "unet"
+    assert fields["addition_embed_type"] == ("text" if name == "unet_text_embed" else "none")
     unet = stable_diffusion.build_unet(fields)
     out = jax.jit(unet.apply)({"params": params}, inputs["x"], inputs["t"].astype(np.int32), inputs["context"])
     err = _max_err(out, ref["sample"])
@@ -700,3 +704,31 @@ def test_fine_tuning_starts_from_imported_weights(converted_pipeline, data_dir, 
     smaller = jax.tree.map(lambda x: x[..., :1], tuned)
     with pytest.raises(ValueError, match=r"do not fit this config's model .*conv_in"):
         _match_init_params(imported, smaller, converted_pipeline)
+
+
+def test_text_time_embedding_config_and_weights_round_trip():
+    """``unet.addition_embed_type="text"``: the diffusers config names it (and its heads) both ways, and its weights
+    take diffusers' ``add_embedding.*`` keys (the parity test above loads them from diffusers' own files)."""
+    from ldm_jax.interop import diffusers_config
+    from ldm_jax.interop.state_dict import params_to_state_dict
+
+    fields = diffusers_config.unet_from_diffusers(dict(UNET_TEXT_EMBED))
+    assert (fields["addition_embed_type"], fields["addition_embed_type_num_heads"]) == ("text", 4)
+    back = diffusers_config.unet_to_diffusers(fields, 4, 4, 32, 8)
+    assert (back["addition_embed_type"], back["addition_embed_type_num_heads"]) == ("text", 4)
+    plain = diffusers_config.unet_to_diffusers(diffusers_config.unet_from_diffusers(dict(UNET_PIPE)), 4, 4, 32, 8)
+    assert plain["addition_embed_type"] is None
+    unet = stable_diffusion.build_unet(fields)
+    x, t, ctx = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 7, 32))
+    params = jax.device_get(unet.init(jax.random.key(0), x, t, ctx)["params"])
+    sd = params_to_state_dict("unet", params)
+    added = sorted(k for k in sd if k.startswith("add_embedding."))
+    assert added == sorted(
+        ["add_embedding.pool.positional_embedding"]
+        + [f"add_embedding.{m}.{p}" for m in ("norm1", "norm2", "proj") for p in ("weight", "bias")]
+        + [f"add_embedding.pool.{m}_proj.{p}" for m in "qkv" for p in ("weight", "bias")]
+    )
+    assert sd["add_embedding.proj.weight"].shape == (128, 32)  # [out, in]: time embedding width x context width
+    again = params_from_state_dict("unet", sd, stable_diffusion.unet_abstract(fields), "round trip")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))

@@ -193,8 +193,8 @@ def test_position_embedding_adds_no_parameters_and_is_validated():
 
 
 def test_export_refuses_a_run_with_a_position_embedding(tmp_path):
-    """diffusers' UNet has no position input: exporting such a run would write a pipeline that computes something
-    else. The refusal names the field and comes before anything is written."""
+    """diffusers' UNet has no position input: exporting such a run (whole, or a LoRA run's adapters alone) would
+    write weights for something else. The refusal names the field and comes before anything is written."""
     from configs import autoencoder_kl, txt2img
 
     from ldm_jax import config_lib
@@ -210,3 +210,53 @@ def test_export_refuses_a_run_with_a_position_embedding(tmp_path):
     with pytest.raises(ValueError, match="unet.position_embedding='sincos'.*only runs with 'none' export"):
         stable_diffusion.export_workdir(str(run), str(out))
     assert not out.exists()
+    # A LoRA run on such a base: its adapters alone would be applied to a UNet diffusers cannot build.
+    c.lora.rank = 4
+    config_lib.save_config(c, str(run / "config.json"))
+    lora_file = tmp_path / "adapters.safetensors"
+    with pytest.raises(ValueError, match="unet.position_embedding='sincos'.*only runs with 'none' export"):
+        stable_diffusion.export_lora(str(run), str(lora_file))
+    assert not lora_file.exists()
+
+
+def test_text_time_embedding_reaches_the_output_and_is_validated():
+    """``unet.addition_embed_type="text"``: the pooled prompt is part of the timestep embedding (changing its
+    projection changes the prediction), and the config refuses an unknown kind, a run without a prompt and heads that
+    do not divide the text width, naming the field. Parity with diffusers' TextTimeEmbedding: test_interop."""
+    from configs import class_cond, txt2img
+
+    from ldm_jax.tasks import validate_config
+
+    kw = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, True), num_heads=(2, 2))
+    kw.update(context_dim=8, norm_groups=8, addition_embed_type="text", addition_embed_type_num_heads=2)
+    x, t = jax.random.normal(jax.random.key(1), (2, 8, 8, 4)), jnp.array([10, 700])
+    ctx = jax.random.normal(jax.random.key(2), (2, 3, 8))
+    unet = UNet(**kw)
+    params = unet.init(jax.random.key(0), x, t, ctx)["params"]
+    assert sorted(params["add_embedding"]) == ["norm1", "norm2", "pool", "proj"]
+    # Zero-initialised convolutions (conv_out, every ResnetBlock's conv2) would hide the timestep embedding: move
+    # every weight off its initial value first.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = treedef.unflatten([a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    out = unet.apply({"params": params}, x, t, ctx)
+    moved = jax.tree.map(lambda a: a, params)
+    moved["add_embedding"]["norm2"]["bias"] = moved["add_embedding"]["norm2"]["bias"] + 1.0
+    assert float(jnp.max(jnp.abs(unet.apply({"params": moved}, x, t, ctx) - out))) > 1e-3
+
+    c = txt2img.get_config("tiny")
+    c.first_stage.workdir = "/some/ae"
+    assert c.unet.addition_embed_type == "none"
+    c.unet.addition_embed_type = "pooled"
+    with pytest.raises(ValueError, match=r"unet.addition_embed_type='pooled': must be one of \('none', 'text'\)"):
+        validate_config(c)
+    c.unet.addition_embed_type, c.unet.addition_embed_type_num_heads = "text", 3
+    with pytest.raises(ValueError, match=r"unet.addition_embed_type_num_heads=3: must divide the text encoder's width"):
+        validate_config(c)
+    c.unet.addition_embed_type_num_heads = 4
+    validate_config(c)
+    c = class_cond.get_config("tiny")
+    c.first_stage.workdir = "/some/ae"
+    c.unet.addition_embed_type = "text"
+    with pytest.raises(ValueError, match="unet.addition_embed_type='text': pools the prompt's encoding; a class_cond"):
+        validate_config(c)

@@ -22,7 +22,7 @@ _UNET_FIXED = {
     "norm_eps": (1e-5,),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text"),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "time_embedding_type": ("positional",),
@@ -129,6 +129,8 @@ def unet_from_diffusers(cfg: dict, what: str = "unet/config.json") -> dict[str, 
         context_dim=int(cross),
         norm_groups=int(cfg.get("norm_num_groups", 32)),
         use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+        addition_embed_type=cfg.get("addition_embed_type") or "none",
+        addition_embed_type_num_heads=int(cfg.get("addition_embed_type_num_heads") or 64),
         sample_size=int(cfg.get("sample_size") or 64),
     )
 
@@ -165,6 +167,8 @@ def unet_to_diffusers(unet: dict, in_channels: int, out_channels: int, context_d
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         "use_linear_projection": bool(unet["use_linear_projection"]),
         "upcast_attention": False,
+        "addition_embed_type": None if unet.get("addition_embed_type", "none") == "none" else "text",
+        "addition_embed_type_num_heads": int(unet.get("addition_embed_type_num_heads", 64)),
     }
 
 

@@ -50,6 +50,8 @@ UNET_FIELDS = (
     "context_dim",
     "norm_groups",
     "use_linear_projection",
+    "addition_embed_type",
+    "addition_embed_type_num_heads",
 )
 # The tasks whose runs a diffusers Stable Diffusion pipeline can hold (text-to-image and its inpainting models).
 EXPORTABLE_TASKS = ("txt2img", "inpainting")
@@ -442,6 +444,16 @@ def merged_lora_params(cfg, adapters, meta: dict, lora_cfg) -> dict:
     return jax.device_get(lora.merge(base, adapters, lora_cfg.scale))
 
 
+def _check_diffusers_unet(cfg, workdir: str) -> None:
+    """Refuses, before anything is written, a run whose UNet diffusers' UNet2DConditionModel cannot express."""
+    if cfg.unet.position_embedding != "none":
+        raise ValueError(
+            f"--workdir={workdir}: unet.position_embedding={cfg.unet.position_embedding!r}; diffusers' "
+            "UNet2DConditionModel has no position embedding, so it would compute another function: only runs with "
+            "'none' export"
+        )
+
+
 def export_lora(workdir: str, out: str, weights: str = "ema", overwrite: bool = False) -> dict:
     """A LoRA run's adapters -> one .safetensors in the diffusers/PEFT layout that
     ``StableDiffusionPipeline.load_lora_weights`` reads (the run's alpha / rank folded into lora_B)."""
@@ -453,6 +465,7 @@ def export_lora(workdir: str, out: str, weights: str = "ema", overwrite: bool = 
         raise ValueError(f"--workdir={workdir}: not a LoRA run (lora.rank=0); export it whole without --lora_only")
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out={out}: --lora_only writes one file; name it *.safetensors")
+    _check_diffusers_unet(cfg, workdir)  # adapters for a UNet diffusers cannot build are of no use to it
     storage.check(out, "--out")
     if storage.exists(out) and not overwrite:
         raise FileExistsError(f"--out={out}: exists; choose another name or pass --overwrite")
@@ -491,12 +504,7 @@ def export_workdir(workdir: str, out: str, weights: str = "ema", overwrite: bool
     sample = SamplerOptions.from_config(cfg.sample, cfg.diffusion.prediction_type).to_config()
     if fs_fields["kind"] != "kl":
         raise ValueError("StableDiffusionPipeline needs a KL first stage (AutoencoderKL); this run's is VQ")
-    if cfg.unet.position_embedding != "none":
-        raise ValueError(
-            f"--workdir={workdir}: unet.position_embedding={cfg.unet.position_embedding!r}; diffusers' "
-            "UNet2DConditionModel has no position embedding, so it would compute another function: only runs with "
-            "'none' export"
-        )
+    _check_diffusers_unet(cfg, workdir)
     storage.check(out, "--out")
     out = storage.absolute(out)
     if storage.listdir(out) and not overwrite:

@@ -44,6 +44,7 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 _SPECIAL = {
     ("clip", "position_embedding"): "text_model.embeddings.position_embedding.weight",
     ("vq", "quantize/embedding"): "quantize.embedding.weight",
+    ("unet", "add_embedding/pool/positional_embedding"): "add_embedding.pool.positional_embedding",
 }
 
 

@@ -91,6 +91,55 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(emb)
 
 
+class AttentionPooling(nn.Module):
+    """[B, T, D] -> [B, D]: one query, the tokens' mean plus a learned offset, attending to itself and every token
+    (DeepFloyd IF's pooling; diffusers' ``AttentionPooling``, whose parameter names these are)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, _, width = x.shape
+        if width % self.num_heads:
+            raise ValueError(f"AttentionPooling: {self.num_heads} heads do not divide the context width {width}")
+        dense = lambda n: nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=n)  # noqa: E731
+        offset = self.param(
+            "positional_embedding",
+            lambda k, s, d: jax.random.normal(k, s, d) / width**0.5,
+            (1, width),
+            self.param_dtype,
+        )
+        query = jnp.mean(x, axis=1, keepdims=True) + offset.astype(x.dtype)  # [B, 1, D]
+        keys = jnp.concatenate([query, x], axis=1)
+        dh = width // self.num_heads
+        split = lambda y: y.reshape(b, y.shape[1], self.num_heads, dh)  # noqa: E731
+        q, k, v = split(dense("q_proj")(query)), split(dense("k_proj")(keys)), split(dense("v_proj")(keys))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(dh)
+        pooled = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+        return pooled.reshape(b, width)
+
+
+class TextTimeEmbedding(nn.Module):
+    """A summary of the whole prompt for the timestep embedding (diffusers' ``addition_embed_type="text"``):
+    LayerNorm -> AttentionPooling -> Dense -> LayerNorm. Added to the timestep embedding, it reaches every
+    ResnetBlock through its scale and shift, including the levels without cross-attention."""
+
+    dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.LayerNorm(epsilon=1e-5, **kw, name="norm1")(context)
+        x = AttentionPooling(self.num_heads, **kw, name="pool")(x)
+        x = nn.Dense(self.dim, **kw, name="proj")(x)
+        return nn.LayerNorm(epsilon=1e-5, **kw, name="norm2")(x)
+
+
 def _conv(features, kernel, name, dtype, param_dtype, strides=1, padding="SAME", zero_init=False):
     kwargs = {}
     if zero_init:

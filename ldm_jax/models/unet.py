@@ -20,6 +20,7 @@ from ldm_jax.models.layers import (
     Downsample,
     POSITION_EMBEDDINGS,
     GroupNorm,
+    TextTimeEmbedding,
     ResnetBlock,
     SpatialTransformer,
     TimestepEmbedding,
@@ -29,6 +30,7 @@ from ldm_jax.models.layers import (
 from ldm_jax.models.remat import REMAT_POLICIES, remat
 
 Dtype = Any
+ADDITION_EMBED_TYPES = ("none", "text")
 
 # Field values of named UNet sizes. "sd15" is the Stable Diffusion 1.x UNet (860M parameters).
 UNET_VARIANTS = {
@@ -69,6 +71,10 @@ class UNetConfig(config_lib.Section):
     # latent maps too wide for the convolutions' padding to tell the middle where it is. Not in SD's UNet: a run
     # with it cannot be exported to diffusers.
     position_embedding: str = "none"
+    # "text": the prompt, pooled by attention (layers.TextTimeEmbedding), is added to the timestep embedding, so
+    # every ResnetBlock sees it, not only the levels with cross-attention (diffusers' addition_embed_type="text").
+    addition_embed_type: str = "none"
+    addition_embed_type_num_heads: int = 4
     dropout: float = 0.0
     # Rematerialisation of the blocks (models/remat.py), trading compute for memory: "full" or "dots" for large
     # models and batches, "none" (fastest) when everything fits.
@@ -105,6 +111,13 @@ class UNetConfig(config_lib.Section):
             "position_embedding",
             f"must be one of {POSITION_EMBEDDINGS}",
         )
+        self.check(
+            self.addition_embed_type in ADDITION_EMBED_TYPES,
+            prefix,
+            "addition_embed_type",
+            f"must be one of {ADDITION_EMBED_TYPES}",
+        )
+        self.check(self.addition_embed_type_num_heads >= 1, prefix, "addition_embed_type_num_heads", "must be >= 1")
         self.check(self.remat_policy in REMAT_POLICIES, prefix, "remat_policy", f"must be one of {REMAT_POLICIES}")
 
     def build(self, *, in_channels: int, out_channels: int, context_dim: int, num_classes: int = 0, dtype=jnp.float32):
@@ -123,6 +136,8 @@ class UNetConfig(config_lib.Section):
             norm_groups=self.norm_groups,
             use_linear_projection=self.use_linear_projection,
             position_embedding=self.position_embedding,
+            addition_embed_type=self.addition_embed_type,
+            addition_embed_type_num_heads=self.addition_embed_type_num_heads,
             dropout=self.dropout,
             num_classes=num_classes,
             remat_policy=self.remat_policy,
@@ -146,6 +161,7 @@ class UNet(nn.Module):
       context_dim: width of the conditioning sequence (text encoder output); 0 for models without one, whose
         transformer blocks then attend to the feature map in both attention layers (as LDM does without context).
       position_embedding: "sincos" adds a fixed position embedding to every SpatialTransformer's tokens.
+      addition_embed_type: "text" adds the attention-pooled context to the timestep embedding (needs context).
       num_classes: > 0 adds a learned class embedding to the timestep embedding, with one extra row (index
         ``num_classes``) for the null class that classifier-free guidance conditions on.
       remat_policy: rematerialisation of every ResNet block and SpatialTransformer (a name in
@@ -164,6 +180,8 @@ class UNet(nn.Module):
     norm_groups: int = 32
     use_linear_projection: bool = False
     position_embedding: str = "none"
+    addition_embed_type: str = "none"
+    addition_embed_type_num_heads: int = 4
     dropout: float = 0.0
     num_classes: int = 0
     remat_policy: str = "none"
@@ -237,6 +255,16 @@ class UNet(nn.Module):
                 f"UNet(context_dim={self.context_dim}): context must be given exactly when context_dim > 0"
             )
         context = None if context is None else context.astype(self.dtype)
+        if self.addition_embed_type == "text":
+            if context is None:
+                raise ValueError("UNet(addition_embed_type='text') pools the context: it needs context_dim > 0")
+            temb = temb + TextTimeEmbedding(
+                chans[0] * 4,
+                self.addition_embed_type_num_heads,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="add_embedding",
+            )(context)
 
         h = nn.Conv(chans[0], (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in")(
             x.astype(self.dtype)

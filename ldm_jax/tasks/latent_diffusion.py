@@ -112,7 +112,14 @@ class LatentDiffusionTask:
         FirstStageConfig.from_config(config.first_stage, "first_stage.")
         config_lib.check(config.latent_scale >= 0, "latent_scale", config.latent_scale,
                          "must be >= 0 (0 = 1/std of training latents)")  # fmt: skip
-        UNetConfig.from_config(config.unet, "unet.")
+        unet = UNetConfig.from_config(config.unet, "unet.")
+        if unet.addition_embed_type == "text":
+            heads = unet.addition_embed_type_num_heads
+            config_lib.check(conditioner_cls.NEEDS == "a text-conditioned run", "unet.addition_embed_type", "text",
+                             f"pools the prompt's encoding; a {config.task} run has no prompt: use 'none'")  # fmt: skip
+            width = config.text_encoder.width
+            config_lib.check(width % heads == 0, "unet.addition_embed_type_num_heads", heads,
+                             f"must divide the text encoder's width {width}")  # fmt: skip
         objectives.DiffusionConfig.from_config(config.diffusion, "diffusion.")
         samplers.SamplerOptions.for_run(config)
         validate_guidance(config.sample.guidance_scale, config.sample.guidance_rescale)

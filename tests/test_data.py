@@ -77,6 +77,31 @@ def test_attribute_reader_rejects_wrong_images():
     assert attributes.score([blank], [ex[0]["caption"]])["no_object_rate"] == 1.0
 
 
+def test_shape_confusion_tells_a_wrong_shape_from_an_ignored_one():
+    ex = [shapes.generate_example("validation", i, 32, 0) for i in range(90)]
+    images = [e["image"] for e in ex]
+    wanted = [{"shape": e["shape"]} for e in ex]
+    # The dataset's own images: every asked shape is read as itself.
+    confusion = attributes.shape_confusion(images, wanted)
+    assert set(confusion) == set(shapes.SHAPES)
+    for asked, row in confusion.items():
+        assert row[asked] >= 0.95 and sum(row.values()) == pytest.approx(1.0)
+    # Each image asked as the next shape: the mass moves off the diagonal, to the shape actually drawn.
+    shifted = attributes.shape_confusion(images, [{"shape": (w["shape"] + 1) % 3} for w in wanted])
+    for k, asked in enumerate(shapes.SHAPES):
+        assert shifted[asked][shapes.SHAPES[(k - 1) % 3]] >= 0.95
+    # A model that draws one shape whatever is asked: every row alike; no object at all: "none".
+    circles = [e["image"] for e in ex if e["shape"] == shapes.SHAPES.index("circle")][:30]
+    same = attributes.shape_confusion(circles * 3, [{"shape": k} for k in range(3) for _ in circles])
+    assert all(row["circle"] >= 0.95 for row in same.values())
+    blank = np.full((32, 32, 3), 128, np.uint8)
+    assert attributes.shape_confusion([blank], [{"shape": 1}]) == {
+        "square": {"circle": 0.0, "square": 0.0, "triangle": 0.0, "none": 1.0}
+    }
+    # Conditions without a shape (a colour class) are left out.
+    assert attributes.shape_confusion([images[0]], [{"color": 0}]) == {}
+
+
 def test_parse_caption_errors():
     with pytest.raises(ValueError, match="not a shapes-dataset caption"):
         attributes.parse_caption("a photo of a cat")

@@ -242,3 +242,15 @@ def test_the_markdown_table_has_no_empty_shape_breakdown():
         k: {"shape/square/small": 0.5} for k in ("generated", "dataset_images", "reconstructions")
     }
     assert "| shape accuracy | square/small |" in generation.markdown_table(result)
+    row = {"circle": 0.75, "square": 0.25, "triangle": 0.0, "none": 0.0}
+    result["shape_confusion"] = {
+        "generated": {"square": row},
+        "reconstructions": {"square": dict(row, circle=0.0, square=1.0)},
+    }
+    table = generation.markdown_table(result).splitlines()
+    assert table[-4:] == [
+        "| shape asked, read as: | circle | square | triangle | none |",
+        "|---|---|---|---|---|",
+        "| square, first-stage reconstructions | 0.000 | 1.000 | 0.000 | 0.000 |",
+        "| square, samples | 0.750 | 0.250 | 0.000 | 0.000 |",
+    ]

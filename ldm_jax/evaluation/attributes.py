@@ -201,3 +201,22 @@ def shape_accuracy_by_kind(images: Iterable[np.ndarray], wanted: Sequence[dict[s
         key = f"shape/{shapes.SHAPES[want['shape']]}/{shapes.SIZES[want['size']]}"
         hits.setdefault(key, []).append(int(got is not None and got["shape"] == want["shape"]))
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+
+
+def shape_confusion(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, dict[str, float]]:
+    """What shape is read where each shape was asked: ``{asked: {read: share}}`` over the shapes and "none" (no
+    object found), each row summing to 1, for the examples whose ``wanted`` names a shape. Accuracy alone cannot
+    tell a model that draws the wrong shape from one that draws the same shape whatever is asked (every row alike)."""
+    reads: dict[str, list[str]] = {}
+    for img, want in zip(images, wanted, strict=True):
+        if "shape" not in want:
+            continue
+        got = predict_attributes(np.asarray(img))
+        reads.setdefault(shapes.SHAPES[want["shape"]], []).append(
+            "none" if got is None else shapes.SHAPES[got["shape"]]
+        )
+    return {
+        asked: {read: r.count(read) / len(r) for read in (*shapes.SHAPES, "none")}
+        for asked in shapes.SHAPES
+        if (r := reads.get(asked))
+    }

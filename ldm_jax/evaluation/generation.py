@@ -73,6 +73,10 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
         name: attributes.shape_accuracy_by_kind(list(x), wanted)
         for name, x in (("generated", images), ("dataset_images", originals), ("reconstructions", recon))
     }
+    result["shape_confusion"] = {
+        name: attributes.shape_confusion(list(x), wanted)
+        for name, x in (("generated", images), ("reconstructions", recon))
+    }
     result["chance"] = {k: v for k, v in CHANCE.items() if k in result["generated"]}
     rows = [originals, images]
     if inpaint_mode:
@@ -105,4 +109,12 @@ def markdown_table(result: dict) -> str:
         out += ["", "| shape accuracy | " + " | ".join(k.removeprefix("shape/") for k in keys) + " |"]
         out += ["|---" * (len(keys) + 1) + "|"]
         out += [f"| {names[r]} | " + " | ".join(f"{kinds[r][k]:.3f}" for k in keys) + " |" for r in rows if r in kinds]
+    confusion = result.get("shape_confusion", {})
+    if confusion.get("generated"):
+        # One row per asked shape and image set: a model that ignores the shape has the same row for every shape.
+        reads = list(next(iter(confusion["generated"].values())))
+        out += ["", "| shape asked, read as: | " + " | ".join(reads) + " |", "|---" * (len(reads) + 1) + "|"]
+        for r in ("reconstructions", "generated"):
+            for asked, row in confusion.get(r, {}).items():
+                out.append(f"| {asked}, {names[r]} | " + " | ".join(f"{row[k]:.3f}" for k in reads) + " |")
     return "\n".join(out) + "\n"

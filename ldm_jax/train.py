@@ -16,6 +16,8 @@ See ``ldm_jax/training/distributed.py`` and ``launch/``.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,9 +31,32 @@ _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 _CONFIGURE_JAX = jax_setup.define_flags()
 
 
+def refuse_repeated_tuple_overrides(args: list[str]) -> None:
+    """ml_collections appends the values of a tuple field given twice (``--config.unet.num_heads=2,2
+    --config.unet.num_heads=8,8`` becomes (2, 2, 8, 8)) where any other flag keeps its last value: a launcher's
+    default followed by a user's override would silently build another model, or fail far from the cause.
+    Refused by name instead."""
+    given: dict[str, list[str]] = {}
+    for i, arg in enumerate(args):
+        if not arg.startswith("--config."):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq:  # --config.field value
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if name in flags.FLAGS and isinstance(flags.FLAGS[name], flags.MultiFlag):
+            given.setdefault(name, []).append(value)
+    for name, values in given.items():
+        if len(values) > 1:
+            raise app.UsageError(
+                f"--{name} is given {len(values)} times ({' and '.join(values)}): its values would be appended into "
+                f"one tuple; give it once with all its entries, e.g. --{name}={values[-1]}"
+            )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    refuse_repeated_tuple_overrides(sys.argv[1:])
     from ldm_jax.training.loop import train_and_evaluate
     from ldm_jax.training.reporting import quiet_library_logs
 

@@ -20,6 +20,17 @@ MISTAKES = [
     ("train", ["--config=configs/txt2img.py:tiny"], "--workdir"),
     (
         "train",
+        [
+            "--config=configs/txt2img.py:tiny",
+            "--workdir=/tmp/x",
+            "--config.unet.num_heads=2,2",
+            "--config.unet.num_heads",
+            "4,4",
+        ],
+        "--config.unet.num_heads is given 2 times (2,2 and 4,4): its values would be appended",
+    ),
+    (
+        "train",
         ["--config=configs/dreambooth.py:tiny", "--workdir=/tmp/x", "--config.init_from=/nonexistent/sd"],
         "/nonexistent/sd/config.json: no config.json",
     ),

@@ -167,16 +167,43 @@ def score(images: Iterable[np.ndarray], prompts: Sequence[str]) -> dict[str, flo
     return score_wanted(images, [parse_caption(p) for p in prompts])
 
 
+def read_images(images: Iterable[np.ndarray]) -> list[dict[str, int] | None]:
+    """``predict_attributes`` of each image (None: no object found)."""
+    return [predict_attributes(np.asarray(img)) for img in images]
+
+
+def report(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> tuple[dict, dict, dict]:
+    """(``score_wanted``, ``shape_accuracy_by_kind``, ``shape_confusion``) of ``images``, each image read once."""
+    readings = read_images(images)
+    return _scores(readings, wanted), _shape_by_kind(readings, wanted), _shape_confusion(readings, wanted)
+
+
 def score_wanted(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, float]:
     """Per-attribute accuracy against ``wanted[i]`` (attribute -> index; only the attributes it names are scored,
     e.g. colour and shape for a class label), plus the share of images with no object found (counted as misses)."""
+    return _scores(read_images(images), wanted)
+
+
+def shape_accuracy_by_kind(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, float]:
+    """Shape accuracy per asked shape and size ("shape/triangle/small": the share of small triangles read as
+    triangles), for the examples whose ``wanted`` names both; where a model loses shape, this says which."""
+    return _shape_by_kind(read_images(images), wanted)
+
+
+def shape_confusion(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, dict[str, float]]:
+    """What shape is read where each shape was asked: ``{asked: {read: share}}`` over the shapes and "none" (no
+    object found), each row summing to 1, for the examples whose ``wanted`` names a shape. Accuracy alone cannot
+    tell a model that draws the wrong shape from one that draws the same shape whatever is asked (every row alike)."""
+    return _shape_confusion(read_images(images), wanted)
+
+
+def _scores(readings, wanted) -> dict[str, float]:
     names = [a for a in ATTRIBUTES if any(a in w for w in wanted)]
     hits = {a: 0 for a in names}
     asked = {a: 0 for a in names}
     missing = 0
     n = 0
-    for img, want in zip(images, wanted, strict=True):
-        got = predict_attributes(np.asarray(img))
+    for got, want in zip(readings, wanted, strict=True):
         n += 1
         missing += got is None
         for a in want:
@@ -190,28 +217,21 @@ def score_wanted(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]])
     return out
 
 
-def shape_accuracy_by_kind(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, float]:
-    """Shape accuracy per asked shape and size ("shape/triangle/small": the share of small triangles read as
-    triangles), for the examples whose ``wanted`` names both; where a model loses shape, this says which."""
+def _shape_by_kind(readings, wanted) -> dict[str, float]:
     hits: dict[str, list[int]] = {}
-    for img, want in zip(images, wanted, strict=True):
+    for got, want in zip(readings, wanted, strict=True):
         if "shape" not in want or "size" not in want:
             continue
-        got = predict_attributes(np.asarray(img))
         key = f"shape/{shapes.SHAPES[want['shape']]}/{shapes.SIZES[want['size']]}"
         hits.setdefault(key, []).append(int(got is not None and got["shape"] == want["shape"]))
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
 
-def shape_confusion(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, dict[str, float]]:
-    """What shape is read where each shape was asked: ``{asked: {read: share}}`` over the shapes and "none" (no
-    object found), each row summing to 1, for the examples whose ``wanted`` names a shape. Accuracy alone cannot
-    tell a model that draws the wrong shape from one that draws the same shape whatever is asked (every row alike)."""
+def _shape_confusion(readings, wanted) -> dict[str, dict[str, float]]:
     reads: dict[str, list[str]] = {}
-    for img, want in zip(images, wanted, strict=True):
+    for got, want in zip(readings, wanted, strict=True):
         if "shape" not in want:
             continue
-        got = predict_attributes(np.asarray(img))
         reads.setdefault(shapes.SHAPES[want["shape"]], []).append(
             "none" if got is None else shapes.SHAPES[got["shape"]]
         )

@@ -168,3 +168,32 @@ def test_a_failed_save_names_the_folder_and_keeps_the_earlier_checkpoints(data_d
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     step, _ = _params(workdir)
     assert step == 2
+
+
+def test_saving_a_replicated_state_on_8_cpu_devices_compiles_nothing(tmp_path, caplog):
+    """On CPU every replicated array is written whole by its first replica. Orbax's replica-parallel default split
+    each one into a slice per device, a ``jit(slice)`` compile per array shape and device (about 300 at the first
+    save of a tiny run, 7 s, in every new process) for no gain where the devices share the host's memory."""
+    import logging
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ldm_jax.training.sharding import make_mesh
+
+    mesh = make_mesh()
+    assert mesh.size == 8
+    shardings = {f"w{n}": NamedSharding(mesh, P()) for n in (3, 5, 7, 16)}
+    state = {k: jax.device_put(np.arange(int(k[1:]) * 4, dtype=np.float32), s) for k, s in shardings.items()}
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), 2, async_save=False)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        ckpt.save(1, state, {"note": "x"}, checksum=False)
+        ckpt.wait()
+    compiled = [r.getMessage()[:80] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert compiled == [], compiled
+    restored, meta = ckpt.restore(1, ckpt_lib.abstract_with_shardings(state, shardings))
+    ckpt.close()
+    assert meta == {"note": "x"}
+    for k, v in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v))
+        assert restored[k].sharding.is_equivalent_to(shardings[k], 1)

@@ -75,6 +75,7 @@ def _use_whole_array_writes_on_cpu() -> None:
     global _ARRAY_HANDLER_SET
     if _ARRAY_HANDLER_SET or jax.default_backend() != "cpu":
         return
+    # The metadata store Orbax's own default handler is built with (no public name for it in orbax 0.12).
     from orbax.checkpoint._src.metadata import array_metadata_store
 
     handler = ocp.type_handlers.ArrayHandler(

@@ -173,7 +173,8 @@ def read_images(images: Iterable[np.ndarray]) -> list[dict[str, int] | None]:
 
 
 def report(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> tuple[dict, dict, dict]:
-    """(``score_wanted``, ``shape_accuracy_by_kind``, ``shape_confusion``) of ``images``, each image read once."""
+    """(``score_wanted``, shape accuracy per asked shape and size, ``shape_confusion``) of ``images``, each image
+    read once."""
     readings = read_images(images)
     return _scores(readings, wanted), _shape_by_kind(readings, wanted), _shape_confusion(readings, wanted)
 
@@ -182,12 +183,6 @@ def score_wanted(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]])
     """Per-attribute accuracy against ``wanted[i]`` (attribute -> index; only the attributes it names are scored,
     e.g. colour and shape for a class label), plus the share of images with no object found (counted as misses)."""
     return _scores(read_images(images), wanted)
-
-
-def shape_accuracy_by_kind(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, float]:
-    """Shape accuracy per asked shape and size ("shape/triangle/small": the share of small triangles read as
-    triangles), for the examples whose ``wanted`` names both; where a model loses shape, this says which."""
-    return _shape_by_kind(read_images(images), wanted)
 
 
 def shape_confusion(images: Iterable[np.ndarray], wanted: Sequence[dict[str, int]]) -> dict[str, dict[str, float]]:
@@ -218,6 +213,8 @@ def _scores(readings, wanted) -> dict[str, float]:
 
 
 def _shape_by_kind(readings, wanted) -> dict[str, float]:
+    """Shape accuracy per asked shape and size ("shape/triangle/small": the share of small triangles read as
+    triangles), for the examples whose ``wanted`` names both; where a model loses shape, this says which."""
     hits: dict[str, list[int]] = {}
     for got, want in zip(readings, wanted, strict=True):
         if "shape" not in want or "size" not in want:

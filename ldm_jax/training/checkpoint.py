@@ -9,6 +9,7 @@ shardings come from the restoring run.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -61,9 +62,7 @@ def _all_processes_ok(ok: bool) -> bool:
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
-_ARRAY_HANDLER_SET = False
-
-
+@functools.cache  # once per process; on first use, not at import, when the backend is known
 def _use_whole_array_writes_on_cpu() -> None:
     """On the CPU backend, each replicated array is written whole by its first replica.
 
@@ -72,8 +71,7 @@ def _use_whole_array_writes_on_cpu() -> None:
     each slice is its own ``jit(slice)`` program per array shape and device: about 300 compiles (7 s) at the first
     save of a tiny run on 8 devices, paid again by every new process. Other backends keep Orbax's default.
     """
-    global _ARRAY_HANDLER_SET
-    if _ARRAY_HANDLER_SET or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return
     # The metadata store Orbax's own default handler is built with (no public name for it in orbax 0.12).
     from orbax.checkpoint._src.metadata import array_metadata_store
@@ -82,7 +80,6 @@ def _use_whole_array_writes_on_cpu() -> None:
         use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
     )
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-    _ARRAY_HANDLER_SET = True
 
 
 class Checkpointer:

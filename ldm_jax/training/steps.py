@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax.training import optim
 from ldm_jax.training.state import TrainState, counter_metrics, ema_decay_at, ema_update, skip_if_nonfinite
 
 # loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics)
@@ -105,7 +106,7 @@ def finish_step(
     under ``train/``; the step is skipped unless loss, gradient norm and ``finite`` (further checks) are finite.
     """
     ema = ema_update(old.ema_params, new.params, ema_decay_at(old.step, ema_decay))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optim.global_norm(grads)
     out = {
         "train/loss": loss,
         "train/grad_norm": grad_norm,

@@ -81,9 +81,9 @@ def global_norm(tree) -> jax.Array:
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """``optax.clip_by_global_norm``: updates whose ``global_norm`` is at least ``max_norm`` are scaled down to it.
-    One multiply per leaf by a scalar factor, and the norm the train step reports (``steps.finish_step``) is the
-    same computation on the same gradients, which XLA then computes once. Its state is optax's (``EmptyState``), so
-    an optimizer state saved with either restores with the other."""
+    One multiply per leaf by a scalar factor. The train step reports the norm of the same gradients through the
+    same function (``steps.finish_step``); XLA keeps one of the two computations, as it did with optax's. Its
+    state is optax's (``EmptyState``), so an optimizer state saved with either restores with the other."""
 
     def update(updates, state, params=None):
         del params

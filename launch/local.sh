@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up plus one job on this machine, CPU or single GPU host.
-#   bash launch/local.sh demo   # install, train the KL autoencoder, then txt2img, sample prompts, evaluate
+#   bash launch/local.sh demo   # install, train the KL autoencoder, cache its latents, then txt2img, sample
+#                               # prompts, evaluate
 #   bash launch/local.sh test   # install with test extras (+ the PyTorch reference env .venv-ref), check
 #                               # formatting, run the test suite
 #   bash launch/local.sh train --config=configs/txt2img.py:demo --workdir=runs/x [more ldm_jax.train flags]
@@ -44,15 +45,21 @@ case "$mode" in
     t0=$(date +%s)
     "$PY" -m ldm_jax.train --config=configs/autoencoder_kl.py:demo --workdir="$RUNS/autoencoder_kl"
     t1=$(date +%s)
+    # The training images encoded once by the frozen first stage (a rerun keeps complete shards): no encoder in
+    # the txt2img step. Previews and evaluation read the embedded dataset the cache was made from.
+    "$PY" -m ldm_jax.cache_latents --first_stage="$RUNS/autoencoder_kl" --dataset=shapes_captions \
+      --dataset_config=32px --image_size=32 --out="$RUNS/latents"
+    tc=$(date +%s)
     "$PY" -m ldm_jax.train --config=configs/txt2img.py:demo --workdir="$RUNS/txt2img" \
-      --config.first_stage.workdir="$RUNS/autoencoder_kl"
+      --config.first_stage.workdir="$RUNS/autoencoder_kl" --config.data.source="latents:$RUNS/latents"
     t2=$(date +%s)
     "$PY" -m ldm_jax.sample --workdir="$RUNS/txt2img" --prompts_file=configs/demo_prompts.txt --num_per_prompt=4 \
       --outdir="$RUNS/samples"
     t3=$(date +%s)
     "$PY" -m ldm_jax.evaluate --workdir="$RUNS/txt2img" --split=heldout --num_examples=256 >/dev/null
     t4=$(date +%s)
-    echo "stage wall times (s): autoencoder $((t1 - t0)), txt2img $((t2 - t1)), sample $((t3 - t2)), evaluate $((t4 - t3))"
+    echo "stage wall times (s): autoencoder $((t1 - t0)), latent cache $((tc - t1)), txt2img $((t2 - tc))," \
+      "sample $((t3 - t2)), evaluate $((t4 - t3))"
     echo "samples: $RUNS/samples/grid.png (manifest.jsonl beside it); evaluation: $RUNS/txt2img/eval_heldout.json"
     echo "held-out prompt following (attributes read back from the pixels):"
     cat "$RUNS/txt2img/eval_heldout.md"

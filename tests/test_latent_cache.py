@@ -242,18 +242,13 @@ def test_what_cannot_train_from_a_cache_is_refused_by_name(txt2img_config, laten
     inp.data.source = spec
     with pytest.raises(ValueError, match=r"data\.source=.*task='inpainting' needs the images in its step"):
         validate_config(inp)
-    # Evaluation and previews of pixels have no images in a cache.
+    # Evaluation and previews of pixels: a cache of the user's images holds none of them (one of the embedded
+    # dataset reads that dataset: test_a_cache_of_the_embedded_dataset_evaluates_on_that_dataset).
+    theirs = _forged(latents_dir, tmp_path / "theirs", source="folder:/data/pets")
     with pytest.raises(ValueError, match=r"a latent cache holds no images for the 'heldout' split"):
-        pipeline.data_source(c.data, "heldout")
+        pipeline.data_source(_with_source(c, f"latents:{theirs}").data, "heldout")
     # A cache made by other first-stage weights.
-    forged = tmp_path / "forged"
-    forged.mkdir()
-    for p in glob.glob(os.path.join(latents_dir, "*")):
-        os.symlink(p, forged / os.path.basename(p))
-    info = json.load(open(os.path.join(latents_dir, "dataset_info.json")))
-    info["first_stage"]["fingerprint"] = "0" * 64
-    os.remove(forged / "dataset_info.json")
-    json.dump(info, open(forged / "dataset_info.json", "w"))
+    forged = _forged(latents_dir, tmp_path / "forged", fingerprint="0" * 64)
     f = copy.deepcopy(c)
     f.data.source = f"latents:{forged}"
     task = build_task(f)
@@ -263,6 +258,43 @@ def test_what_cannot_train_from_a_cache_is_refused_by_name(txt2img_config, laten
     # Not a cache at all.
     with pytest.raises(ValueError, match=r"no latent-cache shards"):
         validate_config(_with_source(c, f"latents:{tmp_path}"))
+
+
+def _forged(latents_dir, folder, source=None, fingerprint=None):
+    """The cache's shards (linked) under another dataset_info.json: another source or first-stage fingerprint."""
+    folder.mkdir()
+    for p in glob.glob(os.path.join(latents_dir, "*")):
+        if os.path.basename(p) != "dataset_info.json":
+            os.symlink(p, folder / os.path.basename(p))
+    info = json.load(open(os.path.join(latents_dir, "dataset_info.json")))
+    if source is not None:
+        info["source"] = source
+    if fingerprint is not None:
+        info["first_stage"]["fingerprint"] = fingerprint
+    json.dump(info, open(folder / "dataset_info.json", "w"))
+    return folder
+
+
+def test_a_cache_of_the_embedded_dataset_evaluates_on_that_dataset(txt2img_config, latents_dir, data_dir):
+    """Previews and evaluation of a run trained from a cache of the embedded dataset (the demo's) read that
+    dataset's other splits, attributes included, whatever data.name says; a cache of the user's images names none."""
+    c = _with_source(txt2img_config, f"latents:{latents_dir}")
+    c.data.name = "photo_crops"  # the cache's record, not the config's, says which dataset it came from
+    for split in ("heldout", "validation"):
+        got, want = pipeline.data_source(c.data, split), pipeline.data_source(_embedded(data_dir), split)
+        assert len(got) == len(want) > 0
+        for i in (0, len(want) - 1):
+            a, b = got[i], want[i]
+            assert sorted(a) == sorted(b) and "color" in b
+            for k in b:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split}[{i}][{k!r}]")
+    images = pipeline.first_images(c.data, "validation", 4)
+    np.testing.assert_array_equal(images, pipeline.first_images(_embedded(data_dir), "validation", 4))
+    info = latent_cache.read_info(f"latents:{latents_dir}")
+    assert latent_cache.embedded_origin(info) == ("shapes_captions", "tiny")
+    for spec in ("folder:/data/pets", "webdataset:/d/{000..009}.tar", "tfds:coco_captions", "arrayrecord:/p",
+                 "tfds:coco/2017:train", "folder:/a/b:c"):  # fmt: skip
+        assert latent_cache.embedded_origin({**info, "source": spec}) is None, spec
 
 
 def _with_source(config, spec):

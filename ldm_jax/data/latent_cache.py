@@ -117,6 +117,20 @@ def read_info(spec: str) -> dict:
     return info
 
 
+def embedded_origin(info: dict):
+    """(name, config) of the embedded dataset a cache was made from (``cache_latents --dataset=NAME
+    --dataset_config=CONFIG``, recorded as source "NAME/CONFIG:SPLIT"), or None for a cache of the user's images.
+
+    Previews and evaluation of a run trained from such a cache read that dataset's other splits: it is a pure
+    function of (seed, split, index), so its held-out images are the ones the cached split was drawn beside."""
+    source = info.get("source", "")
+    dataset, sep, _split = source.rpartition(":")
+    name, slash, config = dataset.partition("/")
+    if not sep or not slash or not name.isidentifier() or not config.isalnum():
+        return None  # folder:/..., webdataset:..., tfds:..., arrayrecord:...: the user's data
+    return name, config
+
+
 class LatentExamples:
     """Random access to training examples of a latent cache: "latent_mean" [h, w, c] (float32), "latent_std"
     (gaussian posteriors), "context" [L, D] of the chosen caption (when text embeddings are cached), "caption",

@@ -170,12 +170,16 @@ def data_source(data_config, split: str, needs: tuple[str, ...] = ()):
         if split != "train" and data_config.eval_source:
             spec = data_config.eval_source
         if is_latent_cache(spec):
-            if split != "train":
+            if split == "train":
+                return latent_cache.LatentExamples(spec, data_config.shuffle_seed, needs)
+            origin = latent_cache.embedded_origin(latent_cache.read_info(spec))
+            if origin is None:
                 raise ValueError(
                     f"data.source={spec!r}: a latent cache holds no images for the {split!r} split (previews and "
                     "evaluation compare pixels); set data.eval_source to the images it was cached from"
                 )
-            return latent_cache.LatentExamples(spec, data_config.shuffle_seed, needs)
+            # A cache of an embedded dataset: its other splits are that dataset's, whatever data.name says.
+            return _embedded_examples(*origin, data_config.data_dir, data_config.image_size, split)
         raw = sources.open_source(
             spec, data_config.data_dir, data_config.image_key, data_config.caption_key, data_config.label_key
         )
@@ -183,14 +187,17 @@ def data_source(data_config, split: str, needs: tuple[str, ...] = ()):
         crop = data_config.crop if training else "center"  # previews and evaluation see the same pixels every time
         flip = data_config.random_flip and training
         return preprocess.ExampleSource(raw, data_config.image_size, crop, flip, data_config.shuffle_seed, needs)
-    if data_config.name not in BUILDERS:
-        raise ValueError(f"data.name={data_config.name!r}: must be one of {tuple(BUILDERS)}")
-    builder = BUILDERS[data_config.name](data_config.config, data_config.data_dir)
+    d = data_config
+    return _embedded_examples(d.name, d.config, d.data_dir, d.image_size, split)
+
+
+def _embedded_examples(name: str, config: str, data_dir: str, image_size: int, split: str):
+    if name not in BUILDERS:
+        raise ValueError(f"data.name={name!r}: must be one of {tuple(BUILDERS)}")
+    builder = BUILDERS[name](config, data_dir)
     size = builder.builder_config.image_size
-    if size != data_config.image_size:
-        raise ValueError(
-            f"data.image_size={data_config.image_size}: dataset config {data_config.config!r} has {size}x{size} images"
-        )
+    if size != image_size:
+        raise ValueError(f"data.image_size={image_size}: dataset config {config!r} has {size}x{size} images")
     return preprocess.EmbeddedExamples(builder.as_data_source(split=split), size)
 
 

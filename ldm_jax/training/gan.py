@@ -164,37 +164,42 @@ def gan_train_step(
     else:
         gen_grads, loss = grads["rec"], nll + reg
 
-    updates, opt_state = tx.update(gen_grads, state.opt_state, gen)
-    gen = optax.apply_updates(gen, updates)
-    params, model_state = gen["model"], state.model_state
-    if update_model_state is not None:
-        params, model_state = update_model_state(params, model_state, {**values["aux"], **rows})
-
-    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
     finite = None
     if disc_apply is not None:
-        d_updates, new_opt = disc_tx.update(grads["disc"], disc_opt_state, disc_params)
-        updated = (optax.apply_updates(disc_params, d_updates), new_opt)
-        disc_params, disc_opt_state = jax.tree.map(
-            lambda new, old: jnp.where(disc_on, new, old), updated, (disc_params, disc_opt_state)
-        )
         d_loss, logits_real, logits_fake = (
             jnp.where(disc_on, values[k], zero) for k in ("disc_loss", "logits_real", "logits_fake")
         )
         metrics.update(disc_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
         finite = jnp.isfinite(d_loss)
 
-    new_state = state.replace(
-        params=params,
-        opt_state=opt_state,
-        loss_params=gen["loss"],
-        disc_params=disc_params,
-        disc_opt_state=disc_opt_state,
-        model_state=model_state,
-    )
+    def update(s):
+        g = {"model": s.params, "loss": s.loss_params}
+        updates, opt_state = tx.update(gen_grads, s.opt_state, g)
+        g = optax.apply_updates(g, updates)
+        params, model_state = g["model"], s.model_state
+        if update_model_state is not None:
+            params, model_state = update_model_state(params, model_state, {**values["aux"], **rows})
+        disc_params, disc_opt_state = s.disc_params, s.disc_opt_state
+        if disc_apply is not None:
+
+            def disc_update(d):
+                d_updates, new_opt = disc_tx.update(grads["disc"], d[1], d[0])
+                return optax.apply_updates(d[0], d_updates), new_opt
+
+            # A cond for the reason of ``state.skip_if_nonfinite``: the discriminator's buffers updated in place.
+            disc_params, disc_opt_state = jax.lax.cond(disc_on, disc_update, lambda d: d, (disc_params, disc_opt_state))
+        return s.replace(
+            params=params,
+            opt_state=opt_state,
+            loss_params=g["loss"],
+            disc_params=disc_params,
+            disc_opt_state=disc_opt_state,
+            model_state=model_state,
+        )
+
     return finish_step(
         state,
-        new_state,
+        update,
         loss=loss,
         grads=gen_grads,
         metrics={**metrics, **values["aux"]},

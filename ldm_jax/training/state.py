@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -37,12 +38,18 @@ def zero_counters() -> dict:
     return {"nonfinite_total": zero, "nonfinite_streak": zero, "nonfinite_max_streak": zero}
 
 
-def skip_if_nonfinite(old: TrainState, new: TrainState, finite: jax.Array) -> TrainState:
-    """``new`` when the step was finite; else ``old`` with only the step and the skip counters advanced.
+def skip_if_nonfinite(old: TrainState, update: Callable[[TrainState], TrainState], finite: jax.Array) -> TrainState:
+    """``update(old)`` when the step was finite; else ``old`` with only the step and the skip counters advanced.
 
     The step still advances on a skip, so the batch and the step's randomness are consumed exactly as in a run
-    without the bad step (resume and data order stay a function of the step)."""
-    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    without the bad step (resume and data order stay a function of the step).
+
+    A ``lax.cond``, not a select of the two states: with the state donated, an element-wise select between the old
+    and the new value of every parameter and optimizer leaf made XLA copy each of them at the start of the step
+    (it could not prove every read of the old value came before the in-place write): a copy of the parameters and
+    both Adam moments per step, as memory traffic and as temporaries (see README, Performance). The skipped branch
+    returns its operand, the same buffers."""
+    kept = jax.lax.cond(finite, update, lambda s: s, old)
     bad = jnp.logical_not(finite).astype(jnp.int32)
     streak = (old.nonfinite_streak + 1) * bad
     return kept.replace(

@@ -12,7 +12,7 @@ The core, shared with the adversarial first stage (``training.gan.gan_train_step
   rows i, i + k, i + 2k, ... so that every device contributes to every micro-batch (the batch is split over
   devices in contiguous blocks) and no data moves between devices; it draws its randomness from
   ``fold_in(rng, i)``.
-- ``finish_step(old, new, ...)``: the EMA update, the common metrics (loss, gradient norm, learning rate and the
+- ``finish_step(old, update, ...)``: the optimizer update (``update(old)``), the EMA update, the common metrics (loss, gradient norm, learning rate and the
   task's own) and the non-finite skip: a step whose loss or gradient norm is not finite changes nothing but the
   step and the skip counters (``state.skip_if_nonfinite``).
 """
@@ -92,7 +92,7 @@ def loss_and_grads(loss_fn: LossFn, params, frozen, batch: dict, rng: jax.Array,
 
 def finish_step(
     old: TrainState,
-    new: TrainState,
+    update: Callable[[TrainState], TrainState],
     *,
     loss: jax.Array,
     grads: Any,
@@ -101,11 +101,12 @@ def finish_step(
     ema_decay: float,
     finite: jax.Array | None = None,
 ) -> tuple[TrainState, dict]:
-    """The tail of every train step: ``new`` (``old`` with its updates applied, EMA weights not yet) gets the EMA
-    of its params; metrics are ``train/loss``, ``train/grad_norm`` (of ``grads``), ``train/lr`` and ``metrics``
-    under ``train/``; the step is skipped unless loss, gradient norm and ``finite`` (further checks) are finite.
+    """The tail of every train step: ``update(old)`` (``old`` with its updates applied, EMA weights not yet) gets
+    the EMA of its params; metrics are ``train/loss``, ``train/grad_norm`` (of ``grads``), ``train/lr`` and
+    ``metrics`` under ``train/``; the step is skipped unless loss, gradient norm and ``finite`` (further checks) are
+    finite. ``update`` runs only for a finite step (``state.skip_if_nonfinite``): the optimizer goes there, not
+    before this call, so that it updates the donated buffers in place.
     """
-    ema = ema_update(old.ema_params, new.params, ema_decay_at(old.step, ema_decay))
     grad_norm = optim.global_norm(grads)
     out = {
         "train/loss": loss,
@@ -116,7 +117,12 @@ def finish_step(
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if finite is not None:
         ok &= finite
-    new_state = skip_if_nonfinite(old, new.replace(ema_params=ema), ok)
+
+    def updated(state: TrainState) -> TrainState:
+        new = update(state)
+        return new.replace(ema_params=ema_update(state.ema_params, new.params, ema_decay_at(state.step, ema_decay)))
+
+    new_state = skip_if_nonfinite(old, updated, ok)
     return new_state, {**out, **counter_metrics(new_state)}
 
 
@@ -134,11 +140,14 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(rng, state.step)
     loss, aux, grads = loss_and_grads(loss_fn, state.params, frozen, batch, step_rng, accum_steps)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+
+    def update(s: TrainState) -> TrainState:
+        updates, opt_state = tx.update(grads, s.opt_state, s.params)
+        return s.replace(params=optax.apply_updates(s.params, updates), opt_state=opt_state)
+
     return finish_step(
         state,
-        state.replace(params=params, opt_state=opt_state),
+        update,
         loss=loss,
         grads=grads,
         metrics=aux,

@@ -87,4 +87,10 @@ def get_config(arg=None):
     c = base_config("class_cond", preset)
     c.classes = "shape_color"
     c.sample.class_labels = (0, 4, 8, 13)  # red circle, green square, blue triangle, purple square
+    if preset == "demo":
+        # Batch 32 x 4500 steps, as the txt2img demo (the unconditional and superres demos keep 64 x 1500):
+        # validation colour 0.797 -> 0.977, shape 0.305 -> 0.328 (about chance still); README, Class-conditional
+        # demo. Faster from the txt2img demo's latent cache (--config.data.source=latents:runs/demo/latents).
+        c.data.global_batch_size = 32
+        c.train.update(num_steps=4500, checkpoint_every=1500, preview_every=1500)
     return c

@@ -75,6 +75,9 @@ def get_config(arg=None):
         c.optim.final_lr_fraction = 0.1
         c.train = train_section(num_steps=4500, log_every=100, checkpoint_every=1500, preview_every=1500)
         c.sample.num_steps = 25
+        # Held-out shape of this recipe's model at guidance 1.5 / 3 / 5 / 7.5 / 10 (the same samples' noise):
+        # 0.383 / 0.418 / 0.441 / 0.453 / 0.473, colour 1.000 down to 0.988 at 10; every other attribute >= 0.996.
+        c.sample.guidance_scale = 7.5
     else:  # tiny
         c.first_stage = FirstStageConfig.defaults(workdir="")  # tests fill this in
         c.data = data_section("tiny", 16, 8)

@@ -58,7 +58,7 @@ def get_config(arg=None):
     elif preset == "demo":
         c.first_stage = FirstStageConfig.defaults(workdir="runs/demo/autoencoder_kl")
         # Batch 32 x 4500 steps, not 64 x 1500: shape is learned late and answers to the number of updates (held-out
-        # shape 0.23 -> 0.41, every other attribute 1.000; README, Demo). launch/local.sh demo trains it from a
+        # shape 0.23 -> 0.42 at guidance 3, every other attribute 1.000; README, Demo). launch/local.sh demo trains it from a
         # latent cache of the demo first stage (python -m ldm_jax.cache_latents), which runs no encoder in the step.
         c.data = data_section("32px", 32, 32)
         c.text_encoder = text_encoder_section(TEXT_ENCODER_VARIANTS["tiny"])

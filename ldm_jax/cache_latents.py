@@ -282,7 +282,7 @@ def cache(data_config, out: str, encoder: Encoder, settings: dict, process_index
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ldm_jax.data import pipeline, sources
+    from ldm_jax.data import latent_cache, pipeline, sources
     from ldm_jax.training.reporting import quiet_library_logs
 
     logging.set_verbosity(logging.INFO)
@@ -303,7 +303,7 @@ def main(argv):
     if _DATASET.value and _DATASET.value not in pipeline.BUILDERS:
         raise app.UsageError(f"--dataset={_DATASET.value!r}: must be one of {tuple(pipeline.BUILDERS)}")
     settings = dict(
-        source=_SOURCE.value or f"{_DATASET.value}/{_DATASET_CONFIG.value}:{_SPLIT.value}",
+        source=_SOURCE.value or latent_cache.embedded_source(_DATASET.value, _DATASET_CONFIG.value, _SPLIT.value),
         split=_SPLIT.value,
         image_size=_IMAGE_SIZE.value,
         records_per_shard=_PER_SHARD.value,

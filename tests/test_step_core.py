@@ -4,6 +4,7 @@ randomness, and the adversarial first-stage step with gradient accumulation, whi
 batch statistics. The diffusion step's accumulation is checked in test_scale.py."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -207,8 +208,6 @@ def test_our_global_norm_clipping_is_optax_s_with_less_to_compile(scale):
 def _state_copies(compiled) -> list[str]:
     """Copies of whole entry parameters (not scalars: the step counter) in a compiled step's optimised HLO: what XLA
     adds when it cannot update a donated buffer in place."""
-    import re
-
     text = compiled.as_text()
     entry = text[text.index("\nENTRY ") :]
     entry = entry[: entry.index("\n}")]

@@ -117,9 +117,15 @@ def read_info(spec: str) -> dict:
     return info
 
 
+def embedded_source(name: str, config: str, split: str) -> str:
+    """How a cache records the embedded dataset it was made from (``cache_latents --dataset=NAME
+    --dataset_config=CONFIG --split=SPLIT``) as its "source": "NAME/CONFIG:SPLIT" (``embedded_origin`` reads it)."""
+    return f"{name}/{config}:{split}"
+
+
 def embedded_origin(info: dict):
-    """(name, config) of the embedded dataset a cache was made from (``cache_latents --dataset=NAME
-    --dataset_config=CONFIG``, recorded as source "NAME/CONFIG:SPLIT"), or None for a cache of the user's images.
+    """(name, config) of the embedded dataset a cache was made from (its source as ``embedded_source`` writes it),
+    or None for a cache of the user's images.
 
     Previews and evaluation of a run trained from such a cache read that dataset's other splits: it is a pure
     function of (seed, split, index), so its held-out images are the ones the cached split was drawn beside."""

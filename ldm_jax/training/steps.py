@@ -12,9 +12,9 @@ The core, shared with the adversarial first stage (``training.gan.gan_train_step
   rows i, i + k, i + 2k, ... so that every device contributes to every micro-batch (the batch is split over
   devices in contiguous blocks) and no data moves between devices; it draws its randomness from
   ``fold_in(rng, i)``.
-- ``finish_step(old, update, ...)``: the optimizer update (``update(old)``), the EMA update, the common metrics (loss, gradient norm, learning rate and the
-  task's own) and the non-finite skip: a step whose loss or gradient norm is not finite changes nothing but the
-  step and the skip counters (``state.skip_if_nonfinite``).
+- ``finish_step(old, update, ...)``: the optimizer update (``update(old)``), the EMA update, the common metrics
+  (loss, gradient norm, learning rate and the task's own) and the non-finite skip: a step whose loss or gradient
+  norm is not finite changes nothing but the step and the skip counters (``state.skip_if_nonfinite``).
 """
 
 from __future__ import annotations

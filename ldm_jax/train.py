@@ -2,7 +2,9 @@
 
   python -m ldm_jax.train --config=configs/txt2img.py:demo --workdir=runs/demo/txt2img [--config.optim.lr=3e-5]
 
-Trains ``config.task`` (see ``configs/``) in ``--workdir``, resuming from its latest checkpoint when present.
+Trains ``config.task`` (see ``configs/``) in ``--workdir``, resuming from its latest checkpoint when present. A resume
+under a config that changes what the steps compute (another batch, model, optimizer, data ...) is refused, naming the
+fields, unless ``--allow_config_change`` (``training/resume_config.py``).
 
 Multi-process (several hosts, or one process per GPU): the same command in every process. On a TPU pod slice and
 under SLURM (``srun``) the cluster is detected; elsewhere pass the coordinator (process 0's host:port), the process
@@ -27,6 +29,13 @@ from ldm_jax.training import distributed
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, previews and config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a workdir whose run was trained with a config that differs in what the steps compute (model, data, "
+    "batch, optimizer, diffusion, seed); without it such a resume is refused, naming each changed field. The old "
+    "config.json is kept as config.before_step<N>.json. See ldm_jax/training/resume_config.py.",
+)
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 _CONFIGURE_JAX = jax_setup.define_flags()
 
@@ -64,7 +73,7 @@ def main(argv):
     quiet_library_logs()
     _INITIALIZE_DISTRIBUTED()
     _CONFIGURE_JAX()  # after distributed: it asks for the backend
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

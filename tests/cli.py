@@ -48,14 +48,15 @@ def start(
     return proc
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Waits for processes started together; returns their outputs. Fails, never hangs: when one exits non-zero the
-    others are killed at once (a process whose peer died waits in its next collective forever, spinning a core),
-    as are all of them at the timeout."""
+def wait_for(procs: list[subprocess.Popen], timeout: float, stop_on_failure: bool = True) -> list[str]:
+    """Waits for processes started together and returns their outputs; never hangs: all still running at the
+    timeout are killed, and with ``stop_on_failure`` the others too as soon as one exits non-zero (a process whose
+    peer died waits in its next collective forever, spinning a core). A killed process's code is negative."""
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            failed = stop_on_failure and any(p.poll() not in (None, 0) for p in procs)
+            if failed or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
@@ -67,7 +68,12 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     for p in procs:
         with open(p.log) as f:
             outputs.append(f.read())
-    # A negative code: killed (by us, once a peer had died, or at the timeout).
+    return outputs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """``wait_for``, failing unless every process exited 0."""
+    outputs = wait_for(procs, timeout)
     bad = [f"process {i} exited with {p.returncode}:\n{out[-4000:]}" for i, (p, out) in enumerate(zip(procs, outputs))]
     bad = [b for b, p in zip(bad, procs) if p.returncode]
     assert not bad, "\n".join(bad)

@@ -19,7 +19,7 @@ from ldm_jax.imaging import save_png
 from ldm_jax.tasks import build_task, validate_config
 from ldm_jax.tasks import dreambooth
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import transfer
+from ldm_jax.training import resume_config, transfer
 from ldm_jax.training.reporting import MetricWriter, Progress
 from ldm_jax.training.sharding import batch_sharding, check_batch_size, make_mesh, replicated, tree_shardings
 
@@ -139,8 +139,11 @@ def _match_init_params(src, target, source_name: str):
     return src
 
 
-def train_and_evaluate(config, workdir: str):
-    """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one."""
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
+    """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+    A resume under a config that differs from the run's ``config.json`` in what the steps compute is refused, by
+    field, unless ``allow_config_change`` (``training/resume_config.py``)."""
     storage.check(workdir, "--workdir")
     storage.check(config.init_from, "init_from")
     if "first_stage" in config:
@@ -171,6 +174,8 @@ def train_and_evaluate(config, workdir: str):
     if latest is None and train_cfg.restore_step >= 0:
         raise ValueError(f"train.restore_step={train_cfg.restore_step}: {ckpt.directory} holds no checkpoint")
     meta = ckpt.newest_meta() if latest is not None else {}
+    # Every process compares before any of them restores, so none can have rewritten config.json yet.
+    changed = resume_config.check(config, workdir, latest, allow_config_change) if latest is not None else []
     frozen, task_meta = task.setup(meta)
     # Every process read the same frozen weights; each places its own replicas (no cross-host transfer).
     frozen = transfer.to_mesh(frozen, replicated(mesh))
@@ -227,6 +232,7 @@ def train_and_evaluate(config, workdir: str):
 
     meta_out = {"task": config.task, **task_meta}
     if jax.process_index() == 0:
+        resume_config.keep_previous(workdir, latest, changed)
         config_lib.save_config(config, storage.join(workdir, "config.json"))
     writer = MetricWriter(workdir)
     if restore_report and (restore_report["corrupt"] or restore_report["unused"]):

@@ -117,6 +117,20 @@ def save_config(config, path: str) -> None:
     storage.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted field, old value, new value)`` for every field whose value differs between two nested dicts (a
+    config or a job record as JSON reads it back), sorted by name. A dict on both sides is compared field by field;
+    a field only one side holds has ``dataclasses.MISSING`` on the other."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, dataclasses.MISSING), new.get(key, dataclasses.MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
     """Reads a config written by ``save_config`` (e.g. ``<workdir>/config.json``)."""
     from ldm_jax import storage

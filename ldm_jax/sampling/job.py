@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import storage
+from ldm_jax import config_lib, storage
 from ldm_jax.imaging import make_grid, save_png, to_uint8
 from ldm_jax.sampling import outputs
 from ldm_jax.training import transfer
@@ -103,15 +103,11 @@ class JobSpec:
         return dict(index=index, sample=sample, seed=self.seed + index, **self.sources[source], **self.settings)
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
-    return out
+def _differences(old: dict, new: dict) -> list[str]:
+    def shown(value):  # a setting one side lacks reads as None
+        return None if value is dataclasses.MISSING else value
+
+    return [f"{k}: {shown(a)!r} there, {shown(b)!r} now" for k, a, b in config_lib.differences(old, new)]
 
 
 def open_job(spec: JobSpec) -> None:

@@ -18,6 +18,7 @@ resumes with ``--allow_config_change``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -53,15 +54,6 @@ MAY_CHANGE = (
 )
 
 
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def may_change(field: str) -> bool:
     return any(field == name or field.startswith(name + ".") for name in MAY_CHANGE)
 
@@ -70,12 +62,8 @@ def changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """``(field, saved value, current value)`` for every field that both configs hold and that differs, sorted.
     A field only one of them holds comes from another version of the code (a field added or removed since the run
     was saved), not from the user: it is not a change."""
-    old, new = _leaves(saved), _leaves(current)
-    return [(name, old[name], new[name]) for name in sorted(old.keys() & new.keys()) if old[name] != new[name]]
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value)
+    found = config_lib.differences(saved, current)
+    return [(name, old, new) for name, old, new in found if dataclasses.MISSING not in (old, new)]
 
 
 def history_path(workdir: str, step: int) -> str:
@@ -103,7 +91,7 @@ def check(config, workdir: str, step: int, allow_change: bool) -> list[tuple[str
     found = changes(saved, current)
     refused = [c for c in found if not may_change(c[0])]
     if refused and not allow_change:
-        listed = "; ".join(f"{name} {_show(old)} -> {_show(new)}" for name, old, new in refused)
+        listed = "; ".join(f"{name} {json.dumps(old)} -> {json.dumps(new)}" for name, old, new in refused)
         raise config_lib.ConfigError(
             f"--workdir={workdir}: holds a run trained to step {step} with another config ({len(refused)} "
             f"field(s) differ from its config.json: {listed}). Resuming would train the new recipe on from the old "
@@ -112,7 +100,7 @@ def check(config, workdir: str, step: int, allow_change: bool) -> list[tuple[str
             f"{history_path(workdir, step)})"
         )
     for name, old, new in found:
-        logging.warning("resuming with %s %s -> %s (was %s)", name, _show(old), _show(new), path)
+        logging.warning("resuming with %s %s -> %s (was %s)", name, json.dumps(old), json.dumps(new), path)
     return found
 
 

@@ -53,8 +53,10 @@ case "$mode" in
     "$PY" -m ldm_jax.train --config=configs/txt2img.py:demo --workdir="$RUNS/txt2img" \
       --config.first_stage.workdir="$RUNS/autoencoder_kl" --config.data.source="latents:$RUNS/latents"
     t2=$(date +%s)
+    # A rerun after the model or the sampling settings changed (a pull, an allowed resume) keeps the earlier
+    # samples as $RUNS/samples.before-<k> and draws the grid anew; the same settings again make nothing.
     "$PY" -m ldm_jax.sample --workdir="$RUNS/txt2img" --prompts_file=configs/demo_prompts.txt --num_per_prompt=4 \
-      --outdir="$RUNS/samples"
+      --outdir="$RUNS/samples" --on_other_job=move_aside
     t3=$(date +%s)
     "$PY" -m ldm_jax.evaluate --workdir="$RUNS/txt2img" --split=heldout --num_examples=256 >/dev/null
     t4=$(date +%s)

@@ -123,6 +123,14 @@ _LORA = flags.DEFINE_multi_string(
 _OUTDIR = flags.DEFINE_string(
     "outdir", "", "The job's folder (default: <workdir>/samples/<digest of the job>, so a rerun resumes it)."
 )
+_ON_OTHER_JOB = flags.DEFINE_enum(
+    "on_other_job",
+    "refuse",
+    ["refuse", "move_aside"],  # sampling.job.ON_OTHER_JOB (not imported here: that module imports jax)
+    "When --outdir holds a job with other settings (another model, checkpoint, sampler, guidance, prompts ...): "
+    "refuse, naming each setting that differs; or move_aside: move that folder whole to <outdir>.before-<k> and "
+    "start this job in --outdir.",
+)
 flags.mark_flags_as_required(["workdir"])
 _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 _CONFIGURE_JAX = jax_setup.define_flags()
@@ -277,7 +285,7 @@ def main(argv):
         )
 
     try:
-        run_job(spec, generate, _PER_DEVICE_BATCH.value * mesh.size, mesh.size)
+        run_job(spec, generate, _PER_DEVICE_BATCH.value * mesh.size, mesh.size, _ON_OTHER_JOB.value)
     except ValueError as e:  # the folder holds another job, or inputs the model cannot take (before device work)
         raise app.UsageError(str(e)) from e
 

@@ -9,6 +9,7 @@ once, no partial file, pixels bit-identical to the reference).
 
 import json
 import os
+import shutil
 import signal
 import sys
 import tarfile
@@ -55,10 +56,31 @@ def jobs(txt2img_workdir, tmp_path_factory):
     tsv.write_text("\n".join(rows) + "\n")
     one = run_module("ldm_jax.sample", *_job_args(txt2img_workdir, tsv, root / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
+    # The two-process job's --outdir already holds an earlier job at guidance 9 (the one-process job's files, its
+    # job.json edited), and a folder moved aside before it (.before-1): --on_other_job=move_aside moves the earlier
+    # job whole to .before-2 on both processes' agreement and starts afresh.
+    earlier = root / "two"
+    shutil.copytree(root / "one", earlier)
+    job = json.loads((earlier / "job.json").read_text())
+    job["settings"]["guidance_scale"] = 9.0
+    (earlier / "job.json").write_text(json.dumps(job))
+    (root / "two.before-1").mkdir()
+    (root / "two.before-1" / "mine.txt").write_text("moved aside by an earlier run")
+    earlier_files = _files(earlier)
     module = [sys.executable, "-m", "ldm_jax.sample"]
-    procs = two_process_job([*module, *_job_args(txt2img_workdir, tsv, root / "two")], str(root / "two"), 4)
-    wait_all(procs, timeout=600)
-    return dict(root=root, tsv=tsv, workdir=txt2img_workdir)
+    args = [*_job_args(txt2img_workdir, tsv, root / "two"), "--on_other_job=move_aside"]
+    procs = two_process_job([*module, *args], str(root / "two"), 4)
+    outputs_two = wait_all(procs, timeout=600)
+    return dict(root=root, tsv=tsv, workdir=txt2img_workdir, earlier_files=earlier_files, outputs_two=outputs_two)
+
+
+def _files(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {
+        os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+        for d, _, names in os.walk(folder)
+        for n in names
+    }
 
 
 def _pngs(folder) -> dict[str, bytes]:
@@ -109,6 +131,10 @@ def test_two_processes_write_the_files_one_process_writes(jobs):
     assert [x["index"] for x in lines] == list(range(N)) and [x["seed"] for x in lines] == [7 + i for i in range(N)]
     assert [(x["id"], x["sample"], x["image_id"]) for x in lines[:3]] == [("1000", 0, "500"), ("1000", 1, "500"), ("1007", 0, "501")]  # fmt: skip
     assert lines[2]["prompt"] == PROMPTS[1] and lines[0]["num_steps"] == 20
+    # The earlier job it found there was moved, not merged or deleted: byte for byte, past the folder moved before.
+    assert _files(jobs["root"] / "two.before-2") == jobs["earlier_files"]
+    assert _files(jobs["root"] / "two.before-1") == {"mine.txt": b"moved aside by an earlier run"}
+    assert "settings.guidance_scale: 9.0 there, 3.0 now" in jobs["outputs_two"][0]
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 8 and summary["missing"] == 0
     assert sum(summary["per_process_written"]) == N and min(summary["per_process_written"]) > 0
@@ -200,6 +226,7 @@ def test_a_job_folder_refuses_other_settings_by_name(jobs, tmp_path):
     assert proc.returncode != 0
     assert "settings.guidance_scale: 3.0 there, 5.0 now" in proc.stderr, proc.stderr[-2000:]
     assert "settings.per_device_batch: 1 there, 2 now" in proc.stderr
+    assert "--on_other_job=move_aside" in proc.stderr  # the way out, named
     assert {n: (one / n).stat().st_mtime_ns for n in os.listdir(one)} == before  # nothing touched
     other = tmp_path / "other"
     other.mkdir()

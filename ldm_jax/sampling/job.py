@@ -110,20 +110,38 @@ def _differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {shown(a)!r} there, {shown(b)!r} now" for k, a, b in config_lib.differences(old, new)]
 
 
-def open_job(spec: JobSpec) -> None:
+# What a rerun does with an --outdir that holds a job with other settings.
+ON_OTHER_JOB = ("refuse", "move_aside")
+
+
+def _aside_name(outdir: str) -> str:
+    """The first free ``<outdir>.before-<k>`` (k = 1, 2, ...): an earlier job moved aside is never overwritten."""
+    k = 1
+    while storage.exists(f"{outdir}.before-{k}"):
+        k += 1
+    return f"{outdir}.before-{k}"
+
+
+def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:
     """Creates the job folder and its ``job.json``, or checks a folder made before; removes what a killed run left
-    half-written. Raises ValueError naming every setting that differs from the folder's job, or for a folder that
-    holds other files and no job."""
+    half-written. A folder that holds a job with other settings is refused (ValueError naming every setting that
+    differs) or, with ``on_other_job="move_aside"``, moved whole to ``<outdir>.before-<k>`` and the job started
+    afresh (nothing is deleted). A folder that holds other files and no job is always refused."""
+    if on_other_job not in ON_OTHER_JOB:
+        raise ValueError(f"--on_other_job={on_other_job!r}: must be one of {', '.join(ON_OTHER_JOB)}")
     path = storage.join(spec.outdir, JOB_FILE)
     identity = json.loads(json.dumps(spec.identity()))  # as it reads back (tuples become lists)
+    move = False
     if storage.exists(path):
         old = json.loads(storage.read_text(path))
         diff = _differences(old, identity)
-        if diff:
+        if diff and on_other_job == "refuse":
             raise ValueError(
                 f"--outdir={spec.outdir!r} holds a sampling job with other settings ({'; '.join(diff)}); its images "
-                "would not be one job's. Use another --outdir, or the folder's settings to finish that job"
+                "would not be one job's. Use another --outdir, the folder's settings to finish that job, or "
+                f"--on_other_job=move_aside to move it to {spec.outdir}.before-<k> and start this one"
             )
+        move = bool(diff)
     else:
         ours = (outputs.SHARDS, outputs.PARTS, "manifest.jsonl", "grid.png", SUMMARY_FILE)
         other = [n for n in storage.listdir(spec.outdir) if n not in ours and not outputs.is_temporary(n)]
@@ -132,6 +150,17 @@ def open_job(spec: JobSpec) -> None:
                 f"--outdir={spec.outdir!r} holds files and no {JOB_FILE} (e.g. {sorted(other)[:3]}): not a sampling "
                 "job's folder; use a new or empty folder"
             )
+    # Every process has read the folder before any changes it: on a shared filesystem they all decide alike.
+    barrier("sampling job checked")
+    if move and jax.process_index() == 0:
+        aside = _aside_name(spec.outdir)
+        storage.rename(spec.outdir, aside)
+        logging.warning(
+            "--outdir=%s held a job with other settings (%s): moved to %s", spec.outdir, "; ".join(diff), aside
+        )
+    barrier("sampling job moved aside")
+    if move and jax.process_index() != 0 and storage.exists(path):  # a host whose filesystem process 0 cannot see
+        storage.rename(spec.outdir, _aside_name(spec.outdir))
     if jax.process_index() == 0:
         storage.makedirs(spec.outdir)
         removed = outputs.remove_temporaries(spec.outdir)
@@ -160,14 +189,21 @@ def _duration(seconds: float) -> str:
     return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
-def run_job(spec: JobSpec, generate: Callable[[list[int]], Any], batch_size: int, mesh_size: int) -> dict:
+def run_job(
+    spec: JobSpec,
+    generate: Callable[[list[int]], Any],
+    batch_size: int,
+    mesh_size: int,
+    on_other_job: str = "refuse",
+) -> dict:
     """Makes the images of ``spec`` that its folder lacks; returns the summary (also written as ``summary.json``).
 
     ``generate(indices)``: the task's ``generate_batches`` for the images ``indices`` (their conditions and seeds),
-    yielding ``(start, n, images)``; ``batch_size``: images per batch over the whole mesh.
+    yielding ``(start, n, images)``; ``batch_size``: images per batch over the whole mesh; ``on_other_job``: see
+    ``open_job``.
     """
     generate(list(range(spec.num_images)))  # the inputs are checked (ValueError) before anything is written
-    open_job(spec)
+    open_job(spec, on_other_job)
     where = done_outputs(spec)
     todo = [int(i) for i in np.flatnonzero(where < 0)]
     done_before = spec.num_images - len(todo)

@@ -1,7 +1,8 @@
 """ldm_jax against its peers on the same model with the same weights, in one run: UNet forward, AdamW train step,
 a 50-step DDIM sampling loop, first-stage decode, and compile times.
 
-  PYTHONPATH=. .venv/bin/python benchmarks/peers.py [--size=small|sd15] [--repeats=5] [--only=ours,flax,torch]
+  PYTHONPATH=. .venv/bin/python benchmarks/peers.py [--size=small|sd15] [--rounds=3] [--repeats=5]
+      [--only=ours,flax,torch]
   (or bash benchmarks/peers.sh, which also makes the peers' environments)
 
 Peers:
@@ -13,12 +14,17 @@ The torch peer builds the random-weight diffusers models and saves them (safeten
 its own converter (``interop.stable_diffusion.load_component_folder``) and diffusers-Flax with its
 ``convert_pytorch_state_dict_to_flax``. Every implementation first runs the same inputs and must agree with the
 PyTorch outputs (the maximum difference is reported; diffusers-Flax's GEGLU uses tanh-approximated GELU, so it
-differs more). Each implementation runs in its own process, one after the other, on the same machine; the table
-reports each time as a ratio, peer time / ldm_jax time (> 1: ldm_jax is faster).
+differs more).
 
-Timing: the first call of each function (compile + run for the JAX ones) is reported as ``first_s``; then
-``--repeats`` calls (the DDIM loop: half as many, at least 2), of which the median is the time. XLA's CPU backend
-and PyTorch both use every core (``torch.set_num_threads(os.cpu_count())``).
+Timing: every implementation runs in its own process, kept alive after its parity check and first calls (compile +
+run for the JAX ones, reported as ``first_s``; each child's set-up has the CPU to itself). Then ``--rounds`` rounds:
+in each, every operation is called ``--repeats`` times (the DDIM loop: half as many, at least once) in each
+implementation in turn, the order rotated from round to round, so that the calls compared are seconds apart. A shared
+machine's speed drifts by far more than the differences measured (the same 1024x1024 matrix product read 129-279 ms
+within 90 s on the 2026-12-06 machine), and one implementation timed minutes after another reads that drift as its
+speed. The table's time is the median of all calls; its ratio (peer / ldm_jax, > 1: ldm_jax is faster) is the median
+over rounds of each round's ratio of medians, with the rounds' range. XLA's CPU backend and PyTorch both use every
+core (``torch.set_num_threads(os.cpu_count())``).
 
 Sizes:
   small  the issue's model: block_out_channels (64, 128, 256), 2 layers per block, cross-attention on the first two
@@ -110,22 +116,18 @@ DDIM_SCHEDULER = dict(
 )
 
 
-def _timed(fn, repeats: int, first: float | None = None) -> dict:
-    """``first``: the time of the first call when the caller made it (the parity check, which compiles)."""
+def _timer(fn, first: float | None = None) -> dict:
+    """An operation to time: ``fn`` (one call, blocking until done) and the time of its first call (compile + run
+    for the JAX ones). ``first``: that time when the caller made the call (the parity check, which compiles)."""
     if first is None:
         t0 = time.perf_counter()
         fn()
         first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"first_s": round(first, 3), "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4)}
+    return {"fn": fn, "first_s": round(first, 3)}
 
 
-def _time_adamw(loss, params, batch: tuple, repeats: int) -> dict:
-    """Times ``loss``'s AdamW step (the same for both JAX implementations). The batch is an argument, never a
+def _adamw_timer(loss, params, batch: tuple) -> dict:
+    """``loss``'s AdamW step (the same for both JAX implementations). The batch is an argument, never a
     closed-over constant: XLA:CPU runs a program with a large embedded constant measurably slower (a DDIM loop with
     the context as a constant took 1.3x as long)."""
     import jax
@@ -146,7 +148,7 @@ def _time_adamw(loss, params, batch: tuple, repeats: int) -> dict:
         state[0], state[1], value = step(*state, batch)
         value.block_until_ready()
 
-    return _timed(one, repeats)
+    return _timer(one)
 
 
 def _inputs(size: dict):
@@ -164,12 +166,22 @@ def _inputs(size: dict):
 
 
 # ---- torch (the reference environment): makes the models, then times itself ---------------------------------------
-def run_torch(folder: str, size: dict, repeats: int) -> dict:
+def run_torch(folder: str, size: dict) -> dict:
+    import copy
+
     import numpy as np
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     torch.set_num_threads(os.cpu_count())
+
+    def no_grad(fn):  # timed calls run later, outside this function's no_grad blocks
+        def call():
+            with torch.no_grad():
+                return fn()
+
+        return call
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**size["unet"])
     # Random, not zero-initialised, output layers: every implementation must produce a non-trivial output.
@@ -190,19 +202,18 @@ def run_torch(folder: str, size: dict, repeats: int) -> dict:
     unet.eval()
     with torch.no_grad():
         outputs["unet"] = unet(x, t, ctx).sample.numpy().transpose(0, 2, 3, 1)
-        res["forward"] = _timed(lambda: unet(x, t, ctx).sample, repeats)
+        res["forward"] = _timer(no_grad(lambda: unet(x, t, ctx).sample))
     if size["train"]:
-        unet.train()
-        opt = torch.optim.AdamW(unet.parameters(), lr=LEARNING_RATE, weight_decay=1e-2)
+        trained = copy.deepcopy(unet).train()  # its own copy: the others keep the saved weights between rounds
+        opt = torch.optim.AdamW(trained.parameters(), lr=LEARNING_RATE, weight_decay=1e-2)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample, target)
+            loss = torch.nn.functional.mse_loss(trained(x, t, ctx).sample, target)
             loss.backward()
             opt.step()
 
-        res["train_step"] = _timed(step, repeats)
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval()  # untrained again
+        res["train_step"] = _timer(step)
     if size["ddim_steps"]:
         sched = DDIMScheduler(**DDIM_SCHEDULER)
 
@@ -216,7 +227,7 @@ def run_torch(folder: str, size: dict, repeats: int) -> dict:
             return lat
 
         outputs["ddim"] = ddim().numpy().transpose(0, 2, 3, 1)
-        res["ddim"] = _timed(ddim, max(2, repeats // 2))
+        res["ddim"] = _timer(ddim)
     if size["vae"]:
         torch.manual_seed(1)
         vae = AutoencoderKL(**size["vae"]).eval()
@@ -224,7 +235,7 @@ def run_torch(folder: str, size: dict, repeats: int) -> dict:
         z = nchw(inp["z"])
         with torch.no_grad():
             outputs["decode"] = vae.decode(z).sample.numpy().transpose(0, 2, 3, 1)
-            res["decode"] = _timed(lambda: vae.decode(z).sample, repeats)
+            res["decode"] = _timer(no_grad(lambda: vae.decode(z).sample))
     np.savez(os.path.join(folder, "reference.npz"), **outputs)
     return res
 
@@ -248,7 +259,7 @@ def _flax_params(model, folder):
     return convert_pytorch_state_dict_to_flax({k: _AsTorch(v) for k, v in sd.items()}, model)
 
 
-def run_flax(folder: str, size: dict, repeats: int) -> dict:
+def run_flax(folder: str, size: dict) -> dict:
     import diffusers
     import jax
     import jax.numpy as jnp
@@ -269,13 +280,12 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
     out = np.asarray(fwd(params, x, t, ctx)).transpose(0, 2, 3, 1)
     first = time.perf_counter() - t0
     res["max_abs_diff"] = {"unet": float(np.abs(out - ref["unet"]).max())}
-    res["forward"] = _timed(lambda: fwd(params, x, t, ctx).block_until_ready(), repeats, first)
+    res["forward"] = _timer(lambda: fwd(params, x, t, ctx).block_until_ready(), first)
     if size["train"]:
-        res["train_step"] = _time_adamw(
+        res["train_step"] = _adamw_timer(
             lambda p, x, t, ctx, target: jnp.mean((unet.apply({"params": p}, x, t, ctx).sample - target) ** 2),
             params,
             (x, t, ctx, target),
-            repeats,
         )
     if size["ddim_steps"]:
         sched = FlaxDDIMScheduler(**DDIM_SCHEDULER)
@@ -298,7 +308,7 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
         out = np.asarray(ddim(params, x, ctx)).transpose(0, 2, 3, 1)
         first = time.perf_counter() - t0
         res["max_abs_diff"]["ddim"] = float(np.abs(out - ref["ddim"]).max())
-        res["ddim"] = _timed(lambda: ddim(params, x, ctx).block_until_ready(), max(2, repeats // 2), first)
+        res["ddim"] = _timer(lambda: ddim(params, x, ctx).block_until_ready(), first)
     if size["vae"]:
         vcfg = json.load(open(os.path.join(folder, "vae", "config.json")))
         vae = FlaxAutoencoderKL.from_config(vcfg)
@@ -309,12 +319,12 @@ def run_flax(folder: str, size: dict, repeats: int) -> dict:
         out = np.asarray(dec(vparams, z)).transpose(0, 2, 3, 1)
         first = time.perf_counter() - t0
         res["max_abs_diff"]["decode"] = float(np.abs(out - ref["decode"]).max())
-        res["decode"] = _timed(lambda: dec(vparams, z).block_until_ready(), repeats, first)
+        res["decode"] = _timer(lambda: dec(vparams, z).block_until_ready(), first)
     return res
 
 
 # ---- ldm_jax ---------------------------------------------------------------------------------------------------------
-def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto", conv_impl: str = "auto") -> dict:
+def run_ours(folder: str, size: dict, attention_impl: str = "auto", conv_impl: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -338,13 +348,12 @@ def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto"
     out = np.asarray(fwd(params, x, t, ctx))
     first = time.perf_counter() - t0
     res["max_abs_diff"] = {"unet": float(np.abs(out - ref["unet"]).max())}
-    res["forward"] = _timed(lambda: fwd(params, x, t, ctx).block_until_ready(), repeats, first)
+    res["forward"] = _timer(lambda: fwd(params, x, t, ctx).block_until_ready(), first)
     if size["train"]:
-        res["train_step"] = _time_adamw(
+        res["train_step"] = _adamw_timer(
             lambda p, x, t, ctx, target: jnp.mean((unet.apply({"params": p}, x, t, ctx, train=True) - target) ** 2),
             params,
             (x, t, ctx, target),
-            repeats,
         )
     if size["ddim_steps"]:
         sampler = make_sampler(SamplerOptions(name="ddim", num_steps=size["ddim_steps"]), make_schedule())
@@ -353,7 +362,7 @@ def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto"
         out = np.asarray(ddim(params, x, ctx))
         first = time.perf_counter() - t0
         res["max_abs_diff"]["ddim"] = float(np.abs(out - ref["ddim"]).max())
-        res["ddim"] = _timed(lambda: ddim(params, x, ctx).block_until_ready(), max(2, repeats // 2), first)
+        res["ddim"] = _timer(lambda: ddim(params, x, ctx).block_until_ready(), first)
     if size["vae"]:
         _, vfields, vparams, _ = load_component_folder(os.path.join(folder, "vae"))
         vae = build_first_stage(vfields)
@@ -364,31 +373,119 @@ def run_ours(folder: str, size: dict, repeats: int, attention_impl: str = "auto"
         out = np.asarray(dec(vparams, z))
         first = time.perf_counter() - t0
         res["max_abs_diff"]["decode"] = float(np.abs(out - ref["decode"]).max())
-        res["decode"] = _timed(lambda: dec(vparams, z).block_until_ready(), repeats, first)
+        res["decode"] = _timer(lambda: dec(vparams, z).block_until_ready(), first)
     return res
 
 
 RUNNERS = {"torch": run_torch, "flax": run_flax, "ours": run_ours}
 OPS = ("forward", "train_step", "ddim", "decode")
+_REPLY = "@@peers "  # prefix of the protocol lines a child writes (libraries may print to stdout too)
 
 
-def _child(which: str, python: str, folder: str, args, attention_impl: str = "auto", conv_impl: str = "auto") -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)  # one real CPU device, XLA's default optimisation
-    cmd = [python, os.path.abspath(__file__), "--_child", which, "--_folder", folder, "--size", args.size]
-    cmd += ["--repeats", str(args.repeats), "--_attention_impl", attention_impl, "--_conv_impl", conv_impl]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{which} ({python}) failed:\n{proc.stderr[-4000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["process_s"] = round(time.perf_counter() - t0, 1)
-    print(f"{which}: {json.dumps(res)}", file=sys.stderr, flush=True)
-    return res
+def _serve(which: str, folder: str, size: dict, extra: tuple) -> None:
+    """A child: builds its implementation, runs the parity checks and first calls, says it is ready (with its
+    outputs' differences and first-call times), then times what the parent asks for, one ``<op> <calls>`` line at a
+    time, until stdin closes. Waiting, it uses no CPU."""
+    res = RUNNERS[which](folder, size, *extra)
+    timers = {op: res.pop(op) for op in OPS if op in res}
+    res["first_s"] = {op: timer["first_s"] for op, timer in timers.items()}
+    print(_REPLY + json.dumps(res), flush=True)
+    for line in sys.stdin:
+        op, calls = line.split()
+        times = []
+        for _ in range(int(calls)):
+            t0 = time.perf_counter()
+            timers[op]["fn"]()
+            times.append(time.perf_counter() - t0)
+        print(_REPLY + json.dumps(times), flush=True)
+
+
+class _Child:
+    """One implementation in its own process (``_serve``), kept alive so that the implementations' calls can
+    alternate within seconds of each other."""
+
+    def __init__(self, name: str, which: str, python: str, folder: str, args, extra: tuple = ()):
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("XLA_FLAGS", None)  # one real CPU device, XLA's default optimisation
+        cmd = [python, os.path.abspath(__file__), "--_child", which, "--_folder", folder, "--size", args.size]
+        cmd += ["--_attention_impl", extra[0], "--_conv_impl", extra[1]] if extra else []
+        self.name, self.python = name, python
+        self.log = tempfile.TemporaryFile("w+")  # stderr: a file, so a chatty child never blocks on a full pipe
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1
+        )
+        self.info = self._reply()
+        self.info["setup_s"] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: ready {json.dumps(self.info)}", file=sys.stderr, flush=True)
+
+    def _reply(self):
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.log.seek(0)
+                raise SystemExit(f"{self.name} ({self.python}) failed:\n{self.log.read()[-4000:]}")
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY) :])
+
+    def time(self, op: str, calls: int) -> list[float]:
+        self.proc.stdin.write(f"{op} {calls}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
+def _measure(children: dict, rounds: int, repeats: int) -> dict:
+    """``rounds`` rounds; in each, every operation is timed in every implementation one after the other (``repeats``
+    calls; the DDIM loop half as many, at least 1), the order rotated from round to round. On a shared machine whose
+    speed drifts (measured here: the same matrix product from 129 to 279 ms within 90 s), calls made seconds apart
+    see the same machine; each ratio is taken within a round, and the rounds' ratios are reported with their range."""
+    times = {name: {op: [] for op in OPS if op in c.info["first_s"]} for name, c in children.items()}
+    per_round = {name: {op: [] for op in ops} for name, ops in times.items()}
+    names = list(children)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for op in OPS:
+            for name in order:
+                if op in times[name]:
+                    got = children[name].time(op, max(1, repeats // 2) if op == "ddim" else repeats)
+                    times[name][op] += got
+                    per_round[name][op].append(statistics.median(got))
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    results = {}
+    for name, c in children.items():
+        res = {k: v for k, v in c.info.items() if k != "first_s"}
+        for op, ts in times[name].items():
+            res[op] = {
+                "first_s": c.info["first_s"][op],
+                "median_s": round(statistics.median(ts), 4),
+                "min_s": round(min(ts), 4),
+                "calls": len(ts),
+                "round_medians_s": [round(v, 4) for v in per_round[name][op]],
+            }
+        results[name] = res
+    ours = per_round.get("ours", {})
+    for name, medians in per_round.items():
+        if name == "ours":
+            continue
+        ratios = {}
+        for op, peer in medians.items():
+            if op in ours:
+                rs = sorted(p / o for p, o in zip(peer, ours[op]))
+                ratios[op] = {
+                    "median": round(statistics.median(rs), 3),
+                    "min": round(rs[0], 3),
+                    "max": round(rs[-1], 3),
+                }
+        results[name]["ratio_to_ours"] = ratios
+    return results
 
 
 def _table(results: dict) -> str:
-    ours = results.get("ours", {})
     lines = ["| | " + " | ".join(OPS) + " |", "|---|" + "---|" * len(OPS)]
     for which, res in results.items():
         cells = []
@@ -396,11 +493,10 @@ def _table(results: dict) -> str:
             if op not in res:
                 cells.append("")
                 continue
-            ms = res[op]["median_s"] * 1000
-            first = res[op]["first_s"]
-            cell = f"{ms:.0f} ms (first {first:.1f} s)"
-            if which != "ours" and op in ours:  # ratio to the first ldm_jax row
-                cell += f", **{res[op]['median_s'] / ours[op]['median_s']:.2f}x**"
+            cell = f"{res[op]['median_s'] * 1000:.0f} ms (first {res[op]['first_s']:.1f} s)"
+            ratio = res.get("ratio_to_ours", {}).get(op)
+            if ratio:  # peer time / ldm_jax time, within each round: median (range over rounds)
+                cell += f", **{ratio['median']:.2f}x** ({ratio['min']:.2f}-{ratio['max']:.2f})"
             cells.append(cell)
         lines.append(f"| {res['impl']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -409,7 +505,8 @@ def _table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=tuple(SIZES), default="small")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="calls per operation and round (DDIM: half)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating calls (see _measure)")
     parser.add_argument("--only", default="torch,flax,ours", help="implementations to time (torch always builds)")
     parser.add_argument("--ref_python", default=os.environ.get("LDM_JAX_REFERENCE_PYTHON", ".venv-ref/bin/python"))
     parser.add_argument("--flax_python", default=os.environ.get("FLAX_PEER_PYTHON", ".venv-flaxpeer/bin/python"))
@@ -435,23 +532,33 @@ def main() -> None:
     size = SIZES[args.size]
     if args._child:
         extra = (args._attention_impl, args._conv_impl) if args._child == "ours" else ()
-        print(json.dumps(RUNNERS[args._child](args._folder, size, args.repeats, *extra)))
+        _serve(args._child, args._folder, size, extra)
         return
+    if args.rounds < 1 or args.repeats < 1:
+        raise SystemExit(f"--rounds={args.rounds} --repeats={args.repeats}: both must be >= 1")
     only = [w.strip() for w in args.only.split(",") if w.strip()]
+    children = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or tmp
         os.makedirs(folder, exist_ok=True)
-        results = {}
-        if "torch" in only or not os.path.exists(os.path.join(folder, "reference.npz")):
-            results["torch"] = _child("torch", args.ref_python, folder, args)  # builds and saves the models
-        if "flax" in only:
-            results["flax"] = _child("flax", args.flax_python, folder, args)
-        if "ours" in only:
-            rows = [(a, c) for a in args.ours_attention.split(",") for c in args.ours_conv.split(",")]
-            for i, (attn, conv) in enumerate(rows):
-                name = "ours" if i == 0 else f"ours_{attn}_{conv}"
-                results[name] = _child("ours", sys.executable, folder, args, attn, conv)
-    summary = {"size": args.size, "cpus": os.cpu_count(), "results": results}
+        try:
+            # One after the other: each child's first calls (the compile times reported) have the CPU to themselves.
+            if "torch" in only or not os.path.exists(os.path.join(folder, "reference.npz")):
+                children["torch"] = _Child("torch", "torch", args.ref_python, folder, args)  # builds, saves models
+                if "torch" not in only:
+                    children.pop("torch").close()
+            if "flax" in only:
+                children["flax"] = _Child("flax", "flax", args.flax_python, folder, args)
+            if "ours" in only:
+                rows = [(a, c) for a in args.ours_attention.split(",") for c in args.ours_conv.split(",")]
+                for i, (attn, conv) in enumerate(rows):
+                    name = "ours" if i == 0 else f"ours_{attn}_{conv}"
+                    children[name] = _Child(name, "ours", sys.executable, folder, args, (attn, conv))
+            results = _measure(children, args.rounds, args.repeats)
+        finally:
+            for c in children.values():
+                c.close()
+    summary = {"size": args.size, "cpus": os.cpu_count(), "rounds": args.rounds, "results": results}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)

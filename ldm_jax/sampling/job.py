@@ -161,6 +161,9 @@ def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:
     barrier("sampling job moved aside")
     if move and jax.process_index() != 0 and storage.exists(path):  # a host whose filesystem process 0 cannot see
         storage.rename(spec.outdir, _aside_name(spec.outdir))
+    # Process 0 writes the new job.json only after every process has looked: one that looked later could take the
+    # new job for the old one and move it.
+    barrier("sampling job moved aside everywhere")
     if jax.process_index() == 0:
         storage.makedirs(spec.outdir)
         removed = outputs.remove_temporaries(spec.outdir)

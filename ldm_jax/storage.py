@@ -80,6 +80,12 @@ def exists(path: str) -> bool:
     return _epath(path).exists() if is_url(path) else os.path.exists(path)
 
 
+def first_free(paths: Iterable[str]) -> str:
+    """The first of ``paths`` (e.g. numbered names, ``itertools.count`` long) that does not exist: where a record is
+    kept without overwriting an earlier one."""
+    return next(p for p in paths if not exists(p))
+
+
 def isdir(path: str) -> bool:
     return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -116,10 +117,7 @@ ON_OTHER_JOB = ("refuse", "move_aside")
 
 def _aside_name(outdir: str) -> str:
     """The first free ``<outdir>.before-<k>`` (k = 1, 2, ...): an earlier job moved aside is never overwritten."""
-    k = 1
-    while storage.exists(f"{outdir}.before-{k}"):
-        k += 1
-    return f"{outdir}.before-{k}"
+    return storage.first_free(f"{outdir}.before-{k}" for k in itertools.count(1))
 
 
 def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:

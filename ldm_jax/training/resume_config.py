@@ -19,6 +19,7 @@ resumes with ``--allow_config_change``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from typing import Any
 
@@ -69,12 +70,8 @@ def changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
 def history_path(workdir: str, step: int) -> str:
     """Where the config that trained a workdir up to ``step`` is kept: a second resume at the same step (a run
     that stopped again before its next checkpoint) takes the next free ``.<k>`` name, so no earlier one is lost."""
-    path = storage.join(workdir, f"config.before_step{step}.json")
-    k = 1
-    while storage.exists(path):
-        path = storage.join(workdir, f"config.before_step{step}.{k}.json")
-        k += 1
-    return path
+    numbered = (storage.join(workdir, f"config.before_step{step}.{k}.json") for k in itertools.count(1))
+    return storage.first_free(itertools.chain([storage.join(workdir, f"config.before_step{step}.json")], numbered))
 
 
 def check(config, workdir: str, step: int, allow_change: bool) -> list[tuple[str, Any, Any]]:

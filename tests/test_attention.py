@@ -119,8 +119,9 @@ def test_configure_keeps_the_classic_threefry_on_cpu_only():
 @pytest.mark.parametrize("shape", [(2, 24, 7, 32), (2, 64, 64, 16), (1, 1024, 1024, 8)])
 def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape, monkeypatch):
     """The xla path's custom VJP (probabilities recomputed from the log-sum-exp, products ordered by hand, on CPU a
-    few slices per step) against JAX's derivative of jax.nn.dot_product_attention: whole (4 MiB of 1024x1024
-    scores fit the budget), and forced through both loops: slices on one device, heads on several."""
+    few slices per step) against JAX's output and derivative of jax.nn.dot_product_attention, the output as
+    training computes it (the forward rule, which also saves the log-sum-exp): whole (4 MiB of 1024x1024 scores fit
+    the budget), and forced through both loops: slices on one device, heads on several."""
     b, tq, tk, d = shape
     heads = 2 if d >= 16 else 1
     n, per_slice = b * heads, tq * tk * 4
@@ -133,16 +134,21 @@ def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape
         monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", budget)
         monkeypatch.setattr(jax, "device_count", lambda: devices)
         assert attention.backward_plan(heads, n, tq, tk) == plan
-        loss = lambda q, k, v: jnp.sum(attention.attention(q, k, v, heads) * weight)  # noqa: E731
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+        def forward_and_backward(q, k, v):
+            out, pull = jax.vjp(lambda q, k, v: attention.attention(q, k, v, heads), q, k, v)
+            return out, pull(weight)
+
+        return jax.jit(forward_and_backward)(q, k, v)
 
     reference = grads("jax", ("whole", n))
     ours = [grads("xla", ("whole", n))]
     if n > 1:
         ours.append(grads("xla", ("slices", n // 2), (n // 2) * per_slice, devices=1))
         ours.append(grads("xla", ("heads", 1), per_slice, devices=8))
-    for result in ours:
-        for mine, theirs, name in zip(result, reference, "qkv"):
+    for out, result in ours:
+        np.testing.assert_allclose(np.asarray(out), np.asarray(reference[0]), atol=2e-5, err_msg="output")
+        for mine, theirs, name in zip(result, reference[1], "qkv"):
             scale = float(jnp.abs(theirs).max())
             assert scale > 0
             np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=2e-5 * scale, err_msg=f"d{name}")

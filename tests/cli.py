@@ -74,8 +74,11 @@ def wait_for(procs: list[subprocess.Popen], timeout: float, stop_on_failure: boo
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     """``wait_for``, failing unless every process exited 0."""
     outputs = wait_for(procs, timeout)
-    bad = [f"process {i} exited with {p.returncode}:\n{out[-4000:]}" for i, (p, out) in enumerate(zip(procs, outputs))]
-    bad = [b for b, p in zip(bad, procs) if p.returncode]
+    bad = [
+        f"process {i} exited with {p.returncode}:\n{out[-4000:]}"
+        for i, (p, out) in enumerate(zip(procs, outputs, strict=True))
+    ]
+    bad = [b for b, p in zip(bad, procs, strict=True) if p.returncode]
     assert not bad, "\n".join(bad)
     return outputs
 

@@ -34,7 +34,7 @@ def impl():
 
 def _qkv(dtype, tq=24, tk=7, d=32, b=2):
     keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, (b, t, d), jnp.float32) for key, t in zip(keys, (tq, tk, tk)))
+    q, k, v = (jax.random.normal(key, (b, t, d), jnp.float32) for key, t in zip(keys[:3], (tq, tk, tk), strict=True))
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
@@ -126,7 +126,7 @@ def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape
     heads = 2 if d >= 16 else 1
     n, per_slice = b * heads, tq * tk * 4
     keys = jax.random.split(jax.random.key(4), 4)
-    q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys, (tq, tk, tk)))
+    q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys[:3], (tq, tk, tk), strict=True))
     weight = jax.random.normal(keys[3], (b, tq, d))
 
     def grads(name, plan, budget=attention._CPU_CHUNK_BYTES, devices=jax.device_count()):
@@ -148,7 +148,7 @@ def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape
         ours.append(grads("xla", ("heads", 1), per_slice, devices=8))
     for out, result in ours:
         np.testing.assert_allclose(np.asarray(out), np.asarray(reference[0]), atol=2e-5, err_msg="output")
-        for mine, theirs, name in zip(result, reference[1], "qkv"):
+        for mine, theirs, name in zip(result, reference[1], "qkv", strict=True):
             scale = float(jnp.abs(theirs).max())
             assert scale > 0
             np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=2e-5 * scale, err_msg=f"d{name}")
@@ -172,7 +172,7 @@ def test_the_chunked_backward_on_a_sharded_batch_equals_one_device(impl, monkeyp
     rows = NamedSharding(mesh, PartitionSpec("data"))
     sharded = grad(*(jax.device_put(a, rows) for a in (q, k, v)))
     assert sharded[0].sharding.spec == rows.spec
-    for a, b_ in zip(one, sharded):
+    for a, b_ in zip(one, sharded, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
 
 
@@ -198,7 +198,7 @@ def test_the_splash_kernel_computes_attention_and_its_gradient(splash, shape, mo
     device (no shard_map)."""
     b, tq, tk, d, heads = shape
     keys = jax.random.split(jax.random.key(6), 4)
-    q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys, (tq, tk, tk)))
+    q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys[:3], (tq, tk, tk), strict=True))
     fwd = lambda q, k, v: attention.attention(q, k, v, heads)  # noqa: E731
     program = str(jax.make_jaxpr(fwd)(q, k, v))
     assert "pallas_call" in program and "shard_map" in program
@@ -221,7 +221,7 @@ def test_the_splash_kernel_computes_attention_and_its_gradient(splash, shape, mo
     theirs = jax.grad(
         lambda q, k, v: jnp.sum(attention._library_attention(q, k, v, heads, None, None) * weight), argnums=(0, 1, 2)
     )(q, k, v)
-    for mine, ref, name in zip(ours, theirs, "qkv"):
+    for mine, ref, name in zip(ours, theirs, "qkv", strict=True):
         scale = float(jnp.abs(ref).max())
         np.testing.assert_allclose(np.asarray(mine), np.asarray(ref), atol=2e-5 * scale, err_msg=f"d{name}")
 

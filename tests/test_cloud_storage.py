@@ -114,7 +114,7 @@ def test_train_kill_resume_sample_export_convert_evaluate_in_a_bucket(gcs, data_
     assert f"resuming from {run}/checkpoints step 2" in r.stderr, r.stderr[-3000:]
     rows = _metrics(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 3, 4]  # appended to the object, nothing lost
-    for before, after in zip(rows[2:4], rows[4:6]):  # the redone steps: the same batches, the same losses
+    for before, after in zip(rows[2:4], rows[4:6], strict=True):  # the redone steps: the same batches, the same losses
         before.pop("train/steps_per_sec", None), after.pop("train/steps_per_sec", None)
         assert before == after
     names = storage.listdir(run)

@@ -38,7 +38,7 @@ def test_matmul_form_equals_xla_convolution_and_its_gradients(shape):
     g = jax.random.normal(kg, (b, h, w, cout))
     np.testing.assert_allclose(conv.matmul_conv3x3(x, k), _xla(x, k), rtol=1e-5, atol=1e-5)
     # The borders (zero padding) and the tap order are what a wrong im2col gets wrong: compare the gradients too.
-    for a, b_ in zip(jax.vjp(conv.matmul_conv3x3, x, k)[1](g), jax.vjp(_xla, x, k)[1](g)):
+    for a, b_ in zip(jax.vjp(conv.matmul_conv3x3, x, k)[1](g), jax.vjp(_xla, x, k)[1](g), strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-4)
 
 

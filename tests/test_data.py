@@ -58,7 +58,7 @@ def test_shape_reader_reads_softened_edges_and_tells_the_shapes_apart():
     assert attributes.score_wanted(list(soft), wanted)["accuracy/shape"] >= 0.97
     # The first reader (how much of its bounding box the object fills) read the same images by their edge pixels.
     fills = []
-    for img, e in zip(soft.astype(np.float32), ex):
+    for img, e in zip(soft.astype(np.float32), ex, strict=True):
         bg = np.median(img.reshape(-1, 3), axis=0)
         fills.append(attributes.fill_ratio_shape(np.linalg.norm(img - bg, axis=-1) > 60.0) == e["shape"])
     assert np.mean(fills) < 0.8
@@ -124,7 +124,7 @@ def test_read_options_change_neither_the_batches_nor_their_order(data_dir):
         assert (loader._read_options.num_threads, loader._read_options.prefetch_buffer_size) == (threads, buffer)
         it = iter(loader)
         batches[threads] = [next(it) for _ in range(4)]
-    for a, b in zip(batches[1], batches[4]):
+    for a, b in zip(batches[1], batches[4], strict=True):
         assert sorted(a) == sorted(b)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])

@@ -69,6 +69,6 @@ def test_ssim_equals_scikit_image_on_whole_images(shape):
         structural_similarity(
             x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1
         )
-        for x, y in zip(a, b)
+        for x, y in zip(a, b, strict=True)
     ]
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)

@@ -49,7 +49,7 @@ def random_vgg_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     """torchvision layout, He-initialised so activations keep their scale through 13 layers; a stand-in classifier."""
     rng = np.random.default_rng(seed)
     sd, cin = {}, 3
-    for index, cout in zip(CONV_INDICES, (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)):
+    for index, cout in zip(CONV_INDICES, (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512), strict=True):
         sd[f"features.{index}.weight"] = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(
             np.float32
         )
@@ -110,7 +110,7 @@ def numpy_lpips(sd, heads, x0, x1):
         return taps
 
     total = 0.0
-    for k, (f0, f1) in enumerate(zip(trunk(x0), trunk(x1))):
+    for k, (f0, f1) in enumerate(zip(trunk(x0), trunk(x1), strict=True)):
         f0 = f0 / (np.sqrt((f0**2).sum(-1, keepdims=True)) + 1e-10)
         f1 = f1 / (np.sqrt((f1**2).sum(-1, keepdims=True)) + 1e-10)
         total = total + ((f0 - f1) ** 2 @ heads[f"lin{k}"].astype(np.float64)).mean(axis=(1, 2))

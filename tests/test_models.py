@@ -102,7 +102,7 @@ def test_group_norm_is_flax_group_norm(shape, groups, dtype):
         def grads(model):
             return jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x) * w), argnums=(0, 1)))(params, x)
 
-        for got, exp in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref))):
+        for got, exp in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref)), strict=True):
             np.testing.assert_allclose(got, exp, atol=3e-5, rtol=5e-5)
 
 
@@ -238,7 +238,7 @@ def test_text_time_embedding_reaches_the_output_and_is_validated():
     # every weight off its initial value first.
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(3), len(leaves))
-    params = treedef.unflatten([a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    params = treedef.unflatten([a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
     out = unet.apply({"params": params}, x, t, ctx)
     moved = jax.tree.map(lambda a: a, params)
     moved["add_embedding"]["norm2"]["bias"] = moved["add_embedding"]["norm2"]["bias"] + 1.0

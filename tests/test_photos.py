@@ -68,7 +68,7 @@ def test_preparation_is_deterministic(photo_dir, tmp_path):
     for split in ("train", "validation"):
         rows_a, rows_b = _rows(first, split), _rows(second, split)
         assert len(rows_a) == len(rows_b) > 0
-        for ra, rb in zip(rows_a, rows_b):
+        for ra, rb in zip(rows_a, rows_b, strict=True):
             assert ra["image"].tobytes() == rb["image"].tobytes()
             assert ra["photo"] == rb["photo"]
             np.testing.assert_array_equal(ra["crop_box"], rb["crop_box"])

@@ -36,7 +36,9 @@ def _perturbed(params, scale=0.02):
     # The zero-initialised output layers would zero every other gradient: perturb so each parameter gets one.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(7), len(leaves))
-    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+    return jax.tree.unflatten(
+        tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys, strict=True)]
+    )
 
 
 @functools.cache
@@ -65,7 +67,7 @@ def _unet_grad(policy: str, dtype=jnp.float32):
 
 def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 

@@ -93,7 +93,7 @@ def test_gradient_accumulation_equals_one_step_on_the_full_batch():
         acc, m_acc = _toy(k, batch, tx)
         np.testing.assert_allclose(m_acc["train/loss"], m_full["train/loss"], rtol=1e-6)
         np.testing.assert_allclose(m_acc["train/grad_norm"], m_full["train/grad_norm"], rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(full.params)):
+        for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(full.params), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # With 8 devices a micro-batch of 32 / 8 rows still spans every device: each holds 4 rows, one per micro-batch.
     with pytest.raises(ValueError, match="train.grad_accum_steps=5: must divide the batch"):
@@ -115,6 +115,7 @@ def test_a_non_finite_step_is_skipped_and_counted():
     for a, b in zip(
         jax.tree.leaves((s3.params, s3.ema_params, s3.opt_state)),
         jax.tree.leaves((s1.params, s1.ema_params, s1.opt_state)),
+        strict=True,
     ):
         np.testing.assert_array_equal(a, b)
     assert int(s3.step) == 3 and int(s3.nonfinite_total) == 2 and int(s3.nonfinite_streak) == 2
@@ -165,7 +166,7 @@ def test_fsdp_partition_specs_follow_the_rule(data_dir):
     _, _, shardings, abstract = loop.make_train_step(config, build_task(config), mesh)
     checked = 0
     for tree, spec_tree in ((abstract.params, shardings.params), (abstract.ema_params, shardings.ema_params)):
-        for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(spec_tree)):
+        for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(spec_tree), strict=True):
             spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
             if leaf.size < FSDP_MIN_SIZE or not any(d % 4 == 0 for d in leaf.shape):
                 assert all(s is None for s in spec), (leaf.shape, spec)
@@ -179,7 +180,7 @@ def test_fsdp_partition_specs_follow_the_rule(data_dir):
     # The conv kernels of the widest level (3, 3, 64, 64) split their output channels.
     wide = [
         tuple(sh.spec)
-        for leaf, sh in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(shardings.params))
+        for leaf, sh in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(shardings.params), strict=True)
         if leaf.shape == (3, 3, 64, 64)
     ]
     assert wide and all(spec == (None, None, None, "fsdp") for spec in wide), wide

@@ -157,7 +157,9 @@ def test_accumulated_gan_step_with_batch_norm_discriminator_runs(deterministic_p
     assert float(m["train/d_weight"]) > 0 and int(new.nonfinite_total) == 0
     for name in ("params", "disc_params"):
         now, before = (jax.tree.leaves(getattr(s, name)) for s in (new, state))
-        assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(now, before)) > 0, name
+        assert (
+            max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(now, before, strict=True)) > 0
+        ), name
 
 
 def test_accumulated_gan_step_skips_a_batch_with_one_bad_row(deterministic_posterior):

@@ -81,7 +81,7 @@ def _generated(n: int, seed: int = 0) -> list[str]:
         k = int(rng.integers(1, 40 if rng.random() < 0.9 else 120))
         words = [pieces[int(i)] for i in rng.integers(0, len(pieces), k)]
         seps = [spaces[int(i)] if rng.random() < 0.3 else " " for i in rng.integers(0, len(spaces), k)]
-        text = "".join(w + s for w, s in zip(words, seps))
+        text = "".join(w + s for w, s in zip(words, seps, strict=True))
         out.append(text if rng.random() < 0.8 else "  " + text.upper())
     return out
 

@@ -105,9 +105,9 @@ def test_resume_equals_uninterrupted_and_step_traced_once(txt2img_config, tmp_pa
     resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert int(resumed.step) == int(full.step) == 8
     # Bit-identical on CPU: same data order (restored iterator) and same per-step randomness (fold_in(step)).
-    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(full.ema_params), jax.tree.leaves(resumed.ema_params)):
+    for a, b in zip(jax.tree.leaves(full.ema_params), jax.tree.leaves(resumed.ema_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

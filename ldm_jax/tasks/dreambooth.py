@@ -212,7 +212,7 @@ def ensure_class_images(config, options, load_base) -> int:
             s.guidance_rescale, s.negative_prompt or None, per_call,
         )  # fmt: skip
         if jax.process_index() == 0:
-            for (_, name), image in zip(chunk, images):
+            for (_, name), image in zip(chunk, images, strict=True):  # one image per name, or an error
                 save_png(os.path.join(db.class_dir, name), image)
         barrier(f"dreambooth_class_images_{start}")
     return missing

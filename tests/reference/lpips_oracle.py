@@ -66,7 +66,7 @@ class ReferenceLPIPS(nn.Module):
         trunk = {k[len("features.") :]: v for k, v in vgg_sd.items() if k.startswith("features.")}
         self.features.load_state_dict(trunk, strict=True)
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in CHANNELS)
-        for head, w in zip(self.heads, heads):
+        for head, w in zip(self.heads, heads, strict=True):
             head.weight.copy_(w.reshape(1, -1, 1, 1))
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
@@ -85,7 +85,7 @@ class ReferenceLPIPS(nn.Module):
         f0 = self.taps((x0 - self.shift) / self.scale)
         f1 = self.taps((x1 - self.shift) / self.scale)
         total = 0
-        for a, b, head in zip(f0, f1, self.heads):
+        for a, b, head in zip(f0, f1, self.heads, strict=True):
             a = a / (torch.sqrt(torch.sum(a**2, dim=1, keepdim=True)) + 1e-10)
             b = b / (torch.sqrt(torch.sum(b**2, dim=1, keepdim=True)) + 1e-10)
             total = total + head((a - b) ** 2).mean([2, 3], keepdim=True)

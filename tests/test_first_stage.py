@@ -227,6 +227,31 @@ def test_vq_with_lpips_and_ema_codebook_trains_through_the_loop(data_dir, tmp_pa
     assert proc.returncode != 0 and "--strength does not apply to a" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_init_from_weights_start_the_ema_codebook_statistics(data_dir):
+    """``init_from`` weights replace the random init inside ``init_state``: the EMA codebook's statistics start from
+    the loaded codes (statistics of the random codes would pull the codebook back to them at the first update), and
+    the discriminator is drawn as in a run from scratch."""
+    c = _config(autoencoder_vq, data_dir, enabled=True)
+    c.loss.codebook_update = "ema"
+    task = build_task(c)
+    init_state, _ = task.make_step(8)
+    loaded = jax.tree.map(lambda x: x + 1.0, task.init_params(jax.random.key(5)))
+    state = jax.jit(init_state)(jax.random.key(0), loaded)
+    scratch = jax.jit(init_state)(jax.random.key(0))
+    codes = loaded["quantize"]["embedding"]
+    np.testing.assert_array_equal(state.model_state["embed_sum"], codes)
+    np.testing.assert_array_equal(state.model_state["cluster_size"], np.ones(codes.shape[0]))
+    for got, want in zip(jax.tree.leaves((state.params, state.ema_params)), 2 * jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(jax.tree.leaves(state.disc_params), jax.tree.leaves(scratch.disc_params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(scratch.model_state["embed_sum"], codes)
+    # An EMA update of the unused codes leaves them where the loaded weights put them.
+    aux = {"_z": jnp.zeros((0, codes.shape[1])), "_indices": jnp.zeros((0,), jnp.int32)}
+    params, _ = ema_codebook_update(state.params, state.model_state, aux, decay=0.99)
+    np.testing.assert_allclose(params["quantize"]["embedding"], codes, rtol=1e-6)
+
+
 def _smoothed(cluster):
     n = jnp.sum(cluster)
     return (cluster + 1e-5) / (n + cluster.shape[0] * 1e-5) * n

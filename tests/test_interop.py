@@ -680,11 +680,22 @@ def test_export_round_trip_through_diffusers(txt2img_workdir, tmp_path):
     assert max(errs.values()) < 5e-4 and max(v for k, v in errs.items() if k != "pipeline latents") < TOL
 
 
-def test_fine_tuning_starts_from_imported_weights(converted_pipeline, data_dir, tmp_path):
-    """``init_from`` a converted pipeline, text encoder frozen: training starts from exactly the imported UNet."""
+def test_fine_tuning_starts_from_imported_weights(converted_pipeline, data_dir, tmp_path, monkeypatch):
+    """``init_from`` a converted pipeline, text encoder frozen: training starts from exactly the imported UNet, and
+    the random init those weights replace is never run."""
     from ldm_jax import config_lib
+    from ldm_jax.tasks.latent_diffusion import LatentDiffusionTask
     from ldm_jax.training.checkpoint import load_trained_params
     from ldm_jax.training.loop import _match_init_params, train_and_evaluate
+
+    ran = []
+    real_init = LatentDiffusionTask.init_params
+
+    def init_params(self, rng):  # the same init, which says when a compiled program runs it
+        jax.debug.callback(lambda: ran.append(1))
+        return real_init(self, rng)
+
+    monkeypatch.setattr(LatentDiffusionTask, "init_params", init_params)
 
     config = config_lib.load_config(os.path.join(converted_pipeline, "config.json"))
     config.init_from = converted_pipeline
@@ -694,6 +705,7 @@ def test_fine_tuning_starts_from_imported_weights(converted_pipeline, data_dir, 
     config.train.update(num_steps=1, log_every=1, checkpoint_every=1, preview_every=0)
     workdir = str(tmp_path / "finetune")
     train_and_evaluate(config, workdir)
+    assert not ran, "the random init of weights that init_from replaces was run"
     imported, _, _ = load_trained_params(converted_pipeline, "params")
     tuned, _, step = load_trained_params(workdir, "params")
     assert step == 1 and sorted(tuned) == ["unet"]

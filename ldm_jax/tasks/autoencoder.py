@@ -214,9 +214,12 @@ class AutoencoderTask:
         args = (x,) if self.kind == "vq" else (x, rng)
         return self.model.init({"params": rng}, *args)["params"]
 
-    def init_state(self, rng: jax.Array, tx, disc_tx) -> gan.GANTrainState:
+    def init_state(self, rng: jax.Array, tx, disc_tx, params=None) -> gan.GANTrainState:
+        """The training state; ``params`` (``init_from``'s weights) replace the autoencoder's random init, and the
+        EMA codebook's statistics start from their codes. The discriminator is drawn from ``rng`` either way."""
         ae_rng, disc_rng = jax.random.split(rng)
-        params = self.init_params(ae_rng)
+        if params is None:
+            params = self.init_params(ae_rng)
         s = self.config.data.image_size
         disc_params = (
             self.disc.init(disc_rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"] if self.disc is not None else {}
@@ -239,12 +242,16 @@ class AutoencoderTask:
         return params
 
     def make_step(self, lr_schedule_total_steps: int):
-        """(init_state(rng), the step function to jit) for the training loop."""
+        """(init_state(rng, params=None), the step function to jit) for the training loop."""
         c = self.config
         tx, lr_schedule = make_optimizer(c.optim, lr_schedule_total_steps, c.data.global_batch_size)
         # The discriminator has its own optimizer (and moments) with the same settings, as in the reference.
         disc_tx, _ = make_optimizer(c.optim, lr_schedule_total_steps, c.data.global_batch_size)
-        return functools.partial(self.init_state, tx=tx, disc_tx=disc_tx), self.gan_step(tx, disc_tx, lr_schedule)
+
+        def init_state(rng, params=None):
+            return self.init_state(rng, tx, disc_tx, params)
+
+        return init_state, self.gan_step(tx, disc_tx, lr_schedule)
 
     def gan_step(self, tx, disc_tx, lr_schedule):
         """``training.gan.gan_train_step`` bound to this task's losses, discriminator and the given optimizers."""

@@ -262,7 +262,11 @@ class LatentDiffusionTask:
             ema_decay=c.optim.ema_decay,
             accum_steps=c.train.grad_accum_steps,
         )
-        return lambda rng: TrainState.create(self.init_params(rng), tx), step
+
+        def init_state(rng, params=None):
+            return TrainState.create(self.init_params(rng) if params is None else params, tx)
+
+        return init_state, step
 
     def train_loader(self, start_step: int):
         """This process's share of every training batch from ``start_step`` on (``data.pipeline.make_loader``); a

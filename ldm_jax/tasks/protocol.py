@@ -17,8 +17,11 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-# init_state(rng) -> the training state; step(state, frozen, batch, rng) -> (state, metrics); see training/steps.py
-InitFn = Callable[[jax.Array], Any]
+# init_state(rng, params=None) -> the training state: ``params`` given (a run's ``init_from`` weights, adapted and
+# checked by the loop), the state is built around them and the random init they replace is never compiled or run
+# (jax.eval_shape traces it, for the state's shapes);
+# step(state, frozen, batch, rng) -> (state, metrics); see training/steps.py
+InitFn = Callable[..., Any]
 StepFn = Callable[[Any, Any, dict, jax.Array], tuple[Any, dict]]
 
 

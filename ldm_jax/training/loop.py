@@ -199,15 +199,17 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
                 restored, latest, len(restore_report["corrupt"]), ", ".join(restore_report["corrupt"]),
                 restore_report["seconds"],
             )  # fmt: skip
+    elif config.init_from and task.trains_from_init:
+        params, _, src_step = ckpt_lib.load_trained_params(config.init_from, "ema")
+        params = task.adapt_init_params(params)  # e.g. txt2img weights for an inpainting model
+        params = _match_init_params(params, abstract.params, config.init_from)
+        params = transfer.to_mesh(params, state_shardings.params)
+        # The state is built around the loaded weights: the model's random init, which they would replace, is never
+        # compiled or run (SD-1.5's UNet and text encoder on a 2-core CPU: 27 s of compile, 5 s of run, 3.9 GB).
+        state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=1)(init_rng, params)
+        logging.info("initialised params from %s step %d", config.init_from, src_step)
     else:
         state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
-        if config.init_from and task.trains_from_init:
-            params, _, src_step = ckpt_lib.load_trained_params(config.init_from, "ema")
-            params = task.adapt_init_params(params)  # e.g. txt2img weights for an inpainting model
-            params = _match_init_params(params, state.params, config.init_from)
-            params = transfer.to_mesh(params, state_shardings.params)
-            state = state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
-            logging.info("initialised params from %s step %d", config.init_from, src_step)
 
     step = int(transfer.to_host(state.step))
     # The data position is the step: global batch s is the same on any number of processes (data/pipeline.py).

@@ -475,7 +475,7 @@ def _measure(children: dict, rounds: int, repeats: int) -> dict:
         ratios = {}
         for op, peer in medians.items():
             if op in ours:
-                rs = sorted(p / o for p, o in zip(peer, ours[op]))
+                rs = sorted(p / o for p, o in zip(peer, ours[op], strict=True))
                 ratios[op] = {
                     "median": round(statistics.median(rs), 3),
                     "min": round(rs[0], 3),
@@ -487,7 +487,7 @@ def _measure(children: dict, rounds: int, repeats: int) -> dict:
 
 def _table(results: dict) -> str:
     lines = ["| | " + " | ".join(OPS) + " |", "|---|" + "---|" * len(OPS)]
-    for which, res in results.items():
+    for res in results.values():
         cells = []
         for op in OPS:
             if op not in res:

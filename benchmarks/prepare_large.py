@@ -160,7 +160,7 @@ def run_workers(spec: str, out: str, n: int, extra: list[str], log_dir: str) -> 
         for k, p in enumerate(procs):
             if walls[k] is None and p.poll() is not None:
                 walls[k] = round(time.perf_counter() - t0, 1)
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=True):
         if p.returncode != 0:
             raise RuntimeError(f"prepare_data worker failed ({p.returncode}):\n{open(log).read()[-3000:]}")
     wall = max(walls)

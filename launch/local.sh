@@ -84,6 +84,7 @@ case "$mode" in
     "$REF_VENV/bin/python" -m pip install -q --no-deps -r tests/reference/requirements-nodeps.txt
     export LDM_JAX_REFERENCE_PYTHON="$PWD/$REF_VENV/bin/python"
     "$PY" -m ruff format --check ldm_jax configs tests benchmarks
+    "$PY" -m ruff check ldm_jax configs tests benchmarks  # the rules of pyproject.toml
     # pytest exits 5 when it collects no test; that fails this script like any other non-zero code.
     # Two worker processes (PYTEST_WORKERS), each file on one worker so module fixtures are built once: XLA:CPU
     # compiles on one thread, so two workers use a 2-core CI machine about twice as well as one.

@@ -129,7 +129,8 @@ def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape
     q, k, v = (jax.random.normal(key, (b, t, d)) for key, t in zip(keys[:3], (tq, tk, tk), strict=True))
     weight = jax.random.normal(keys[3], (b, tq, d))
 
-    def grads(name, plan, budget=attention._CPU_CHUNK_BYTES, devices=jax.device_count()):
+    # devices: the real count, read once here, before a call patches jax.device_count
+    def grads(name, plan, budget=attention._CPU_CHUNK_BYTES, devices=jax.device_count()):  # noqa: B008
         impl(name)
         monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", budget)
         monkeypatch.setattr(jax, "device_count", lambda: devices)

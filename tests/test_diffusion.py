@@ -193,7 +193,7 @@ def test_latent_inpainting_keeps_the_known_region_exactly():
     model = lambda x, t: jnp.tanh(x)  # noqa: E731
     for name in ("ddim", "pndm", "euler", "dpmpp_2m"):
         sampler = samplers.make_sampler(samplers.SamplerOptions(name=name, num_steps=5), s)
-        blend = lambda x, i: mask * x + (1 - mask) * sampler.noised(x0, noise, i + 1)  # noqa: E731
+        blend = lambda x, i, sampler=sampler: mask * x + (1 - mask) * sampler.noised(x0, noise, i + 1)  # noqa: E731
         out = samplers.sample(sampler, model, noise, blend=blend)
         np.testing.assert_array_equal(out[:, :, 2:], x0[:, :, 2:])
         assert float(jnp.abs(out[:, :, :2] - x0[:, :, :2]).max()) > 0.1

@@ -214,7 +214,7 @@ class BadRecordCount:
         total = int(counts.sum())
         bad = int(counts[1:].sum())
         fraction = bad / max(total, 1)
-        metrics = {f"data/bad/{r}": float(c) for r, c in zip(BAD_REASONS, counts[1:]) if c}
+        metrics = {f"data/bad/{r}": float(c) for r, c in zip(BAD_REASONS, counts[1:], strict=True) if c}
         metrics["data/bad_fraction"] = fraction
         if fraction > self.max_fraction:
             worst = BAD_REASONS[int(np.argmax(counts[1:]))]

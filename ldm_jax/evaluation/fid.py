@@ -629,7 +629,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = FRECHET_EPS) -> floa
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"frechet_distance: singular covariance product; adding {eps} to the diagonals")
+        warnings.warn(f"frechet_distance: singular covariance product; adding {eps} to the diagonals", stacklevel=2)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):

@@ -117,7 +117,7 @@ def _pool(stats: fid.FeatureStatistics) -> fid.FeatureStatistics:
     state = stats.state()
     parts = [np.ascontiguousarray(np.asarray(a, np.float64)).view(np.int32) for a in state]
     gathered = [np.asarray(multihost_utils.process_allgather(p)) for p in parts]
-    arrays = [g.reshape(jax.process_count(), *p.shape).view(np.float64) for g, p in zip(gathered, parts)]
+    arrays = [g.reshape(jax.process_count(), *p.shape).view(np.float64) for g, p in zip(gathered, parts, strict=True)]
     counts = arrays[0].reshape(-1).astype(np.int64)
     return fid.FeatureStatistics.pooled(fid.StatisticsState(counts, arrays[1], arrays[2], arrays[3]))
 
@@ -157,9 +157,9 @@ def score_set(images, mesh, networks: Networks, metrics, per_device_batch: int =
                 idx = [min(b0 + r, n - 1) for r in range(lo, hi)]
                 items = [images.item(i) for i in idx]
                 ims = [im for im, _ in items]
-                valid = np.asarray([im is not None and b0 + r < n for im, r in zip(ims, range(lo, hi))])
+                valid = np.asarray([im is not None and b0 + r < n for im, r in zip(ims, range(lo, hi), strict=True)])
                 ims = [np.zeros((height, width, 3), np.uint8) if im is None else im for im in ims]
-                for i, im in zip(idx, ims):
+                for i, im in zip(idx, ims, strict=True):
                     if im.shape[:2] != (height, width):
                         raise ValueError(
                             f"{images.description}: image {i} is {im.shape[1]}x{im.shape[0]}, the first "

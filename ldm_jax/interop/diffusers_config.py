@@ -108,7 +108,7 @@ def unet_from_diffusers(cfg: dict, what: str = "unet/config.json") -> dict[str, 
     # diffusers' historical naming: SD configs give the head COUNT as attention_head_dim.
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     heads = _per_level(heads, n, "attention_head_dim", what)
-    for c, h in zip(chans, heads):
+    for c, h in zip(chans, heads, strict=True):
         if c % h:
             raise ValueError(f"{what}: block_out_channels {c} is not divisible by {h} heads")
     in_ch, out_ch = cfg.get("in_channels", 4), cfg.get("out_channels", 4)

@@ -122,7 +122,7 @@ class LPIPS(nn.Module):
         # computation whatever its partner, which LPIPS(x, x) == 0 exactly relies on.
         feats0, feats1 = (net(((x.astype(jnp.float32) - shift) / scale).astype(self.dtype)) for x in (x0, x1))
         total = jnp.zeros((x0.shape[0],), jnp.float32)
-        for k, (f0, f1) in enumerate(zip(feats0, feats1)):
+        for k, (f0, f1) in enumerate(zip(feats0, feats1, strict=True)):
             f0, f1 = (normalize_channels(f.astype(jnp.float32)) for f in (f0, f1))
             # Fused into the subtraction, the two normalisations can be compiled differently (XLA:CPU does), and
             # then identical images are a few ulps apart; the barrier keeps LPIPS(x, x) exactly 0.

@@ -327,7 +327,7 @@ class LowResConcat:
             raise ValueError("--init_image / --mask_image do not apply to a superres run: pass --low_res_image")
         paths = inputs.low_res_images
         images = [load_image(p, 0, "--low_res_image") for p in paths]
-        for p, im in zip(paths, images):
+        for p, im in zip(paths, images, strict=True):
             if im.shape[0] != im.shape[1] or im.shape != images[0].shape:
                 raise ValueError(
                     f"--low_res_image={p!r}: {im.shape[1]}x{im.shape[0]} px; inputs must be square and all the size "

@@ -79,7 +79,7 @@ def of_tree(tree: Any) -> dict[str, str]:
         from jax.experimental import multihost_utils
 
         sums = np.sum(np.asarray(multihost_utils.process_allgather(sums)), axis=0, dtype=np.uint32)
-    return {_name(path): f"{int(a):08x}{int(b):08x}" for (path, _), (a, b) in zip(flat, sums)}
+    return {_name(path): f"{int(a):08x}{int(b):08x}" for (path, _), (a, b) in zip(flat, sums, strict=True)}
 
 
 def first_mismatch(tree: Any, expected: dict[str, str]) -> str | None:

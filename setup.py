@@ -8,9 +8,10 @@ setup(
     package_data={"ldm_jax.data": ["assets/*"], "ldm_jax.models": ["assets/*"]},
     python_requires=">=3.11",
     install_requires=[
-        # Below 0.12.1: with jax and jaxlib 0.12.1 (released 2026-12), every run of 2 processes x 2 CPU devices
-        # hangs in its first step's gloo all-reduce (tests/test_multihost.py, the multi-host matrix), where 0.12.0.1
-        # passes; jaxlib is named too, since jax 0.12.0.1 would otherwise take jaxlib 0.12.1.
+        # Below 0.12.1, the versions the suite passes on: with jax and jaxlib 0.12.1 (new in the registry on
+        # 2026-12-06) every two-process test hangs in its first gloo all-reduce, where process 1 runs the executable
+        # process 0 compiled (tests/compile_sharing.py; ldm_jax.train on 2 processes without it ran). jaxlib is named
+        # too: jax 0.12.0.1 alone would take jaxlib 0.12.1.
         "jax>=0.10.2,<0.12.1",
         "jaxlib>=0.10.2,<0.12.1",
         "flax>=0.12.8",

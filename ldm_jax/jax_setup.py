@@ -33,8 +33,42 @@ def configure(attention_impl: str = "auto", compilation_cache_dir: str = "", con
         raise ValueError(attention.splash_refusal())
     attention.set_implementation(attention_impl)
     conv.set_implementation(conv_impl)
-    if compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+    use_compilation_cache(compilation_cache_dir)
+
+
+# Why a job's processes may not share XLA's persistent compilation cache, or None. Module-level so that the tests'
+# executable sharing (tests/compile_sharing.py), which gives every process the same loaded bytes, can lift it.
+def cache_refusal() -> str | None:
+    import jax
+
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        return (
+            "the persistent compilation cache is off in a multi-process CPU job: on the CPU backend each process "
+            "keys its programs by its own host and only process 0 writes, so a restarted job's process 0 loads its "
+            "programs while the others compile theirs, and since jaxlib 0.12.1 a loaded XLA:CPU program and a "
+            "compiled one wait forever in their first cross-process all-reduce"
+        )
+    return None
+
+
+def use_compilation_cache(cache_dir: str = "", min_compile_time_secs: float | None = None) -> None:
+    """Points JAX's persistent compilation cache at ``cache_dir`` ("" keeps JAX's own setting, e.g.
+    ``JAX_COMPILATION_CACHE_DIR``), unless ``cache_refusal`` says this job cannot use it: then the cache is turned off,
+    whoever set it, with a warning that says why. Call after ``jax.distributed`` is initialised and before the
+    first compile (JAX decides once whether a process uses the cache)."""
+    import jax
+    from absl import logging
+
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        if min_compile_time_secs is not None:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
+    if not jax.config.jax_compilation_cache_dir or not jax.config.jax_enable_compilation_cache:
+        return
+    refusal = cache_refusal()
+    if refusal:
+        logging.warning("%s (%s)", refusal, jax.config.jax_compilation_cache_dir)
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 def define_flags() -> Callable[[], None]:

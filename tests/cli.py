@@ -83,12 +83,14 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outputs
 
 
-def two_process_job(argv: list[str], log: str, devices: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+def two_process_job(
+    argv: list[str], log: str, devices: int = 2, env: dict | None = None, share_compiles: bool = True
+) -> list[subprocess.Popen]:
     """``argv`` as 2 processes of ``devices`` fake CPU devices each, joined over 127.0.0.1 (each gets the flags
     ``--coordinator_address``, ``--num_processes=2``, ``--process_id``); outputs in ``<log>_<i>.log``. A
-    ``python -m MODULE`` job runs through ``compile_sharing.py``: process 0 compiles each program that spans both
-    processes, process 1 loads its executable."""
-    if argv[1:2] == ["-m"]:
+    ``python -m MODULE`` job runs through ``compile_sharing.py`` unless ``share_compiles`` is False: process 0
+    compiles each program that spans both processes, process 1 loads its executable."""
+    if argv[1:2] == ["-m"] and share_compiles:
         argv = [argv[0], os.path.join(ROOT, "tests", "compile_sharing.py"), *argv[2:]]
     port = free_port()
     flags = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]

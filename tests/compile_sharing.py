@@ -17,6 +17,10 @@ JAX's own ``jax_share_binary_between_hosts`` does not work here unchanged, for t
   looked a moment earlier (or before another test's job wrote the entry), waits for process 0's executable until the
   share timeout. Here process 1 never reads the cache for a multi-process program: it always takes process 0's
   executable, and process 0 hands out the cache entry it loaded (its bytes, as written) as well as what it compiled.
+- Since jaxlib 0.12.1 a program process 0 compiled and the same program deserialised in process 1 deadlock in their
+  first cross-process all-reduce (both wait in gloo). Process 0 therefore runs the bytes it handed out, deserialised
+  like everyone else's. For the same reason ldm_jax keeps the persistent cache off in multi-process CPU jobs
+  (``jax_setup.cache_refusal``); this module, where every process runs the same loaded bytes, lifts that.
 
 Single-process programs (each process's own devices) keep JAX's key and path. A process that traced a different
 program than process 0 waits for an executable that never comes and fails at the share timeout: the job's
@@ -41,6 +45,8 @@ def share_compiles() -> None:
     (AttributeError) if a JAX release renames what it patches."""
     import jax
     from jax._src import cache_key, compilation_cache, compiler, distributed
+
+    from ldm_jax import jax_setup
 
     original_hash = cache_key._hash_accelerator_config
     original_read = compiler._cache_read
@@ -76,8 +82,30 @@ def share_compiles() -> None:
             published.add(key)
         return executable, compile_time
 
+    original_share = compiler._compile_and_share_module
+
+    def compile_and_share(backend, computation, executable_devices, compile_options, host_callbacks, client, *rest):
+        module_name, key, first_process = rest
+        compiled_here = key not in shared and distributed.global_state.process_id == first_process
+        executable = original_share(
+            backend, computation, executable_devices, compile_options, host_callbacks, client, *rest
+        )
+        if compiled_here:
+            # Run the bytes the others run. Since jaxlib 0.12.1 an XLA:CPU executable as compiled and the same one
+            # deserialised deadlock in their first cross-process all-reduce (both sides wait in gloo); two
+            # deserialised copies, or two compiled ones, do not.
+            serialized = compilation_cache.decompress_executable(client.blocking_key_value_get_bytes(key, 60_000))
+            executable = backend.deserialize_executable(serialized, executable_devices, compile_options, host_callbacks)
+            shared[key] = executable
+        return executable
+
+    compile_and_share.modules_cache = shared  # JAX's function reads its memo through the module's global name
+    # ldm_jax turns the persistent cache off in multi-process CPU jobs because their processes would mix loaded and
+    # compiled programs; here every process of a multi-process program runs the same loaded bytes.
+    jax_setup.cache_refusal = lambda: None
     cache_key._hash_accelerator_config = hash_accelerators
     compiler._cache_read = cache_read
+    compiler._compile_and_share_module = compile_and_share
     jax.config.update("jax_share_binary_between_hosts", True)
     # Longer than any one compile of the suite on a busy 2-core machine; a process left waiting fails its test.
     jax.config.update("jax_share_binary_between_hosts_timeout_ms", 600_000)

@@ -1,4 +1,5 @@
-"""A small program over a mesh that spans processes, for ``test_multihost``'s check of ``compile_sharing.py``:
+"""A small program over a mesh that spans processes, for ``test_multihost``'s checks of ``compile_sharing.py`` and of
+the persistent cache in multi-process CPU jobs:
 
   python tests/compile_sharing.py tests.sharing_probe --out=FILE [--coordinator_address=... --num_processes=2
       --process_id=0|1]
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from ldm_jax import jax_setup
 from ldm_jax.training import distributed
 
 
@@ -24,6 +26,7 @@ def rows(process: int) -> np.ndarray:
 
 def main(out_prefix: str, initialize_distributed) -> None:
     initialize_distributed()
+    jax_setup.configure()  # as every entry point does: it decides whether this job may use the persistent cache
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -92,3 +92,23 @@ def test_a_program_process_0_loads_from_the_cache_reaches_process_1(tmp_path):
         for process in (0, 1):
             np.testing.assert_allclose(np.load(tmp_path / f"{job}.{process}.npy"), expected, rtol=1e-6)
     assert os.listdir(tmp_path / "cache")  # the second job had an entry to load
+
+
+def test_a_multi_process_cpu_job_keeps_the_persistent_cache_off(tmp_path):
+    """Without the tests' executable sharing, a multi-process CPU job's processes would mix programs: on CPU each
+    keys its programs by its own host and only process 0 writes the cache, so a restarted job's process 0 loads
+    what the others compile, and since jaxlib 0.12.1 such a pair waits forever in its first all-reduce (a resumed
+    two-process ``ldm_jax.train`` with ``--compilation_cache_dir`` did). ``jax_setup`` turns the cache off there
+    and says so; both jobs finish, compute what one process does and write nothing to the cache."""
+    from sharing_probe import program, rows
+
+    cache = tmp_path / "cache"
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    expected = np.asarray(program(np.concatenate([rows(0), rows(1)])))
+    for job in ("first", "restarted"):
+        argv = [sys.executable, "-m", "tests.sharing_probe", f"--out={tmp_path / job}"]
+        outputs = wait_all(two_process_job(argv, str(tmp_path / job), env=env, share_compiles=False), timeout=300)
+        for process in (0, 1):
+            assert "the persistent compilation cache is off in a multi-process CPU job" in outputs[process]
+            np.testing.assert_allclose(np.load(tmp_path / f"{job}.{process}.npy"), expected, rtol=1e-6)
+    assert not cache.exists() or not os.listdir(cache)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ldm_jax import config_lib, storage
+from ldm_jax import config_lib, jax_setup, storage
 from ldm_jax.data import pipeline, preprocess
 from ldm_jax.imaging import save_png
 from ldm_jax.tasks import build_task, validate_config
@@ -153,8 +153,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
     train_cfg = config.train
     if train_cfg.compilation_cache_dir:
         # Every process compiles the same programs: a shared cache directory saves each later run the compile.
-        jax.config.update("jax_compilation_cache_dir", train_cfg.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax_setup.use_compilation_cache(train_cfg.compilation_cache_dir, min_compile_time_secs=1.0)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     check_batch_size(config.data.global_batch_size, mesh)
     if train_cfg.grad_accum_steps > 1:

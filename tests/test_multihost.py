@@ -76,21 +76,29 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(dat
     assert len(_losses(two)) == 6
 
 
+def _probe_job(tmp_path, job: str, share_compiles: bool) -> list[str]:
+    """``tests/sharing_probe.py`` as a two-process job on the persistent cache ``tmp_path/cache`` (every program
+    cached); checks that both processes computed what one process does and returns their logs."""
+    from sharing_probe import program, rows
+
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    argv = [sys.executable, "-m", "tests.sharing_probe", f"--out={tmp_path / job}"]
+    job_procs = two_process_job(argv, str(tmp_path / job), env=env, share_compiles=share_compiles)
+    outputs = wait_all(job_procs, timeout=300)
+    expected = np.asarray(program(np.concatenate([rows(0), rows(1)])))
+    for process in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"{job}.{process}.npy"), expected, rtol=1e-6)
+    return outputs
+
+
 def test_a_program_process_0_loads_from_the_cache_reaches_process_1(tmp_path):
     """``compile_sharing.py`` in both of its paths: the first job's process 0 compiles the program and hands it
     over; the second job's process 0 loads it from the persistent cache and hands over the entry (an executable
     re-serialised after loading lacks its XLA:CPU kernels, and process 1 failed with "Function ... not found").
     Both processes of both jobs compute what one process does."""
-    from sharing_probe import program, rows
-
-    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    expected = np.asarray(program(np.concatenate([rows(0), rows(1)])))
     for job in ("compiled", "from_cache"):
-        argv = [sys.executable, "-m", "tests.sharing_probe", f"--out={tmp_path / job}"]
-        outputs = wait_all(two_process_job(argv, str(tmp_path / job), env=env), timeout=300)
+        outputs = _probe_job(tmp_path, job, share_compiles=True)
         assert "compile_sharing: 1 programs from process 0" in outputs[1], outputs[1][-2000:]
-        for process in (0, 1):
-            np.testing.assert_allclose(np.load(tmp_path / f"{job}.{process}.npy"), expected, rtol=1e-6)
     assert os.listdir(tmp_path / "cache")  # the second job had an entry to load
 
 
@@ -100,15 +108,9 @@ def test_a_multi_process_cpu_job_keeps_the_persistent_cache_off(tmp_path):
     what the others compile, and since jaxlib 0.12.1 such a pair waits forever in its first all-reduce (a resumed
     two-process ``ldm_jax.train`` with ``--compilation_cache_dir`` did). ``jax_setup`` turns the cache off there
     and says so; both jobs finish, compute what one process does and write nothing to the cache."""
-    from sharing_probe import program, rows
-
-    cache = tmp_path / "cache"
-    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    expected = np.asarray(program(np.concatenate([rows(0), rows(1)])))
     for job in ("first", "restarted"):
-        argv = [sys.executable, "-m", "tests.sharing_probe", f"--out={tmp_path / job}"]
-        outputs = wait_all(two_process_job(argv, str(tmp_path / job), env=env, share_compiles=False), timeout=300)
+        outputs = _probe_job(tmp_path, job, share_compiles=False)
         for process in (0, 1):
             assert "the persistent compilation cache is off in a multi-process CPU job" in outputs[process]
-            np.testing.assert_allclose(np.load(tmp_path / f"{job}.{process}.npy"), expected, rtol=1e-6)
+    cache = tmp_path / "cache"
     assert not cache.exists() or not os.listdir(cache)

@@ -119,9 +119,10 @@ def test_configure_keeps_the_classic_threefry_on_cpu_only():
 @pytest.mark.parametrize("shape", [(2, 24, 7, 32), (2, 64, 64, 16), (1, 1024, 1024, 8)])
 def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape, monkeypatch):
     """The xla path's custom VJP (probabilities recomputed from the log-sum-exp, products ordered by hand, on CPU a
-    few slices per step) against JAX's output and derivative of jax.nn.dot_product_attention, the output as
-    training computes it (the forward rule, which also saves the log-sum-exp): whole (4 MiB of 1024x1024 scores fit
-    the budget), and forced through both loops: slices on one device, heads on several."""
+    few slices per step) against JAX's output and derivative of jax.nn.dot_product_attention, the output both as
+    training computes it (the forward rule, which also saves the log-sum-exp and walks the same slices as the
+    backward) and as inference does (the primal, always whole): whole (4 MiB of 1024x1024 scores fit the budget),
+    and forced through both loops: slices on one device, heads on several."""
     b, tq, tk, d = shape
     heads = 2 if d >= 16 else 1
     n, per_slice = b * heads, tq * tk * 4
@@ -134,11 +135,11 @@ def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape
         impl(name)
         monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", budget)
         monkeypatch.setattr(jax, "device_count", lambda: devices)
-        assert attention.backward_plan(heads, n, tq, tk) == plan
+        assert attention.slice_plan(heads, n, tq, tk) == plan
 
         def forward_and_backward(q, k, v):
             out, pull = jax.vjp(lambda q, k, v: attention.attention(q, k, v, heads), q, k, v)
-            return out, pull(weight)
+            return out, pull(weight), attention.attention(q, k, v, heads)
 
         return jax.jit(forward_and_backward)(q, k, v)
 
@@ -147,23 +148,25 @@ def test_the_hand_written_backward_equals_autodiff_of_the_definition(impl, shape
     if n > 1:
         ours.append(grads("xla", ("slices", n // 2), (n // 2) * per_slice, devices=1))
         ours.append(grads("xla", ("heads", 1), per_slice, devices=8))
-    for out, result in ours:
+    for out, result, inference in ours:
         np.testing.assert_allclose(np.asarray(out), np.asarray(reference[0]), atol=2e-5, err_msg="output")
+        np.testing.assert_allclose(np.asarray(inference), np.asarray(reference[0]), atol=2e-5, err_msg="inference")
         for mine, theirs, name in zip(result, reference[1], "qkv", strict=True):
             scale = float(jnp.abs(theirs).max())
             assert scale > 0
             np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=2e-5 * scale, err_msg=f"d{name}")
 
 
-def test_the_chunked_backward_on_a_sharded_batch_equals_one_device(impl, monkeypatch):
-    """With several devices the backward's loop runs over heads, never over the batch the mesh shards: on 8
-    devices with the batch split 8 ways the gradients stay sharded and equal the one-device ones."""
+def test_the_chunked_attention_on_a_sharded_batch_equals_one_device(impl, monkeypatch):
+    """With several devices the training forward's and the backward's loops run over heads, never over the batch
+    the mesh shards: on 8 devices with the batch split 8 ways the gradients, and the inference output, stay sharded
+    and equal the one-device ones."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     impl("xla")
     b, t, d, heads = 8, 64, 16, 2
     monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", t * t * 4)  # one example's head per device and step
-    assert attention.backward_plan(heads, b * heads, t, t) == ("heads", 1)
+    assert attention.slice_plan(heads, b * heads, t, t) == ("heads", 1)
     keys = jax.random.split(jax.random.key(5), 4)
     q, k, v, weight = (jax.random.normal(key, (b, t, d)) for key in keys)
     loss = lambda q, k, v: jnp.sum(attention.attention(q, k, v, heads) * weight)  # noqa: E731
@@ -175,6 +178,10 @@ def test_the_chunked_backward_on_a_sharded_batch_equals_one_device(impl, monkeyp
     assert sharded[0].sharding.spec == rows.spec
     for a, b_ in zip(one, sharded, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+    forward = jax.jit(lambda q, k, v: attention.attention(q, k, v, heads))
+    out = forward(*(jax.device_put(a, rows) for a in (q, k, v)))
+    assert out.sharding.spec == rows.spec
+    np.testing.assert_allclose(np.asarray(out), np.asarray(forward(q, k, v)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 from cli import run_module
 
@@ -56,6 +57,26 @@ def test_validate_names_the_bad_field(field, value, match):
     section, key = field.split(".")
     c[section][key] = value
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(c)
+
+
+def test_min_snr_weighting_is_refused_at_zero_terminal_snr():
+    """Min-SNR's weight vanishes at the zero-SNR steps (the top of a rescaled schedule), which would go untrained;
+    the pair is refused by name, while each half validates alone."""
+    from ldm_jax.diffusion.objectives import loss_weights
+    from ldm_jax.diffusion.schedules import make_schedule
+
+    top = np.asarray([999])
+    assert float(loss_weights("min_snr", "v_prediction", make_schedule(rescale_betas_zero_snr=True), top)[0]) == 0.0
+    assert float(loss_weights("min_snr", "v_prediction", make_schedule(), top)[0]) > 0.0
+    c = txt2img.get_config("tiny")
+    c.first_stage.workdir = "x"
+    c.diffusion.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    validate_config(c)
+    c.diffusion.update(rescale_betas_zero_snr=False, loss_weighting="min_snr")
+    validate_config(c)
+    c.diffusion.rescale_betas_zero_snr = True
+    with pytest.raises(ValueError, match="diffusion.loss_weighting='min_snr': cannot be 'min_snr' with rescale_betas"):
         validate_config(c)
 
 

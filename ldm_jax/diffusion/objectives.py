@@ -57,8 +57,8 @@ class DiffusionConfig(config_lib.Section):
             not (self.rescale_betas_zero_snr and self.loss_weighting == "min_snr"),
             prefix,
             "loss_weighting",
-            "cannot be 'min_snr' with rescale_betas_zero_snr=True: its weight min(SNR, gamma) / (SNR + 1) is 0 at "
-            "the zero-SNR steps, which would not be trained; use 'simple'",
+            "cannot be 'min_snr' with rescale_betas_zero_snr=True: its weight, min(SNR, gamma) on the x0 error, is 0 "
+            "at the zero-SNR steps, which would not be trained; use 'simple'",
         )
 
 

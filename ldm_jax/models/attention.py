@@ -163,7 +163,8 @@ def slice_plan(heads: int, n: int, tq: int, tk: int) -> tuple[str, int]:
 
 
 def _by_slices(fn, heads, *args):
-    """``fn`` (arrays [n, ...] -> a tuple of arrays [n, ...]) applied to ``slice_plan``'s steps in turn."""
+    """``fn`` (arrays [n, ...] -> a tuple of arrays [n, ...]) applied to ``slice_plan``'s steps in turn; ``args``
+    start with the folded queries [n, Tq, d] and keys [n, Tk, d], whose lengths size the plan."""
     n = args[0].shape[0]
     how, size = slice_plan(heads, n, args[0].shape[1], args[1].shape[1])
     if how == "whole":

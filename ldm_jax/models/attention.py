@@ -108,13 +108,36 @@ def _scores(q, k):
     return jax.lax.dot_general(q, k, (((2,), (2,)), _BATCH_DIMS), preferred_element_type=jnp.float32)
 
 
+# float32 lanes of an AVX-512 vector (two AVX2 ones): product columns are computed in tiles of this width on CPU
+_SUM_COLUMN_TILE = 16
+
+
 def _forward(q, k, v):
+    """Attention output and log-sum-exp (the training forward; inference keeps the output), normalised after the
+    product with v.
+
+    Dividing the [Tq, D] output by the row sums instead of the [Tq, Tk] probabilities saves a pass over the
+    score-sized tensor. Where the head size leaves room in its vector tile (D % 16 != 0: the small peer UNet's 8,
+    Stable Diffusion's 40), the row sums come out of that same product, from a column of ones appended to v, which
+    saves the separate reduction too. Measured on a 32x1024x1024 slice walk (one slice per step, under load): head
+    size 8: divide-then-product 48-50 ms, product-then-divide 41 ms, with the ones column 37 ms; 40: 72 / 63 / 61 ms;
+    16 and 64 (no room): 52 / 42 ms and 93 / 81 ms, where a ones column (a whole extra tile) measured slower.
+    """
     s = _scores(q, k)
     m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    l = jnp.sum(e, axis=-1, keepdims=True)  # noqa: E741
-    o = jax.lax.dot_general((e / l).astype(v.dtype), v, (((2,), (1,)), _BATCH_DIMS))
-    return o, (m + jnp.log(l))[..., 0]
+    e = jnp.exp(s - m).astype(v.dtype)
+    d = v.shape[-1]
+    product = (((2,), (1,)), _BATCH_DIMS)
+    if d % _SUM_COLUMN_TILE:
+        shape = v.shape[:-1]
+        pad = -(d + 1) % _SUM_COLUMN_TILE
+        ones = jnp.concatenate([v, jnp.ones((*shape, 1), v.dtype), jnp.zeros((*shape, pad), v.dtype)], axis=-1)
+        both = jax.lax.dot_general(e, ones, product, preferred_element_type=jnp.float32)
+        o, l = both[..., :d], both[..., d : d + 1]  # noqa: E741
+    else:
+        o = jax.lax.dot_general(e, v, product, preferred_element_type=jnp.float32)
+        l = jnp.sum(e, axis=-1, keepdims=True, dtype=jnp.float32)  # noqa: E741
+    return (o / l).astype(v.dtype), (m + jnp.log(l))[..., 0]
 
 
 def _backward(q, k, v, o, lse, do):

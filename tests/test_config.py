@@ -78,6 +78,12 @@ def test_min_snr_weighting_is_refused_at_zero_terminal_snr():
     c.diffusion.rescale_betas_zero_snr = True
     with pytest.raises(ValueError, match="diffusion.loss_weighting='min_snr': cannot be 'min_snr' with rescale_betas"):
         validate_config(c)
+    # The plus-one form keeps the zero-SNR steps' weight (1) and is allowed there; with epsilon it is refused.
+    c.diffusion.loss_weighting = "min_snr_plus_one"
+    validate_config(c)
+    c.diffusion.update(rescale_betas_zero_snr=False, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="loss_weighting='min_snr_plus_one': cannot be 'min_snr_plus_one' with"):
+        validate_config(c)
 
 
 @pytest.mark.parametrize(

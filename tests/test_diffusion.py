@@ -168,6 +168,25 @@ def test_min_snr_weights_match_the_formula(pred):
     assert bool(jnp.all(jnp.isfinite(w)))
 
 
+@pytest.mark.parametrize("pred", ("v_prediction", "sample"))
+def test_min_snr_plus_one_caps_the_low_noise_steps_and_keeps_zero_snr_trained(pred):
+    """min(SNR + 1, gamma) on the x0 error: the v weight is 1 up to SNR = gamma - 1 and gamma / (SNR + 1) after; at
+    the zero-SNR top of a rescaled schedule it is 1 (min-SNR's is 0 there)."""
+    s = make_schedule()
+    t = jnp.array([0, 100, 500, 999])
+    abar = np.asarray(s.alphas_cumprod, np.float64)[np.asarray(t)]
+    snr = abar / (1 - abar)
+    x0_weight = np.minimum(snr + 1, 5.0)
+    want = x0_weight / (snr + 1) if pred == "v_prediction" else x0_weight
+    np.testing.assert_allclose(objectives.loss_weights("min_snr_plus_one", pred, s, t, 5.0), want, rtol=1e-5)
+    top = jnp.array([999])
+    z = make_schedule(rescale_betas_zero_snr=True)
+    np.testing.assert_allclose(objectives.loss_weights("min_snr_plus_one", pred, z, top, 5.0), 1.0, rtol=1e-6)
+    assert float(objectives.loss_weights("min_snr", pred, z, top, 5.0)[0]) == 0.0
+    with pytest.raises(ValueError, match="min_snr_plus_one"):
+        objectives.loss_weights("min_snr_plus_one", "epsilon", s, t)
+
+
 def test_offset_noise_adds_one_constant_per_example_and_channel():
     key = jax.random.key(0)
     plain = objectives.sample_noise(key, (64, 8, 8, 4))

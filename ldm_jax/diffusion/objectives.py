@@ -14,7 +14,7 @@ from ldm_jax import config_lib, rng_streams
 from ldm_jax.diffusion.schedules import SCHEDULES, NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-LOSS_WEIGHTINGS = ("simple", "min_snr")
+LOSS_WEIGHTINGS = ("simple", "min_snr", "min_snr_plus_one")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,7 +27,9 @@ class DiffusionConfig(config_lib.Section):
     beta_end: float = 0.012
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); pair with v_prediction
     prediction_type: str = "epsilon"
-    loss_weighting: str = "simple"  # or "min_snr" (Hang et al. 2023)
+    # or "min_snr" (Hang et al. 2023), or "min_snr_plus_one" (its cap on the low-noise steps without zeroing the
+    # zero-SNR ones: loss_weights says how)
+    loss_weighting: str = "simple"
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0  # std of a per-channel constant added to the training noise; 0 disables
     cond_drop_prob: float = 0.1  # conditions replaced by the null condition this often, for classifier-free guidance
@@ -58,7 +60,14 @@ class DiffusionConfig(config_lib.Section):
             prefix,
             "loss_weighting",
             "cannot be 'min_snr' with rescale_betas_zero_snr=True: its weight, min(SNR, gamma) on the x0 error, is 0 "
-            "at the zero-SNR steps, which would not be trained; use 'simple'",
+            "at the zero-SNR steps, which would not be trained; use 'simple' or 'min_snr_plus_one'",
+        )
+        self.check(
+            not (self.loss_weighting == "min_snr_plus_one" and self.prediction_type == "epsilon"),
+            prefix,
+            "loss_weighting",
+            "cannot be 'min_snr_plus_one' with prediction_type 'epsilon': on the epsilon error its weight, "
+            "min(SNR + 1, gamma) / SNR, grows without bound as SNR -> 0; use 'min_snr', or predict 'v_prediction'",
         )
 
 
@@ -122,12 +131,22 @@ def loss_weights(weighting: str, prediction_type: str, schedule: NoiseSchedule, 
     ``simple``: 1 (Ho et al.). ``min_snr``: Hang et al. 2023's min(SNR, gamma) weight on the x0 error, expressed for
     the target actually regressed: / SNR for epsilon, / (SNR + 1) for v, as is for x0. At SNR = 0 (a zero-terminal-
     SNR schedule's last step) the epsilon weight takes its limit 1.
+
+    ``min_snr_plus_one``: min(SNR + 1, gamma) on the x0 error, i.e. min(1, gamma / (SNR + 1)) on the v error (the
+    form early diffusers training scripts used for v-prediction): the low-noise steps (SNR > gamma - 1) are capped as
+    min-SNR caps them, while the noisiest steps keep the plain v loss, 1 at SNR = 0, where min-SNR's weight is 0.
+    Not for epsilon (its weight, / SNR, is unbounded as SNR -> 0; ``DiffusionConfig.validate`` refuses the pair).
     """
     if weighting == "simple":
         return jnp.ones(t.shape, jnp.float32)
-    if weighting != "min_snr":
+    if weighting not in ("min_snr", "min_snr_plus_one"):
         raise ValueError(f"loss_weighting={weighting!r}: must be one of {LOSS_WEIGHTINGS}")
     s = snr(schedule, t)
+    if weighting == "min_snr_plus_one":
+        if prediction_type == "epsilon":
+            raise ValueError("loss_weighting='min_snr_plus_one' needs prediction_type 'v_prediction' or 'sample'")
+        capped = jnp.minimum(s + 1.0, gamma)
+        return capped / (s + 1.0) if prediction_type == "v_prediction" else capped
     clipped = jnp.minimum(s, gamma)
     if prediction_type == "epsilon":
         return jnp.where(s > 0, clipped / jnp.where(s > 0, s, 1.0), 1.0)

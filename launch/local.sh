@@ -2,6 +2,7 @@
 # Set-up plus one job on this machine, CPU or single GPU host.
 #   bash launch/local.sh demo   # install, train the KL autoencoder, cache its latents, then txt2img, sample
 #                               # prompts, evaluate
+#   bash launch/local.sh demo_f2   # the same on f=2 latents (the *:demo_f2 presets, runs/demo_f2; ~2x the time)
 #   bash launch/local.sh test   # install with test extras (+ the PyTorch reference env .venv-ref), check
 #                               # formatting, run the test suite
 #   bash launch/local.sh train --config=configs/txt2img.py:demo --workdir=runs/x [more ldm_jax.train flags]
@@ -39,18 +40,18 @@ fi
 PY="$VENV/bin/python"
 
 case "$mode" in
-  demo)
+  demo | demo_f2)
     "$PY" -m pip install -q -e .
-    RUNS="${RUNS:-runs/demo}"
+    RUNS="${RUNS:-runs/$mode}"
     t0=$(date +%s)
-    "$PY" -m ldm_jax.train --config=configs/autoencoder_kl.py:demo --workdir="$RUNS/autoencoder_kl"
+    "$PY" -m ldm_jax.train --config="configs/autoencoder_kl.py:$mode" --workdir="$RUNS/autoencoder_kl"
     t1=$(date +%s)
     # The training images encoded once by the frozen first stage (a rerun keeps complete shards): no encoder in
     # the txt2img step. Previews and evaluation read the embedded dataset the cache was made from.
     "$PY" -m ldm_jax.cache_latents --first_stage="$RUNS/autoencoder_kl" --dataset=shapes_captions \
       --dataset_config=32px --image_size=32 --out="$RUNS/latents"
     tc=$(date +%s)
-    "$PY" -m ldm_jax.train --config=configs/txt2img.py:demo --workdir="$RUNS/txt2img" \
+    "$PY" -m ldm_jax.train --config="configs/txt2img.py:$mode" --workdir="$RUNS/txt2img" \
       --config.first_stage.workdir="$RUNS/autoencoder_kl" --config.data.source="latents:$RUNS/latents"
     t2=$(date +%s)
     # A rerun after the model or the sampling settings changed (a pull, an allowed resume) keeps the earlier
@@ -95,7 +96,7 @@ case "$mode" in
       -m "${PYTEST_MARKS:-not slow}" tests
     ;;
   *)
-    echo "usage: $0 demo|test|train|sample|evaluate [flags of ldm_jax.train|sample|evaluate]" >&2
+    echo "usage: $0 demo|demo_f2|test|train|sample|evaluate [flags of ldm_jax.train|sample|evaluate]" >&2
     exit 2
     ;;
 esac

@@ -142,18 +142,15 @@ def loss_weights(weighting: str, prediction_type: str, schedule: NoiseSchedule, 
     if weighting not in ("min_snr", "min_snr_plus_one"):
         raise ValueError(f"loss_weighting={weighting!r}: must be one of {LOSS_WEIGHTINGS}")
     s = snr(schedule, t)
-    if weighting == "min_snr_plus_one":
-        if prediction_type == "epsilon":
-            raise ValueError("loss_weighting='min_snr_plus_one' needs prediction_type 'v_prediction' or 'sample'")
-        capped = jnp.minimum(s + 1.0, gamma)
-        return capped / (s + 1.0) if prediction_type == "v_prediction" else capped
-    clipped = jnp.minimum(s, gamma)
+    if weighting == "min_snr_plus_one" and prediction_type == "epsilon":
+        raise ValueError("loss_weighting='min_snr_plus_one' needs prediction_type 'v_prediction' or 'sample'")
+    x0_weight = jnp.minimum(s + 1.0 if weighting == "min_snr_plus_one" else s, gamma)
     if prediction_type == "epsilon":
-        return jnp.where(s > 0, clipped / jnp.where(s > 0, s, 1.0), 1.0)
+        return jnp.where(s > 0, x0_weight / jnp.where(s > 0, s, 1.0), 1.0)
     if prediction_type == "v_prediction":
-        return clipped / (s + 1.0)
+        return x0_weight / (s + 1.0)
     if prediction_type == "sample":
-        return clipped
+        return x0_weight
     raise ValueError(f"prediction_type={prediction_type!r}: must be one of {PREDICTION_TYPES}")
 
 

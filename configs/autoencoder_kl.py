@@ -5,8 +5,10 @@ Run:
 Presets:
   kl_f8 (default)   the paper's KL-f8 (4 latent channels), 256px crops of your images (data.source), batch 64
   kl_f4, kl_f16, kl_f32   the zoo's other KL models (3, 16, 64 latent channels)
-  demo              a small f=4 model on 32px captioned shapes: the txt2img demo's first stage (CPU minutes, no GAN)
-  demo_f2           the same at f=2 (16x16x4 latents, which keep the shapes): txt2img.py:demo_f2's first stage
+  demo              a small f=2 model on 32px captioned shapes (16x16x4 latents, which keep the shapes): the txt2img
+                    demo's first stage (CPU minutes, no GAN)
+  demo_f4           the same at f=4 (8x8x4 latents): the first stage of txt2img.py:demo_f4 and of the
+                    class-conditional, unconditional, inpainting and super-resolution demos
   photos_f4, photos_f8    small f=4 / f=8 models on 32px crops of real photos (CPU-budget comparisons)
   tiny              16px, for tests
 The zoo presets train on your images (--config.data.source=folder:/data/images, webdataset:..., arrayrecord:...;
@@ -18,7 +20,7 @@ from configs import first_stage
 from ldm_jax import config_lib
 from ldm_jax.models.autoencoder import AUTOENCODER_VARIANTS
 
-PRESETS = ("kl_f8", "kl_f4", "kl_f16", "kl_f32", "demo", "demo_f2", "photos_f4", "photos_f8", "tiny")
+PRESETS = ("kl_f8", "kl_f4", "kl_f16", "kl_f32", "demo", "demo_f4", "photos_f4", "photos_f8", "tiny")
 ZOO = ("kl_f8", "kl_f4", "kl_f16", "kl_f32")
 
 
@@ -30,11 +32,11 @@ def get_config(arg=None):
     if preset in ZOO:
         first_stage.schedule(c, "zoo")
         return c
-    demo = preset in ("demo", "demo_f2")
+    demo = preset in ("demo", "demo_f4")
     first_stage.schedule(c, "tiny" if preset == "tiny" else "demo" if demo else "photos")
     if preset != "tiny":
         # Full-resolution convolutions dominate CPU time, hence the narrow first level. One level fewer is f=2.
-        widths = {"photos_f8": (16, 32, 64, 64), "demo_f2": (16, 32)}
+        widths = {"photos_f8": (16, 32, 64, 64), "demo": (16, 32)}
         c.model.block_out_channels = widths.get(preset, (16, 32, 64))
         # An added L2 term brings small objects and their colours back about twice as fast as L1 alone here.
         c.loss.l2_weight = 1.0

@@ -6,7 +6,8 @@ Run (after training the first stage named by first_stage.workdir):
   python -m ldm_jax.sample --workdir=runs/demo/class_cond --class_label=0 --class_label=7 --num_per_prompt=4
 Presets:
   ldm (default)  pod scale: 256x256 images, KL-f8 latents (32x32x4), an LDM-cin-size UNet (about 400M), batch 1024
-  demo           32x32 images, f=4 latents (8x8x4), a small UNet; CPU minutes
+  demo           32x32 images, f=4 latents (8x8x4; autoencoder_kl.py:demo_f4 in runs/demo_f4), a small UNet; CPU
+                 minutes
   tiny           16x16, for tests
 Classes (``classes``): "shape_color" (18: colour x shape), "shape" (3) or "color" (6); class i of shape_color is
 colour i // 3 (red, green, blue, yellow, purple, cyan) and shape i % 3 (circle, square, triangle).
@@ -57,7 +58,9 @@ def base_config(task: str, preset: str) -> ml_collections.ConfigDict:
         c.train = train_section(num_steps=400_000, log_every=100, checkpoint_every=5000, preview_every=5000)
         c.train.keep_every = 50_000  # a week-long run keeps a checkpoint every 50k steps besides the last 3
     elif preset == "demo":
-        c.first_stage = FirstStageConfig.defaults(workdir="runs/demo/autoencoder_kl")
+        # The f=4 first stage (the txt2img demo moved to f=2); superres.py:demo needs f=4: 8 px inputs beside 8x8
+        # latents.
+        c.first_stage = FirstStageConfig.defaults(workdir="runs/demo_f4/autoencoder_kl")
         c.data = data_section("32px", 32, 64)
         c.unet = unet_section(
             block_out_channels=(32, 64),
@@ -90,7 +93,7 @@ def get_config(arg=None):
     if preset == "demo":
         # Batch 32 x 4500 steps, as the txt2img demo (the unconditional and superres demos keep 64 x 1500):
         # validation colour 0.797 -> 0.977, shape 0.305 -> 0.328 (about chance still); README, Class-conditional
-        # demo. Faster from the txt2img demo's latent cache (--config.data.source=latents:runs/demo/latents).
+        # demo. Faster from a latent cache of its first stage (bash launch/local.sh demo_f4 makes runs/demo_f4/latents).
         c.data.global_batch_size = 32
         c.train.update(num_steps=4500, checkpoint_every=1500, preview_every=1500)
     return c

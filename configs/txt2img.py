@@ -6,9 +6,10 @@ Run (after training the first stage named by first_stage.workdir):
 Presets:
   sd (default)  pod scale: 256x256 images of your data (--config.data.source=...), KL-f8 latents (32x32x4), the
                 SD-1.x UNet (860M) and CLIP ViT-L/14-size text encoder trained from scratch, global batch 2048
-  demo          32x32 images, f=4 latents (8x8x4), a small UNet and text encoder; CPU minutes
-  demo_f2       the same images on f=2 latents (16x16x4; autoencoder_kl.py:demo_f2): the best held-out shape so far
-                (README, Demo), about twice the demo's training time
+  demo          32x32 images, f=2 latents (16x16x4; autoencoder_kl.py:demo), a small 3-level UNet and text
+                encoder; CPU minutes (bash launch/local.sh demo)
+  demo_f4       the same images on f=4 latents (8x8x4; autoencoder_kl.py:demo_f4), a 2-level UNet: the demo
+                until 2026-12-06, about 0.55x its training time, and configs/inpainting.py:demo's base
   tiny          16x16, for tests
 """
 
@@ -26,7 +27,7 @@ from ldm_jax.training.optim import optim_section
 from ldm_jax.training.sharding import MeshConfig
 from ldm_jax.training.train_config import train_section
 
-PRESETS = ("sd", "demo", "demo_f2", "tiny")
+PRESETS = ("sd", "demo", "demo_f4", "tiny")
 PROMPTS = (
     "a large red circle in the center on a black background",
     "a small blue square at the top left on a white background",
@@ -57,41 +58,49 @@ def get_config(arg=None):
         c.optim = optim_section(lr=1e-4, warmup_steps=10_000, ema_decay=0.9999)
         c.train = train_section(num_steps=500_000, log_every=100, checkpoint_every=5000, preview_every=5000)
         c.train.keep_every = 50_000  # a week-long run keeps a checkpoint every 50k steps besides the last 3
-    elif preset in ("demo", "demo_f2"):
+    elif preset in ("demo", "demo_f4"):
         c.first_stage = FirstStageConfig.defaults(workdir=f"runs/{preset}/autoencoder_kl")
         # Batch 32 x 4500 steps, not 64 x 1500: shape is learned late and answers to the number of updates (held-out
-        # shape 0.23 -> 0.42 at guidance 3, every other attribute 1.000; README, Demo). launch/local.sh demo trains it from a
-        # latent cache of the demo first stage (python -m ldm_jax.cache_latents), which runs no encoder in the step.
+        # shape 0.23 -> 0.42 at guidance 3 on f=4 latents, every other attribute 1.000; README, Demo).
+        # launch/local.sh demo trains it from a latent cache of the demo first stage (python -m
+        # ldm_jax.cache_latents), which runs no encoder in the step.
         c.data = data_section("32px", 32, 32)
         c.text_encoder = text_encoder_section(TEXT_ENCODER_VARIANTS["tiny"])
-        c.unet = unet_section(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            attention_levels=(True, True),
-            num_heads=(4, 4),
-            head_dim=0,
-            transformer_depth=1,
-            norm_groups=8,
-        )
         c.optim = optim_section(lr=1e-3, warmup_steps=100, ema_decay=0.995, schedule="cosine")
         c.optim.final_lr_fraction = 0.1
         c.train = train_section(num_steps=4500, log_every=100, checkpoint_every=1500, preview_every=1500)
         c.sample.num_steps = 25
-        # Held-out shape of this recipe's model at guidance 1.5 / 3 / 5 / 7.5 / 10 (the same samples' noise):
-        # 0.383 / 0.418 / 0.441 / 0.453 / 0.473, colour 1.000 down to 0.988 at 10; every other attribute >= 0.996.
-        c.sample.guidance_scale = 7.5
-        if preset == "demo_f2":
-            # On 16x16 latents (README, Demo, "f=2 latents"): a third level, so that attention runs at 8x8 and 4x4;
-            # a sine-cosine position code, since the convolutions' padding no longer tells the middle where it is;
-            # zero terminal SNR with v-prediction and trailing steps, since 16x16x4 latents leak the layout through
-            # the schedule's last 0.068 of signal (position 0.133 without it). Held-out, 4500 steps, guidance 3:
-            # colour, position, size and background >= 0.988, shape 0.551 and 0.637 in two runs (f=4 demo 0.41-0.49).
-            c.unet.block_out_channels = (32, 64, 64)
-            c.unet.attention_levels = (False, True, True)
-            c.unet.num_heads = (4, 4, 4)
-            c.unet.position_embedding = "sincos"
+        if preset == "demo":
+            # On 16x16 latents (README, Demo): a third level, so that attention runs at 8x8 and 4x4; a sine-cosine
+            # position code, since the convolutions' padding no longer tells the middle where it is; zero terminal
+            # SNR with v-prediction and trailing steps, since 16x16x4 latents leak the layout through the
+            # schedule's last 0.068 of signal (position 0.133 without it). Held-out shape 0.551 and 0.637 in two
+            # runs (demo_f4: 0.41-0.49), every other attribute >= 0.988.
+            c.unet = unet_section(
+                block_out_channels=(32, 64, 64),
+                layers_per_block=1,
+                attention_levels=(False, True, True),
+                num_heads=(4, 4, 4),
+                head_dim=0,
+                transformer_depth=1,
+                norm_groups=8,
+                position_embedding="sincos",
+            )
             c.diffusion.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
             c.sample.update(spacing="trailing", guidance_scale=3.0)
+        else:
+            c.unet = unet_section(
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                attention_levels=(True, True),
+                num_heads=(4, 4),
+                head_dim=0,
+                transformer_depth=1,
+                norm_groups=8,
+            )
+            # Held-out shape of this recipe's model at guidance 1.5 / 3 / 5 / 7.5 / 10 (the same samples' noise):
+            # 0.383 / 0.418 / 0.441 / 0.453 / 0.473, colour 1.000 down to 0.988 at 10; every other attribute >= 0.996.
+            c.sample.guidance_scale = 7.5
     else:  # tiny
         c.first_stage = FirstStageConfig.defaults(workdir="")  # tests fill this in
         c.data = data_section("tiny", 16, 8)

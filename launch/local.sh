@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set-up plus one job on this machine, CPU or single GPU host.
-#   bash launch/local.sh demo   # install, train the KL autoencoder, cache its latents, then txt2img, sample
-#                               # prompts, evaluate
-#   bash launch/local.sh demo_f2   # the same on f=2 latents (the *:demo_f2 presets, runs/demo_f2; ~2x the time)
+#   bash launch/local.sh demo   # install, train the KL autoencoder (f=2), cache its latents, then txt2img, sample
+#                               # prompts, evaluate (runs/demo)
+#   bash launch/local.sh demo_f4   # the same with the f=4 presets (*:demo_f4, runs/demo_f4; about 0.65x the time):
+#                               # the first stage and latent cache of the class-conditional, unconditional,
+#                               # inpainting and super-resolution demos
 #   bash launch/local.sh test   # install with test extras (+ the PyTorch reference env .venv-ref), check
 #                               # formatting, run the test suite
 #   bash launch/local.sh train --config=configs/txt2img.py:demo --workdir=runs/x [more ldm_jax.train flags]
@@ -40,7 +42,7 @@ fi
 PY="$VENV/bin/python"
 
 case "$mode" in
-  demo | demo_f2)
+  demo | demo_f4)
     "$PY" -m pip install -q -e .
     RUNS="${RUNS:-runs/$mode}"
     t0=$(date +%s)
@@ -96,7 +98,7 @@ case "$mode" in
       -m "${PYTEST_MARKS:-not slow}" tests
     ;;
   *)
-    echo "usage: $0 demo|demo_f2|test|train|sample|evaluate [flags of ldm_jax.train|sample|evaluate]" >&2
+    echo "usage: $0 demo|demo_f4|test|train|sample|evaluate [flags of ldm_jax.train|sample|evaluate]" >&2
     exit 2
     ;;
 esac

@@ -160,7 +160,7 @@ def test_non_finite_streak_stops_the_run_with_a_clear_error(data_dir, tmp_path, 
 def test_fsdp_partition_specs_follow_the_rule(data_dir):
     """Parameters, EMA and Adam moments: leaves of at least FSDP_MIN_SIZE elements are split over 'fsdp' along
     their largest dimension that 4 divides (ties: the later dimension); smaller leaves are replicated."""
-    config = autoencoder_kl.get_config("demo")
+    config = autoencoder_kl.get_config("demo_f4")
     config.data.data_dir = data_dir
     mesh = make_mesh(2, 4)
     _, _, shardings, abstract = loop.make_train_step(config, build_task(config), mesh)

@@ -69,6 +69,42 @@ def test_class_labels_condition_the_model_and_dropout_uses_the_null_class(class_
         task.generate_images(params, frozen, mesh, [18], [0], options, 4.0)
 
 
+@pytest.fixture(scope="module")
+def class_token_workdir(tmp_path_factory, data_dir, first_stage_workdir):
+    from configs import class_cond
+
+    def cross_attention(config):
+        config.class_conditioning = "cross_attention"
+
+    return train_tiny(
+        class_cond, data_dir, first_stage_workdir, tmp_path_factory, "class_token", configure=cross_attention
+    )
+
+
+def test_class_token_conditions_through_cross_attention(class_token_workdir):
+    """class_conditioning='cross_attention' (LDM's class-conditional models): a trained table of 18 + 1 class
+    tokens is the cross-attention's one-token context; the UNet has no class embedding; the null row is what a
+    dropped example and guidance's unconditional pass see; the label decides the image."""
+    from ldm_jax.tasks import load_for_sampling
+
+    task, params, frozen, mesh, step = load_for_sampling(class_token_workdir)
+    table = params["class_embedding"]["embedding"]
+    assert step == 8 and table.shape == (19, 32) and "class_embedding" not in params["unet"]
+    assert task.conditioner.unet_classes == 0 and task.conditioner.context_dim == 32
+    # Trained: the rows moved from their initial values (the 8 steps' gradients reached the table).
+    init = task.init_params(jax.random.key(0))["class_embedding"]["embedding"]
+    assert np.abs(np.asarray(table) - np.asarray(init)).max() > 0
+    drop = jnp.array([True, False])
+    context = task.conditioner.training_condition(params, frozen, {"label": jnp.array([3, 4])}, drop)
+    assert context.shape == (2, 1, 32)
+    np.testing.assert_allclose(context[:, 0], np.asarray(table)[[18, 4]], rtol=1e-6)
+    options = task.sampler_options(num_steps=4)
+    a = task.generate_images(params, frozen, mesh, [0, 13], [7, 7], options, 4.0, batch_size=8)
+    b = task.generate_images(params, frozen, mesh, [13, 0], [7, 7], options, 4.0, batch_size=8)
+    assert np.abs(a[0].astype(int) - a[1].astype(int)).max() > 0
+    np.testing.assert_array_equal(a[::-1], b)
+
+
 def test_unconditional_run_samples_without_guidance(unconditional_workdir, tmp_path):
     outdir = tmp_path / "out"
     cmd = ["ldm_jax.sample", f"--workdir={unconditional_workdir}", "--num_images=3"]

@@ -147,10 +147,15 @@ def test_cli_rejects_unknown_and_invalid_fields_before_device_work(tmp_path):
     [
         ("classes", "size_color", "classes='size_color': must be one of"),
         ("sample.class_labels", (0, 18), r"must be in \[0, 18\)"),
+        ("class_conditioning", "concat", "class_conditioning='concat': must be one of"),
+        ("class_context_dim", 0, "class_context_dim=0: must be >= 1 with class_conditioning='cross_attention'"),
+        ("unet.attention_levels", (False, False), r"unet.attention_levels=\(False, False\): needs at least one level"),
     ],
 )
 def test_class_cond_config_names_the_bad_field(field, value, match):
     c = class_cond.get_config("demo")
+    if field != "class_conditioning":
+        c.class_conditioning = "cross_attention"  # the rules of the class token hold with it
     section, _, name = field.rpartition(".")
     (c[section] if section else c)[name] = value
     with pytest.raises(ValueError, match=match):

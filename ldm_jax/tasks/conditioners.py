@@ -2,9 +2,9 @@
 
 A conditioner owns its config section and its part of every stage of a task's life:
 
-- model: the widths it gives the UNet (``context_dim``, ``num_classes``), its own trained weights (the text encoder
-  when trainable) and frozen ones (``setup_frozen``), and how its encoded condition enters the UNet (``unet_inputs``:
-  the cross-attention context or the class label);
+- model: the widths it gives the UNet (``context_dim``, ``unet_classes``), its own trained weights (the text encoder
+  when trainable, a class-token table) and frozen ones (``setup_frozen``), and how its encoded condition enters the
+  UNet (``unet_inputs``: the cross-attention context or the class label);
 - training: the batch's condition with dropped examples replaced by the null condition (classifier-free guidance);
 - sampling: host-side conditions (prompts, class ids, levels) -> arrays (``condition_inputs``, ``null_inputs``),
   checks, preview conditions, and the ``ldm_jax.sample`` flags it reads (``FLAGS``);
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,11 @@ from ldm_jax.training import checkpoint
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 PAD_TOKENS = ("eot", "zero")
+# How a class label enters the UNet (``class_conditioning``): "timestep", a learned embedding added to the timestep
+# embedding (ADM; diffusers' num_class_embeds); "cross_attention", a learned embedding as a one-token context of every
+# SpatialTransformer's cross-attention (LDM's class-conditional ImageNet models: ClassEmbedder, conditioning_key
+# crossattn).
+CLASS_CONDITIONINGS = ("timestep", "cross_attention")
 
 
 def _caption(example) -> str:
@@ -76,6 +82,7 @@ class TextConditioner:
     NEEDS = "a text-conditioned run"
     guided = True
     num_classes = 0
+    unet_classes = 0
     label_field = None
 
     def __init__(self, config, dtype):
@@ -213,12 +220,12 @@ def _class_names(config) -> list[str]:
 
 
 class ClassConditioner:
-    """A learned class embedding added to the timestep embedding; class ``num_classes`` is the null class."""
+    """A learned class embedding, added to the timestep embedding or given to the cross-attention as a one-token
+    context (``class_conditioning``); class ``num_classes`` is the null class."""
 
     FLAGS = ("class_label",)
     NEEDS = "a class-conditional run"
     guided = True
-    context_dim = 0
     tokenizer = None
 
     def __init__(self, config, dtype):
@@ -226,6 +233,12 @@ class ClassConditioner:
         self.label_field = config.classes
         self.source_names = _class_names(config)
         self.num_classes = len(self.source_names) if self.source_names else shapes.num_classes(config.classes)
+        # Runs written before the field existed conditioned through the timestep embedding.
+        self.cross_attention = config.get("class_conditioning", "timestep") == "cross_attention"
+        self.context_dim = int(config.class_context_dim) if self.cross_attention else 0
+        self.unet_classes = 0 if self.cross_attention else self.num_classes
+        # One row per class and one for the null class (classifier-free guidance).
+        self.embedder = nn.Embed(self.num_classes + 1, self.context_dim, dtype=dtype) if self.cross_attention else None
 
     @staticmethod
     def validate(config) -> None:
@@ -243,23 +256,41 @@ class ClassConditioner:
         labels = tuple(config.sample.class_labels)
         config_lib.check(len(labels) >= 1, "sample.class_labels", labels, "must hold at least one class for previews")
         config_lib.check(all(0 <= x < n for x in labels), "sample.class_labels", labels, f"must be in [0, {n})")
+        how = config.get("class_conditioning", "timestep")  # absent in runs written before the field existed
+        config_lib.check(how in CLASS_CONDITIONINGS, "class_conditioning", how, f"must be one of {CLASS_CONDITIONINGS}")
+        if how == "cross_attention":
+            dim = config.class_context_dim
+            config_lib.check(
+                dim >= 1, "class_context_dim", dim, "must be >= 1 with class_conditioning='cross_attention'"
+            )
+            levels = tuple(config.unet.attention_levels)
+            config_lib.check(any(levels), "unet.attention_levels", levels,
+                             "needs at least one level with attention for class_conditioning='cross_attention' "
+                             "(the class token is the cross-attention's context)")  # fmt: skip
 
     def init(self, rng):
-        return rng, {}, (None, jnp.zeros((1,), jnp.int32))
+        if not self.cross_attention:
+            return rng, {}, (None, jnp.zeros((1,), jnp.int32))
+        k_unet, k_emb = jax.random.split(rng)
+        labels = jnp.zeros((1,), jnp.int32)
+        table = self.embedder.init({"params": k_emb}, labels)["params"]
+        return k_unet, {"class_embedding": table}, (self.embedder.apply({"params": table}, labels)[:, None, :], None)
 
     def setup_frozen(self, frozen: dict) -> None:
         pass
 
-    @staticmethod
-    def encode(params, frozen, labels):
-        return labels
+    def encode(self, params, frozen, labels):
+        """The UNet's condition: the labels, or with cross-attention their embeddings as [B, 1, class_context_dim]."""
+        if not self.cross_attention:
+            return labels
+        return self.embedder.apply({"params": params["class_embedding"]}, labels)[:, None, :]
 
-    @staticmethod
-    def unet_inputs(labels):
-        return None, labels
+    def unet_inputs(self, cond):
+        return (cond, None) if self.cross_attention else (None, cond)
 
     def training_condition(self, params, frozen, batch, drop):
-        return jnp.where(drop, self.num_classes, batch["label"]).astype(jnp.int32)
+        labels = jnp.where(drop, self.num_classes, batch["label"]).astype(jnp.int32)
+        return self.encode(params, frozen, labels)
 
     def condition_inputs(self, labels):
         return np.asarray(labels, np.int32)
@@ -318,6 +349,7 @@ class NullConditioner:
     guided = False
     context_dim = 0
     num_classes = 0
+    unet_classes = 0
     tokenizer = None
     label_field = None
 
@@ -393,6 +425,7 @@ class NoiseLevelConditioner:
         self.config = config
         self.max_level = int(config.superres.max_noise_level)
         self.num_classes = self.max_level + 1 if self.max_level > 0 else 0
+        self.unet_classes = self.num_classes
 
     @staticmethod
     def validate(config) -> None:

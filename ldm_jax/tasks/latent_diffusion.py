@@ -84,7 +84,7 @@ class LatentDiffusionTask:
             in_channels=self.latent_shape[-1] + self.concat_channels,
             out_channels=self.latent_shape[-1],
             context_dim=self.conditioner.context_dim,
-            num_classes=self.conditioner.num_classes,
+            num_classes=self.conditioner.unet_classes,
             dtype=self.dtype,
         )
         self.schedule = schedule_from_config(config.diffusion)

@@ -273,8 +273,9 @@ def test_lora_errors_name_the_field_or_key(sd, run, tmp_path):
 
 
 def test_lora_on_a_class_conditional_run(data_dir, first_stage_workdir, tmp_path):
-    """LoRA is not text-to-image only: adapters on a class-conditional run's attention; the adapted model differs
-    from its base exactly in the adapted kernels, and samples."""
+    """LoRA is not text-to-image only: adapters on a class-conditional run's attention (its class token through
+    cross-attention, as the ldm and demo presets: a trained table outside the UNet that the adapted model keeps);
+    the adapted model differs from its base exactly in the adapted kernels, and samples."""
     from configs import class_cond
 
     from ldm_jax.tasks import load_for_sampling
@@ -284,6 +285,7 @@ def test_lora_on_a_class_conditional_run(data_dir, first_stage_workdir, tmp_path
     def config(steps):
         c = class_cond.get_config("tiny")
         c.data.data_dir, c.first_stage.workdir = data_dir, first_stage_workdir
+        c.class_conditioning = "cross_attention"
         c.train.update(num_steps=steps, checkpoint_every=steps)
         return c
 
@@ -305,5 +307,6 @@ def test_lora_on_a_class_conditional_run(data_dir, first_stage_workdir, tmp_path
     changed = {p for p in merged if not np.array_equal(merged[p], original[p])}
     adapted = {p[1:-1] + ("kernel",) for p in flatten(jax.device_get(state.params)) if p[-1] == "lora_a"}
     assert changed and changed <= adapted  # B moved off zero: the adapted kernels changed, nothing else did
+    np.testing.assert_array_equal(params["class_embedding"]["embedding"], base["class_embedding"]["embedding"])
     images = task.generate_images(params, frozen, mesh, [0, 1], [0, 1], task.sampler_options(num_steps=2), 2.0)
     assert images.shape == (2, 16, 16, 3)

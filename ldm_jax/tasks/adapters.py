@@ -62,15 +62,19 @@ class LoraAdapters:
                 f"were trained on step {recorded['step']}; adapters only fit the weights they were trained on "
                 "(train a new run, or restore that checkpoint of the base)"
             )
-        unet = params["unet"]
-        want = jax.tree.map(lambda x: tuple(x.shape), self.base_abstract["unet"])
-        got = jax.tree.map(lambda x: tuple(x.shape), unet)
-        if want != got:
-            raise ValueError(
-                f"init_from={self.config.init_from!r}: its UNet does not fit this config's model; use the model "
-                "fields of its config.json"
-            )
-        frozen["lora_base"] = {"unet": lora.cast_tree(unet, self.base_dtype)}
+        # The UNet and the conditioner's other trained parts (a class-conditional run's class-token table); a
+        # trainable text encoder is the frozen one the conditioner holds.
+        parts = [k for k in self.base_abstract if k != "text"]
+        for part in parts:
+            want = jax.tree.map(lambda x: tuple(x.shape), self.base_abstract[part])
+            got = jax.tree.map(lambda x: tuple(x.shape), params.get(part))
+            if want != got:
+                what = "UNet does" if part == "unet" else f"{part!r} weights do"
+                raise ValueError(
+                    f"init_from={self.config.init_from!r}: its {what} not fit this config's model; use the model "
+                    "fields of its config.json"
+                )
+        frozen["lora_base"] = {part: lora.cast_tree(params[part], self.base_dtype) for part in parts}
         if "text" in frozen:
             frozen["text"] = lora.cast_tree(frozen["text"], self.base_dtype)
         logging.info(
@@ -82,11 +86,8 @@ class LoraAdapters:
     def model(self, adapters, frozen, scale=1.0) -> tuple[dict, dict]:
         """(params, frozen) of the adapted model: what the task's functions take in a run without adapters."""
         s = scale * self.cfg.scale
-        params = (
-            {"unet": lora.merge(frozen["lora_base"]["unet"], adapters["unet"], s)}
-            if "unet" in adapters
-            else {"unet": frozen["lora_base"]["unet"]}
-        )
+        base = frozen["lora_base"]
+        params = dict(base, unet=lora.merge(base["unet"], adapters["unet"], s) if "unet" in adapters else base["unet"])
         frozen = {k: v for k, v in frozen.items() if k != "lora_base"}
         if "text" in adapters:
             frozen["text"] = lora.merge(frozen["text"], adapters["text"], s)

@@ -42,6 +42,11 @@ PAD_TOKENS = ("eot", "zero")
 CLASS_CONDITIONINGS = ("timestep", "cross_attention")
 
 
+def class_conditioning(config) -> str:
+    """A class-conditional run's ``class_conditioning``; runs written before the field existed used "timestep"."""
+    return config.get("class_conditioning", "timestep")
+
+
 def _caption(example) -> str:
     c = example["caption"]
     return c.decode("utf-8") if isinstance(c, bytes) else str(c)
@@ -233,8 +238,7 @@ class ClassConditioner:
         self.label_field = config.classes
         self.source_names = _class_names(config)
         self.num_classes = len(self.source_names) if self.source_names else shapes.num_classes(config.classes)
-        # Runs written before the field existed conditioned through the timestep embedding.
-        self.cross_attention = config.get("class_conditioning", "timestep") == "cross_attention"
+        self.cross_attention = class_conditioning(config) == "cross_attention"
         self.context_dim = int(config.class_context_dim) if self.cross_attention else 0
         self.unet_classes = 0 if self.cross_attention else self.num_classes
         # One row per class and one for the null class (classifier-free guidance).
@@ -256,7 +260,7 @@ class ClassConditioner:
         labels = tuple(config.sample.class_labels)
         config_lib.check(len(labels) >= 1, "sample.class_labels", labels, "must hold at least one class for previews")
         config_lib.check(all(0 <= x < n for x in labels), "sample.class_labels", labels, f"must be in [0, {n})")
-        how = config.get("class_conditioning", "timestep")  # absent in runs written before the field existed
+        how = class_conditioning(config)
         config_lib.check(how in CLASS_CONDITIONINGS, "class_conditioning", how, f"must be one of {CLASS_CONDITIONINGS}")
         if how == "cross_attention":
             dim = config.class_context_dim
@@ -273,8 +277,8 @@ class ClassConditioner:
             return rng, {}, (None, jnp.zeros((1,), jnp.int32))
         k_unet, k_emb = jax.random.split(rng)
         labels = jnp.zeros((1,), jnp.int32)
-        table = self.embedder.init({"params": k_emb}, labels)["params"]
-        return k_unet, {"class_embedding": table}, (self.embedder.apply({"params": table}, labels)[:, None, :], None)
+        params = {"class_embedding": self.embedder.init({"params": k_emb}, labels)["params"]}
+        return k_unet, params, (self.encode(params, None, labels), None)
 
     def setup_frozen(self, frozen: dict) -> None:
         pass

@@ -17,6 +17,7 @@ at the share timeout.
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -276,14 +277,22 @@ def test_sampling_and_evaluation_jobs_run_on_two_processes(ci_matrix, tmp_path):
     # test_sampling_job's).
     sample_args += ["--dtype=bfloat16"]
     eval_args = [f"--workdir={autoencoder}", "--split=validation", "--num_examples=20"]
+    # The txt2img model's attribute scores and condition binding (its rows split over both processes' devices),
+    # in a copy of the workdir: evaluation writes its results there.
+    t2i_copy = str(tmp_path / "t2i")
+    shutil.copytree(txt2img, t2i_copy)
+    t2i_args = [f"--workdir={t2i_copy}", "--split=validation", "--num_examples=6", "--num_steps=2", "--batch_size=4"]
     module = [sys.executable, "-m"]
     jobs = two_process_job(
         [*module, "ldm_jax.sample", *sample_args, f"--outdir={tmp_path / 'two'}"], str(tmp_path / "s")
     )
     jobs += two_process_job([*module, "ldm_jax.evaluate", *eval_args], str(tmp_path / "e"))
+    jobs += two_process_job([*module, "ldm_jax.evaluate", *t2i_args], str(tmp_path / "t"))
     wait_all(jobs, timeout=600)
     with open(os.path.join(autoencoder, "eval_validation.json")) as f:
         two_eval = json.load(f)
+    with open(os.path.join(t2i_copy, "eval_validation.json")) as f:
+        two_binding = json.load(f)["condition_binding"]
 
     one = run_module("ldm_jax.sample", *sample_args, f"--outdir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -300,5 +309,14 @@ def test_sampling_and_evaluation_jobs_run_on_two_processes(ci_matrix, tmp_path):
     with open(os.path.join(autoencoder, "eval_validation.json")) as f:
         one_eval = json.load(f)
     assert two_eval["num_examples"] == one_eval["num_examples"] == 20
+    one = run_module("ldm_jax.evaluate", *t2i_args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with open(os.path.join(t2i_copy, "eval_validation.json")) as f:
+        one_binding = json.load(f)["condition_binding"]
+    assert set(one_binding["increase"]) == {"color", "position", "size", "shape", "background"}
+    for part in ("loss", "increase", "shape_pairs"):
+        np.testing.assert_allclose(
+            np.asarray(jax.tree.leaves(two_binding[part])), np.asarray(jax.tree.leaves(one_binding[part])), atol=1e-4
+        )
     for name, value in one_eval["autoencoder"].items():
         np.testing.assert_allclose(two_eval["autoencoder"][name], value, rtol=1e-4, atol=1e-4, err_msg=name)

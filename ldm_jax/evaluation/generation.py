@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from ldm_jax.data import pipeline
-from ldm_jax.evaluation import attributes, image_metrics
+from ldm_jax.evaluation import attributes, binding, image_metrics
 from ldm_jax.imaging import to_uint8
 
 CHANCE = {
@@ -77,6 +77,11 @@ def score_attributes(task, params, frozen, mesh, examples, options, seeds, input
     # The dataset's images are left out: the reader reads them right (its own tests), so theirs is the identity.
     result["shape_confusion"] = {name: reports[name][2] for name in ("generated", "reconstructions")}
     result["chance"] = {k: v for k, v in CHANCE.items() if k in result["generated"]}
+    if not inpaint_mode and inputs.strength is None and not task.concat.channels:
+        # Which words the UNet uses at all (no sampler, no pixel reader): the loss under a changed attribute.
+        result["condition_binding"] = binding.condition_binding(
+            task, params, frozen, mesh, examples, wanted, seed=seeds[0], batch_size=inputs.batch_size
+        )
     rows = [originals, images]
     if inpaint_mode:
         keep = 1.0 - masks
@@ -116,4 +121,6 @@ def markdown_table(result: dict) -> str:
         for r in ("reconstructions", "generated"):
             for asked, row in confusion.get(r, {}).items():
                 out.append(f"| {asked}, {names[r]} | " + " | ".join(f"{row[k]:.3f}" for k in reads) + " |")
+    if "condition_binding" in result:
+        out += ["", binding.markdown_table(result["condition_binding"]).rstrip("\n")]
     return "\n".join(out) + "\n"

@@ -12,6 +12,9 @@ SAMPLER_STEP_NOISE = 1  # the per-step noise of stochastic samplers (DDPM, DDIM 
 INIT_IMAGE_POSTERIOR = 2  # the posterior sample of an init image (image-to-image, latent inpainting)
 MASKED_IMAGE_POSTERIOR = 3  # the posterior sample of the masked image (inpainting models' concat input)
 LOW_RES_NOISE = 4  # the noise augmentation of a super-resolution model's low-resolution input
+# The per-example key of condition binding (evaluation.binding), jax.random.key(seed of example i); its posterior
+# sample is INIT_IMAGE_POSTERIOR's draw (LatentSpace.encode_images).
+BINDING_NOISE = 5  # the noise an example's latents are denoised from, the same under every condition
 
 # The train step's key (besides its five-way split into posterior, timestep, noise, condition-drop and dropout keys).
 TRAINING_CONCAT_INPUTS = 6  # concat conditioning drawn per batch: inpainting masks, super-resolution noise levels

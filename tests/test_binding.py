@@ -28,12 +28,13 @@ def test_changed_examples_name_every_other_value_in_turn_and_keep_the_rest():
 
 def _losses(task, params, frozen, examples, captions, seeds, t):
     """Each example's loss at timestep t under ``captions``, on one device, written out from the definition."""
+    from ldm_jax import rng_streams
     from ldm_jax.diffusion import objectives
 
     images = jnp.asarray(np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0)
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     z0 = task.latents.encode_images(frozen["first_stage"], images, keys) * frozen["latent_scale"]
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), z0.shape[1:]))(keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, rng_streams.BINDING_NOISE), z0.shape[1:]))(keys)
     tt = jnp.full((len(examples),), t, jnp.int32)
     x_t = objectives.add_noise(task.schedule, z0, noise, tt)
     cond = task.conditioner.encode(params, frozen, jnp.asarray(task.conditioner.condition_inputs(captions)))

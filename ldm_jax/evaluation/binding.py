@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import rng_streams
 from ldm_jax.data import shapes
 from ldm_jax.diffusion import objectives
 from ldm_jax.training import transfer
@@ -51,7 +52,9 @@ def _latents_program(task):
     def fn(frozen, images, seeds):
         keys = jax.vmap(jax.random.key)(seeds)
         z0 = task.latents.encode_images(frozen["first_stage"], images, keys) * frozen["latent_scale"]
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), z0.shape[1:], z0.dtype))(keys)
+        noise = jax.vmap(
+            lambda k: jax.random.normal(jax.random.fold_in(k, rng_streams.BINDING_NOISE), z0.shape[1:], z0.dtype)
+        )(keys)
         return z0, noise
 
     return jax.jit(fn)

@@ -68,6 +68,20 @@ def test_class_labels_condition_the_model_and_dropout_uses_the_null_class(class_
     with pytest.raises(ValueError, match=r"class labels \[18\]: must be integers in \[0, 18\)"):
         task.generate_images(params, frozen, mesh, [18], [0], options, 4.0)
 
+    # Condition binding asks about the attributes the class names (colour and shape), by changing the label.
+    from ldm_jax.data import pipeline
+    from ldm_jax.evaluation import binding
+
+    examples = [pipeline.data_source(task.config.data, "validation")[i] for i in range(8)]
+    labels, wanted, _ = task.conditioner.eval_conditions(examples)
+    changed, _ = binding.changed_examples(examples, "shape")
+    changed_labels = task.conditioner.eval_conditions(changed)[0]
+    assert all(p // 3 == q // 3 and p != q for p, q in zip(labels, changed_labels, strict=True))  # colour kept
+    result = binding.condition_binding(task, params, frozen, mesh, examples, wanted, batch_size=8)
+    assert set(result["increase"]) == {"color", "shape"}
+    assert all(np.isfinite(v) for row in result["increase"].values() for v in row.values())
+    assert any(v != 0.0 for row in result["increase"].values() for v in row.values())
+
 
 @pytest.fixture(scope="module")
 def class_token_workdir(tmp_path_factory, data_dir, first_stage_workdir):

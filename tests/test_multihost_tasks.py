@@ -268,8 +268,8 @@ def _check_same_training(two: str, one: str, case: str) -> None:
 
 
 def test_sampling_and_evaluation_jobs_run_on_two_processes(ci_matrix, tmp_path):
-    """``ldm_jax.sample`` (txt2img, bfloat16) and ``ldm_jax.evaluate`` (the VQ autoencoder) as 2 processes x 2
-    devices: process 0 writes the same images and scores as one process with 8 devices."""
+    """``ldm_jax.sample`` (txt2img, bfloat16) and ``ldm_jax.evaluate`` (the VQ autoencoder; the txt2img model's
+    condition binding) as 2 processes x 2 devices: process 0 writes the same images and scores as one process."""
     txt2img, autoencoder = ci_matrix["two"]["txt2img"], ci_matrix["two"]["ae_vq_gan"]
     sample_args = ["--prompt=a large red circle in the center on a black background", "--prompt=a photo of a cat"]
     sample_args += [f"--workdir={txt2img}", "--num_per_prompt=3", "--num_steps=4", "--per_device_batch=1"]

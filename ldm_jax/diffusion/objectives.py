@@ -111,9 +111,14 @@ def predict_x0_eps(prediction_type: str, alpha_bar: jax.Array, x_t: jax.Array, m
     raise ValueError(f"prediction_type={prediction_type!r}: must be one of {PREDICTION_TYPES}")
 
 
+def per_example_loss(model_out: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean squared error of each example [B], in float32."""
+    return jnp.mean(jnp.square(model_out.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
+
+
 def diffusion_loss(model_out: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Mean squared error per example, averaged over the batch with optional per-example weights [B]."""
-    per_example = jnp.mean(jnp.square(model_out.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
+    """``per_example_loss`` averaged over the batch with optional per-example weights [B]."""
+    per_example = per_example_loss(model_out, target)
     if weights is not None:
         per_example = per_example * weights
     return jnp.mean(per_example)

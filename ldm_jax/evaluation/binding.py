@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import rng_streams
-from ldm_jax.data import shapes
+from ldm_jax.data import pipeline, shapes
 from ldm_jax.diffusion import objectives
 from ldm_jax.training import transfer
 from ldm_jax.training.sharding import batch_sharding, replicated
@@ -70,7 +70,7 @@ def _loss_program(task):
         x_t = objectives.add_noise(task.schedule, z0, noise, tt)
         out = task.apply_unet(params, x_t, tt, cond)
         target = objectives.training_target(cfg.prediction_type, task.schedule, z0, noise, tt)
-        return jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=(1, 2, 3))
+        return objectives.per_example_loss(out, target)
 
     return jax.jit(fn)
 
@@ -93,15 +93,13 @@ def condition_binding(task, params, frozen, mesh, examples, wanted, seed: int = 
         variants[a] = changed_examples(examples, a)
     conditions = {a: task.conditioner.eval_conditions(ex)[0] for a, (ex, _) in variants.items()}
 
-    per_call = -(-max(batch_size or 16 * mesh.size, 1) // mesh.size) * mesh.size
+    per_call = transfer.rows_per_call(batch_size or 16 * mesh.size, mesh.size)
     rows, repl = batch_sharding(mesh), replicated(mesh)
     loss_fn = _loss_program(task)
     prepare = _latents_program(task)
-    images = np.stack([np.asarray(e["image"]) for e in examples]).astype(np.float32) / 127.5 - 1.0
+    images = pipeline.to_model_range(np.stack([np.asarray(e["image"]) for e in examples]))
     losses = {a: np.zeros((len(steps), n), np.float32) for a in variants}
-    for start in range(0, n, per_call):
-        m = min(per_call, n - start)
-        idx = [start + min(i, m - 1) for i in range(per_call)]  # the last batch repeats its last entry
+    for start, m, idx in transfer.padded_batches(n, per_call):
         seeds = np.asarray([seed + i for i in idx], np.uint32)
         z0, noise = prepare(frozen, *transfer.to_mesh((images[idx], seeds), rows))
         for a in variants:

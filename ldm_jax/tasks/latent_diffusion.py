@@ -501,16 +501,14 @@ class LatentDiffusionTask:
         mode = "txt2img" if init_image is None else ("img2img" if mask is None else "inpaint")
         first_step = 0 if mode == "txt2img" else self.first_step(options, strength)
         fn = self.compiled_generate(mesh, options, mode, first_step)
-        per_call = -(-max(batch_size, 1) // mesh.size) * mesh.size
+        per_call = transfer.rows_per_call(batch_size, mesh.size)
         repl, rows = replicated(mesh), batch_sharding(mesh)
         null_inputs = self.conditioner.null_inputs(per_call, negative)  # raises for a negative the task cannot take
 
         def batches():
             null = transfer.to_mesh(null_inputs, rows)
             scales = transfer.to_mesh((np.float32(guidance_scale), np.float32(guidance_rescale)), repl)
-            for start in range(0, len(conditions), per_call):
-                n = min(per_call, len(conditions) - start)
-                idx = [start + min(i, n - 1) for i in range(per_call)]  # the last batch repeats its last entry
+            for start, n, idx in transfer.padded_batches(len(conditions), per_call):
                 cond, seed_rows, image_rows = transfer.to_mesh(
                     (
                         self.conditioner.condition_inputs([conditions[i] for i in idx]),

@@ -82,3 +82,17 @@ def local_rows(x: jax.Array) -> Iterator[tuple[int, np.ndarray]]:
     for shard in x.addressable_shards:
         if shard.replica_id == 0:
             yield shard.index[0].indices(x.shape[0])[0], np.asarray(shard.data)
+
+
+def rows_per_call(batch_size: int, num_devices: int) -> int:
+    """``batch_size`` (at least 1) rounded up to a multiple of ``num_devices``: every device gets the same rows."""
+    return -(-max(batch_size, 1) // num_devices) * num_devices
+
+
+def padded_batches(n: int, per_call: int) -> Iterator[tuple[int, int, list[int]]]:
+    """``(start, count, indices)`` of consecutive batches of ``per_call`` rows over ``n`` items; the last batch repeats
+    its last item up to ``per_call`` rows, so every batch has one shape (one compiled program) and its first ``count``
+    rows are items ``start .. start + count - 1``."""
+    for start in range(0, n, per_call):
+        count = min(per_call, n - start)
+        yield start, count, [start + min(i, count - 1) for i in range(per_call)]

@@ -38,7 +38,7 @@ def test_bad_arguments_name_the_field():
 
 
 def _repo_prompts() -> list[str]:
-    """Every prompt written in the repository: configs, the demo prompt file, README and docstrings."""
+    """Every prompt written in the repository: configs, the demo prompt file, README, docs/ and docstrings."""
     import glob
     import re
 
@@ -49,6 +49,7 @@ def _repo_prompts() -> list[str]:
         glob.glob(os.path.join(ROOT, "configs", "*.py"))
         + glob.glob(os.path.join(ROOT, "ldm_jax", "**", "*.py"), recursive=True)
         + [os.path.join(ROOT, "README.md")]
+        + glob.glob(os.path.join(ROOT, "docs", "*.md"))
     ):
         with open(path, encoding="utf-8") as f:
             text = f.read()

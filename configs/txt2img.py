@@ -61,7 +61,7 @@ def get_config(arg=None):
     elif preset in ("demo", "demo_f4"):
         c.first_stage = FirstStageConfig.defaults(workdir=f"runs/{preset}/autoencoder_kl")
         # Batch 32 x 4500 steps, not 64 x 1500: shape is learned late and answers to the number of updates (held-out
-        # shape 0.23 -> 0.42 at guidance 3 on f=4 latents, every other attribute 1.000; README, Demo).
+        # shape 0.23 -> 0.42 at guidance 3 on f=4 latents, every other attribute 1.000; docs/demo_fidelity.md).
         # launch/local.sh demo trains it from a latent cache of the demo first stage (python -m
         # ldm_jax.cache_latents), which runs no encoder in the step.
         c.data = data_section("32px", 32, 32)
@@ -83,9 +83,9 @@ def get_config(arg=None):
         # 0.383 / 0.418 / 0.441 / 0.453 / 0.473, colour 1.000 down to 0.988 at 10; every other attribute >= 0.996.
         c.sample.guidance_scale = 7.5
         if preset == "demo":
-            # On 16x16 latents (README, Demo): a third level, so that attention runs at 8x8 and 4x4; a sine-cosine
-            # position code, since the convolutions' padding no longer tells the middle where it is; zero terminal
-            # SNR with v-prediction and trailing steps, since 16x16x4 latents leak the layout through the
+            # On 16x16 latents (docs/demo_fidelity.md): a third level, so that attention runs at 8x8 and 4x4; a sine-
+            # cosine position code, since the convolutions' padding no longer tells the middle where it is; zero
+            # terminal SNR with v-prediction and trailing steps, since 16x16x4 latents leak the layout through the
             # schedule's last 0.068 of signal (position 0.133 without it). Held-out shape 0.551 and 0.637 in two
             # runs (demo_f4: 0.41-0.49), every other attribute >= 0.988.
             c.unet.update(

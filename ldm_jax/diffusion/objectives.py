@@ -54,7 +54,7 @@ class DiffusionConfig(config_lib.Section):
         )
         # min(SNR, gamma) on the x0 error vanishes as SNR -> 0: the zero-SNR schedule's first sampling steps, where
         # the layout is drawn from pure noise, would go untrained. Measured on the shapes demo's f=2 recipe
-        # (README, Demo): held-out position 1.000 with "simple", 0.219 with "min_snr".
+        # (docs/demo_fidelity.md): held-out position 1.000 with "simple", 0.219 with "min_snr".
         self.check(
             not (self.rescale_betas_zero_snr and self.loss_weighting == "min_snr"),
             prefix,

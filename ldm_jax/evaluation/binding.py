@@ -7,7 +7,7 @@ much as the model uses that attribute at that noise level; a model that ignores 
 the wrong one (0). Sampling and reading attributes back from pixels (``evaluation.generation``) say whether the
 pictures follow the prompt; this says, without a sampler or a pixel reader, which words the UNet has learned, and
 at which noise levels: a shape the first stage keeps but the samples lose, with a near-zero shape row here, is a
-word the UNet never learned to draw (README, Demo).
+word the UNet never learned to draw (README, Two commands: the demo model's table).
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ def skip_if_nonfinite(old: TrainState, update: Callable[[TrainState], TrainState
     A ``lax.cond``, not a select of the two states: with the state donated, an element-wise select between the old
     and the new value of every parameter and optimizer leaf made XLA copy each of them at the start of the step
     (it could not prove every read of the old value came before the in-place write): a copy of the parameters and
-    both Adam moments per step, as memory traffic and as temporaries (see README, Performance). The skipped branch
-    returns its operand, the same buffers."""
+    both Adam moments per step, as memory traffic and as temporaries (docs/demo_fidelity.md: 995 copies a step,
+    2026-12-05). The skipped branch returns its operand, the same buffers."""
     kept = jax.lax.cond(finite, update, lambda s: s, old)
     bad = jnp.logical_not(finite).astype(jnp.int32)
     streak = (old.nonfinite_streak + 1) * bad

@@ -2,7 +2,7 @@
 # Set-up plus one job on this machine, CPU or single GPU host.
 #   bash launch/local.sh demo   # install, train the KL autoencoder (f=2), cache its latents, then txt2img, sample
 #                               # prompts, evaluate (runs/demo)
-#   bash launch/local.sh demo_f4   # the same with the f=4 presets (*:demo_f4, runs/demo_f4; about 0.65x the time):
+#   bash launch/local.sh demo_f4   # the same with the f=4 presets (*:demo_f4, runs/demo_f4; about half the time):
 #                               # the first stage and latent cache of the class-conditional, unconditional,
 #                               # inpainting and super-resolution demos
 #   bash launch/local.sh test   # install with test extras (+ the PyTorch reference env .venv-ref), check

@@ -83,27 +83,11 @@ def get_config(arg=None):
         # 0.383 / 0.418 / 0.441 / 0.453 / 0.473, colour 1.000 down to 0.988 at 10; every other attribute >= 0.996.
         c.sample.guidance_scale = 7.5
         if preset == "demo":
-            # On 16x16 latents (docs/demo_fidelity.md): a third level, so that attention runs at 8x8 and 4x4; a sine-
-            # cosine position code, since the convolutions' padding no longer tells the middle where it is; zero
-            # terminal SNR with v-prediction and trailing steps, since 16x16x4 latents leak the layout through the
-            # schedule's last 0.068 of signal (position 0.133 without it). Held-out shape 0.551 and 0.637 in two
-            # runs (demo_f4: 0.41-0.49), every other attribute >= 0.988.
-            c.unet.update(
-                block_out_channels=(32, 64, 64),
-                attention_levels=(False, True, True),
-                num_heads=(4, 4, 4),
-                position_embedding="sincos",
-            )
-            c.diffusion.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
-            c.sample.update(spacing="trailing", guidance_scale=3.0)
-            # A constant learning rate after warm-up, not cosine down to 0.1x: the circle / square word (a few
-            # corner pixels) is the last thing this UNet learns, and under the cosine the rate had fallen to a third
-            # by the time it starts. Same first stage and cache, held-out 256: shape 0.570 -> 0.824 (circle->square
-            # loss increase at t=500 0.027 -> 0.147), every other attribute >= 0.984; and the word is still being
-            # learned at the end: resumed to 6000 steps, 0.895, the first stage's own ceiling (0.891), every other
-            # attribute >= 0.992 (README, Two commands). A constant rate does not depend on num_steps, so a run of
-            # the 4500-step preset resumes to 6000.
-            c.optim.schedule = "constant"
+            f2_demo_recipe(c)
+            # The circle / square word is still being learned at 4500 steps: resumed to 6000, held-out shape 0.824
+            # -> 0.895, the first stage's own ceiling (0.891), every other attribute >= 0.992 (README, Two
+            # commands). A constant learning rate does not depend on num_steps, so a run of the 4500-step preset
+            # resumes to 6000.
             c.train.num_steps = 6000
     else:  # tiny
         c.first_stage = FirstStageConfig.defaults(workdir="")  # tests fill this in
@@ -114,3 +98,26 @@ def get_config(arg=None):
         c.train = train_section(num_steps=8, log_every=2, checkpoint_every=4, preview_every=0)
         c.sample.num_steps = 4
     return c
+
+
+def f2_demo_recipe(c) -> None:
+    """The UNet, diffusion and sampling settings of the demos on 16x16x4 latents (autoencoder_kl.py:demo's f=2 first
+    stage): this file's demo and configs/class_cond.py:demo. Applied to the 2-level f=4 demo UNet."""
+    # A third level, so that attention runs at 8x8 and 4x4; a sine-cosine position code, since the convolutions'
+    # padding no longer tells the middle where it is; zero terminal SNR with v-prediction and trailing steps, since
+    # 16x16x4 latents leak the layout through the schedule's last 0.068 of signal (position 0.133 without it).
+    # Held-out shape 0.551 and 0.637 in two runs under the cosine rate (demo_f4: 0.41-0.49), every other attribute
+    # >= 0.988 (docs/demo_fidelity.md).
+    c.unet.update(
+        block_out_channels=(32, 64, 64),
+        attention_levels=(False, True, True),
+        num_heads=(4, 4, 4),
+        position_embedding="sincos",
+    )
+    c.diffusion.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    c.sample.update(spacing="trailing", guidance_scale=3.0)
+    # A constant learning rate after warm-up, not cosine down to 0.1x: the circle / square distinction (a few corner
+    # pixels) is the last thing this UNet learns, and under the cosine the rate had fallen to a third by the time it
+    # starts. txt2img, same first stage and cache, 4500 steps, held-out 256: shape 0.570 -> 0.824 (circle->square
+    # loss increase at t=500 0.027 -> 0.147), every other attribute >= 0.984.
+    c.optim.schedule = "constant"

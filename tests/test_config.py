@@ -149,7 +149,11 @@ def test_cli_rejects_unknown_and_invalid_fields_before_device_work(tmp_path):
         ("sample.class_labels", (0, 18), r"must be in \[0, 18\)"),
         ("class_conditioning", "concat", "class_conditioning='concat': must be one of"),
         ("class_context_dim", 0, "class_context_dim=0: must be >= 1 with class_conditioning='cross_attention'"),
-        ("unet.attention_levels", (False, False), r"unet.attention_levels=\(False, False\): needs at least one level"),
+        (
+            "unet.attention_levels",
+            (False, False, False),
+            r"unet.attention_levels=\(False, False, False\): needs at least one level",
+        ),
     ],
 )
 def test_class_cond_config_names_the_bad_field(field, value, match):

@@ -5,10 +5,10 @@ Run:
 Presets:
   kl_f8 (default)   the paper's KL-f8 (4 latent channels), 256px crops of your images (data.source), batch 64
   kl_f4, kl_f16, kl_f32   the zoo's other KL models (3, 16, 64 latent channels)
-  demo              a small f=2 model on 32px captioned shapes (16x16x4 latents, which keep the shapes): the txt2img
-                    and class-conditional demos' first stage (CPU minutes, no GAN)
+  demo              a small f=2 model on 32px captioned shapes (16x16x4 latents, which keep the shapes): the txt2img,
+                    class-conditional and inpainting demos' first stage (CPU minutes, no GAN)
   demo_f4           the same at f=4 (8x8x4 latents): the first stage of txt2img.py:demo_f4 and of the
-                    unconditional, inpainting and super-resolution demos
+                    unconditional and super-resolution demos
   photos_f4, photos_f8    small f=4 / f=8 models on 32px crops of real photos (CPU-budget comparisons)
   tiny              16px, for tests
 The zoo presets train on your images (--config.data.source=folder:/data/images, webdataset:..., arrayrecord:...;

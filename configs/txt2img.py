@@ -9,7 +9,7 @@ Presets:
   demo          32x32 images, f=2 latents (16x16x4; autoencoder_kl.py:demo), a small 3-level UNet and text
                 encoder; CPU minutes (bash launch/local.sh demo)
   demo_f4       the same images on f=4 latents (8x8x4; autoencoder_kl.py:demo_f4), a 2-level UNet: the demo
-                until 2026-12-06, about 0.55x its training time, and configs/inpainting.py:demo's base
+                until 2026-12-06, about 0.55x its training time
   tiny          16x16, for tests
 """
 

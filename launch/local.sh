@@ -3,8 +3,8 @@
 #   bash launch/local.sh demo   # install, train the KL autoencoder (f=2), cache its latents, then txt2img, sample
 #                               # prompts, evaluate (runs/demo)
 #   bash launch/local.sh demo_f4   # the same with the f=4 presets (*:demo_f4, runs/demo_f4; about half the time):
-#                               # the first stage and latent cache of the unconditional, inpainting and
-#                               # super-resolution demos (the class-conditional demo trains on runs/demo's)
+#                               # the first stage and latent cache of the unconditional and super-resolution
+#                               # demos (the class-conditional and inpainting demos train on runs/demo's)
 #   bash launch/local.sh test   # install with test extras (+ the PyTorch reference env .venv-ref), check
 #                               # formatting, run the test suite
 #   bash launch/local.sh train --config=configs/txt2img.py:demo --workdir=runs/x [more ldm_jax.train flags]

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 from cli import run_module
 
-from configs import autoencoder_kl, autoencoder_vq, class_cond, txt2img, unconditional
+from configs import autoencoder_kl, autoencoder_vq, class_cond, inpainting, superres, txt2img, unconditional
 from ldm_jax.tasks import validate_config
 from ldm_jax.training.sharding import check_batch_size, make_mesh
 
 
-@pytest.mark.parametrize("module", [autoencoder_kl, autoencoder_vq, txt2img, class_cond, unconditional])
+@pytest.mark.parametrize(
+    "module", [autoencoder_kl, autoencoder_vq, txt2img, class_cond, unconditional, inpainting, superres]
+)
 def test_every_preset_validates(module, tmp_path):
     vgg = tmp_path / "vgg16.safetensors"  # the zoo presets need a user-supplied VGG16 file for LPIPS
     vgg.write_bytes(b"")
@@ -164,3 +166,13 @@ def test_class_cond_config_names_the_bad_field(field, value, match):
     (c[section] if section else c)[name] = value
     with pytest.raises(ValueError, match=match):
         validate_config(c)
+
+
+def test_inpainting_demo_fine_tunes_the_txt2img_demo():
+    """The inpainting demo starts from the txt2img demo's weights (init_from), so it must describe the same model on
+    the same first stage; only the task and the training length differ."""
+    inp, t2i = inpainting.get_config("demo"), txt2img.get_config("demo")
+    assert inp.task == "inpainting" and inp.init_from == "runs/demo/txt2img"
+    for section in ("unet", "text_encoder", "diffusion", "first_stage", "data", "sample"):
+        assert inp[section].to_dict() == t2i[section].to_dict(), section
+    assert inp.train.num_steps < t2i.train.num_steps

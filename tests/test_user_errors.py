@@ -2,12 +2,15 @@
 rule, no traceback; LDM_JAX_DEBUG=1 shows the traceback."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from cli import ROOT, xla_flags
 
+# A workdir a refused run must not create (a run started before the run it starts from: nothing written).
+UNTOUCHED = "/tmp/ldm_jax_test_untouched_workdir"
 # (entry point, arguments, what the message must say): a sample of mistakes in flags, config fields and paths.
 MISTAKES = [
     (
@@ -34,6 +37,11 @@ MISTAKES = [
         ["--config=configs/dreambooth.py:tiny", "--workdir=/tmp/x", "--config.init_from=/nonexistent/sd"],
         "/nonexistent/sd/config.json: no config.json",
     ),
+    (
+        "train",
+        ["--config=configs/autoencoder_kl.py:tiny", f"--workdir={UNTOUCHED}", "--config.init_from=/nonexistent/ae"],
+        "init_from='/nonexistent/ae': no checkpoints/ folder; train that run first",
+    ),
     ("sample", ["--workdir=/nonexistent/run", "--prompt=a cat"], "/nonexistent/run/config.json: no config.json"),
     ("sample", ["--workdir=/nonexistent/run", "--num_per_prompt=0"], "--num_per_prompt=0: must be >= 1"),
     ("evaluate", ["--workdir=/nonexistent/run", "--samples=/tmp/s"], "not both"),
@@ -55,6 +63,7 @@ def _run(module, args, debug=False):
 
 
 def test_user_errors_exit_2_with_one_message():
+    shutil.rmtree(UNTOUCHED, ignore_errors=True)
     procs = [(m, a, want, _run(m, a)) for m, a, want in MISTAKES]  # all at once: one start-up's wall time
     for module, args, want, proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -62,6 +71,7 @@ def test_user_errors_exit_2_with_one_message():
         assert "Traceback" not in err, (module, args, err[-2000:])
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and want in lines[0], (module, args, err[-2000:])
+    assert not os.path.exists(UNTOUCHED)
 
 
 @pytest.mark.parametrize("debug", [True])

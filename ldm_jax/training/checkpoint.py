@@ -273,11 +273,13 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _read_only_latest(workdir: str, handlers: dict) -> tuple[ocp.CheckpointManager, int]:
-    """A read-only manager of another run's checkpoints (its "meta" item and ``handlers``) and its latest step."""
+def _read_only_latest(workdir: str, handlers: dict, field: str = "") -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager of another run's checkpoints (its "meta" item and ``handlers``) and its latest step; the
+    errors name ``field`` (the config field or flag that gave ``workdir``) when given."""
+    name = f"{field}={workdir!r}" if field else workdir
     directory = storage.join(storage.absolute(workdir), "checkpoints")
     if not storage.isdir(directory):
-        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train that run first")
+        raise FileNotFoundError(f"{name}: no checkpoints/ folder; train that run first")
     manager = ocp.CheckpointManager(
         directory,
         item_handlers={**handlers, "meta": ocp.JsonCheckpointHandler()},
@@ -285,8 +287,24 @@ def _read_only_latest(workdir: str, handlers: dict) -> tuple[ocp.CheckpointManag
     )
     step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{workdir}: no finished checkpoint in {directory}")
+        manager.close()
+        raise FileNotFoundError(f"{name}: no finished checkpoint in {directory}")
     return manager, step
+
+
+def latest_finished_step(workdir: str, field: str = "") -> int:
+    """The step of another run's latest finished checkpoint; FileNotFoundError naming ``field`` when it has none."""
+    manager, step = _read_only_latest(workdir, {}, field)
+    manager.close()
+    return step
+
+
+def has_finished_checkpoint(workdir: str) -> bool:
+    try:
+        latest_finished_step(workdir)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def load_trained_params(workdir: str, which: str = "ema", sharding=None) -> tuple[Any, dict, int]:

@@ -165,6 +165,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
         )
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     task = build_task(config)
+    if config.init_from and task.trains_from_init and not ckpt_lib.has_finished_checkpoint(workdir):
+        # A run started before the one it starts from (e.g. the inpainting demo before the txt2img demo) is told so
+        # by field before anything is written to its workdir.
+        ckpt_lib.latest_finished_step(config.init_from, "init_from")
 
     ckpt = ckpt_lib.Checkpointer(
         workdir, train_cfg.keep_checkpoints, train_cfg.async_checkpointing, train_cfg.keep_every

@@ -9,8 +9,13 @@ import sys
 import pytest
 from cli import ROOT, xla_flags
 
+from configs import autoencoder_kl
+from ldm_jax import config_lib
+
 # A workdir a refused run must not create (a run started before the run it starts from: nothing written).
 UNTOUCHED = "/tmp/ldm_jax_test_untouched_workdir"
+# A first stage whose run has its config.json but no checkpoint yet (written by the test).
+UNTRAINED = "/tmp/ldm_jax_test_untrained_first_stage"
 # (entry point, arguments, what the message must say): a sample of mistakes in flags, config fields and paths.
 MISTAKES = [
     (
@@ -42,6 +47,11 @@ MISTAKES = [
         ["--config=configs/autoencoder_kl.py:tiny", f"--workdir={UNTOUCHED}", "--config.init_from=/nonexistent/ae"],
         "init_from='/nonexistent/ae': no checkpoints/ folder; train that run first",
     ),
+    (
+        "train",
+        ["--config=configs/txt2img.py:tiny", f"--workdir={UNTOUCHED}", f"--config.first_stage.workdir={UNTRAINED}"],
+        f"first_stage.workdir='{UNTRAINED}': no checkpoints/ folder; train that run first",
+    ),
     ("sample", ["--workdir=/nonexistent/run", "--prompt=a cat"], "/nonexistent/run/config.json: no config.json"),
     ("sample", ["--workdir=/nonexistent/run", "--num_per_prompt=0"], "--num_per_prompt=0: must be >= 1"),
     ("evaluate", ["--workdir=/nonexistent/run", "--samples=/tmp/s"], "not both"),
@@ -64,6 +74,8 @@ def _run(module, args, debug=False):
 
 def test_user_errors_exit_2_with_one_message():
     shutil.rmtree(UNTOUCHED, ignore_errors=True)
+    os.makedirs(UNTRAINED, exist_ok=True)
+    config_lib.save_config(autoencoder_kl.get_config("tiny"), os.path.join(UNTRAINED, "config.json"))
     procs = [(m, a, want, _run(m, a)) for m, a, want in MISTAKES]  # all at once: one start-up's wall time
     for module, args, want, proc in procs:
         out, err = proc.communicate(timeout=300)

@@ -165,9 +165,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
         )
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     task = build_task(config)
+    # A run started before a run it needs (the inpainting demo before the txt2img demo, a txt2img run before its
+    # first stage has a checkpoint) is told so by field before anything is written to its workdir.
+    if "first_stage" in config:
+        ckpt_lib.latest_finished_step(config.first_stage.workdir, "first_stage.workdir")
     if config.init_from and task.trains_from_init and not ckpt_lib.has_finished_checkpoint(workdir):
-        # A run started before the one it starts from (e.g. the inpainting demo before the txt2img demo) is told so
-        # by field before anything is written to its workdir.
         ckpt_lib.latest_finished_step(config.init_from, "init_from")
 
     ckpt = ckpt_lib.Checkpointer(

@@ -9,13 +9,15 @@ import sys
 import pytest
 from cli import ROOT, xla_flags
 
-from configs import autoencoder_kl
+from configs import autoencoder_kl, txt2img
 from ldm_jax import config_lib
 
 # A workdir a refused run must not create (a run started before the run it starts from: nothing written).
 UNTOUCHED = "/tmp/ldm_jax_test_untouched_workdir"
 # A first stage whose run has its config.json but no checkpoint yet (written by the test).
 UNTRAINED = "/tmp/ldm_jax_test_untrained_first_stage"
+# A txt2img run whose config names UNTRAINED (its first stage's checkpoints moved or never made).
+ON_UNTRAINED = "/tmp/ldm_jax_test_run_on_untrained_first_stage"
 # (entry point, arguments, what the message must say): a sample of mistakes in flags, config fields and paths.
 MISTAKES = [
     (
@@ -52,6 +54,17 @@ MISTAKES = [
         ["--config=configs/txt2img.py:tiny", f"--workdir={UNTOUCHED}", f"--config.first_stage.workdir={UNTRAINED}"],
         f"first_stage.workdir='{UNTRAINED}': no checkpoints/ folder; train that run first",
     ),
+    (
+        "train",
+        ["--config=configs/txt2img.py:tiny", f"--workdir={UNTOUCHED}", "--config.first_stage.workdir=/nonexistent/ae"],
+        "first_stage.workdir='/nonexistent/ae': no config.json; train that run first",
+    ),
+    (
+        "sample",
+        [f"--workdir={ON_UNTRAINED}", "--prompt=a cat", f"--outdir={UNTOUCHED}"],
+        f"first_stage.workdir='{UNTRAINED}': no checkpoints/ folder; train that run first",
+    ),
+    ("evaluate", [f"--workdir={ON_UNTRAINED}"], f"first_stage.workdir='{UNTRAINED}': no checkpoints/ folder"),
     ("sample", ["--workdir=/nonexistent/run", "--prompt=a cat"], "/nonexistent/run/config.json: no config.json"),
     ("sample", ["--workdir=/nonexistent/run", "--num_per_prompt=0"], "--num_per_prompt=0: must be >= 1"),
     ("evaluate", ["--workdir=/nonexistent/run", "--samples=/tmp/s"], "not both"),
@@ -76,6 +89,10 @@ def test_user_errors_exit_2_with_one_message():
     shutil.rmtree(UNTOUCHED, ignore_errors=True)
     os.makedirs(UNTRAINED, exist_ok=True)
     config_lib.save_config(autoencoder_kl.get_config("tiny"), os.path.join(UNTRAINED, "config.json"))
+    os.makedirs(ON_UNTRAINED, exist_ok=True)
+    run = txt2img.get_config("tiny")
+    run.first_stage.workdir = UNTRAINED
+    config_lib.save_config(run, os.path.join(ON_UNTRAINED, "config.json"))
     procs = [(m, a, want, _run(m, a)) for m, a, want in MISTAKES]  # all at once: one start-up's wall time
     for module, args, want, proc in procs:
         out, err = proc.communicate(timeout=300)

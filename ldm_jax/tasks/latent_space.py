@@ -5,7 +5,6 @@ grid, and the latent scale (1 / std of training latents, as LDM's ``scale_by_std
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import config_lib, rng_streams
+from ldm_jax import config_lib, rng_streams, storage
 from ldm_jax.data import latent_cache, pipeline
 from ldm_jax.models.first_stage import build_autoencoder, latent_channels
 from ldm_jax.training import checkpoint
@@ -39,9 +38,15 @@ class LatentSpace:
     def __init__(self, config):
         self.config = config
         workdir = config.first_stage.workdir
-        fs_config = config_lib.load_config(os.path.join(workdir, "config.json"))
+        path = storage.join(workdir, "config.json")
+        if not storage.exists(path):
+            raise FileNotFoundError(f"first_stage.workdir={workdir!r}: no config.json; train that run first")
+        fs_config = config_lib.load_config(path)
         if fs_config.task != "autoencoder":
             raise ValueError(f"first_stage.workdir={workdir!r}: holds a {fs_config.task!r} run, not an autoencoder")
+        # A first stage not trained yet (or whose checkpoints moved) is named by its field when the task is built,
+        # before train writes to its workdir and before sample or evaluate do any work.
+        checkpoint.latest_finished_step(workdir, "first_stage.workdir")
         # Frozen, the first stage is never differentiated: remat would only recompute.
         self.module = build_autoencoder(fs_config.model, config.dtype, remat_policy="none")
         self.is_vq = fs_config.model.kind == "vq"

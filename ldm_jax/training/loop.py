@@ -164,11 +164,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
             f"{train_cfg.grad_accum_steps}; a micro-batch",
         )
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    # A run started before a run it needs is told so by field before anything is written to its workdir: a latent
+    # task's first stage without a checkpoint when the task is built (``LatentSpace``), an ``init_from`` without
+    # one (the inpainting demo before the txt2img demo) here.
     task = build_task(config)
-    # A run started before a run it needs (the inpainting demo before the txt2img demo, a txt2img run before its
-    # first stage has a checkpoint) is told so by field before anything is written to its workdir.
-    if "first_stage" in config:
-        ckpt_lib.latest_finished_step(config.first_stage.workdir, "first_stage.workdir")
     if config.init_from and task.trains_from_init and not ckpt_lib.has_finished_checkpoint(workdir):
         ckpt_lib.latest_finished_step(config.init_from, "init_from")
 

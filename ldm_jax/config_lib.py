@@ -138,3 +138,14 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no config.json; is this a workdir written by ldm_jax.train?")
     return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+
+
+def load_run_config(workdir: str, field: str) -> ml_collections.ConfigDict:
+    """The ``config.json`` of the run in ``workdir``; a missing one is reported by ``field``, the config field or
+    flag that named the run."""
+    from ldm_jax import storage
+
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{field}={workdir!r}: no config.json; train that run first")
+    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))

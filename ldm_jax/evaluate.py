@@ -182,10 +182,10 @@ def main(argv):
     from ldm_jax import storage
 
     storage.check(workdir, "--workdir")
-    path = storage.join(workdir, "config.json")
-    if not storage.exists(path):
-        raise app.UsageError(f"--workdir={workdir!r}: no config.json; train that run first")
-    config = config_lib.load_config(path)
+    try:
+        config = config_lib.load_run_config(workdir, "--workdir")
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from e
     inputs = EvalInputs(
         split=_SPLIT.value,
         num_examples=_NUM.value,

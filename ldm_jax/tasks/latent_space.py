@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import config_lib, rng_streams, storage
+from ldm_jax import config_lib, rng_streams
 from ldm_jax.data import latent_cache, pipeline
 from ldm_jax.models.first_stage import build_autoencoder, latent_channels
 from ldm_jax.training import checkpoint
@@ -38,10 +38,7 @@ class LatentSpace:
     def __init__(self, config):
         self.config = config
         workdir = config.first_stage.workdir
-        path = storage.join(workdir, "config.json")
-        if not storage.exists(path):
-            raise FileNotFoundError(f"first_stage.workdir={workdir!r}: no config.json; train that run first")
-        fs_config = config_lib.load_config(path)
+        fs_config = config_lib.load_run_config(workdir, "first_stage.workdir")
         if fs_config.task != "autoencoder":
             raise ValueError(f"first_stage.workdir={workdir!r}: holds a {fs_config.task!r} run, not an autoencoder")
         # A first stage not trained yet (or whose checkpoints moved) is named by its field when the task is built,

@@ -64,19 +64,21 @@ _INITIALIZE_DISTRIBUTED = distributed.define_flags()
 _CONFIGURE_JAX = jax_setup.define_flags()
 
 
-def resolve_first_stage(workdir: str) -> str:
-    """The autoencoder workdir that ``workdir`` is or names (``first_stage.workdir`` of a latent diffusion run)."""
+def resolve_first_stage(workdir: str):
+    """The autoencoder run that ``workdir`` is or names (``first_stage.workdir`` of a latent diffusion run), as
+    (workdir, config)."""
     from ldm_jax import config_lib
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"--first_stage={workdir!r}: no config.json (not a workdir of this project)")
-    config = config_lib.load_config(path)
+    config = config_lib.load_run_config(workdir, "--first_stage")
     if config.task == "autoencoder":
-        return workdir
-    if "first_stage" in config:
-        return config.first_stage.workdir
-    raise ValueError(f"--first_stage={workdir!r}: a {config.task!r} run has no first stage")
+        return workdir, config
+    if "first_stage" not in config:
+        raise ValueError(f"--first_stage={workdir!r}: a {config.task!r} run has no first stage")
+    named = config.first_stage.workdir
+    fs_config = config_lib.load_run_config(named, f"--first_stage={workdir!r} names first_stage.workdir")
+    if fs_config.task != "autoencoder":
+        raise ValueError(f"--first_stage={workdir!r}: names {named!r}, a {fs_config.task!r} run")
+    return named, fs_config
 
 
 class Encoder:
@@ -87,22 +89,19 @@ class Encoder:
         import jax.numpy as jnp
         import numpy as np
 
-        from ldm_jax import config_lib
+        from ldm_jax import config_lib, storage
         from ldm_jax.data import latent_cache
         from ldm_jax.models.first_stage import build_autoencoder, latent_channels
         from ldm_jax.training import checkpoint
 
-        self.workdir = resolve_first_stage(first_stage)
-        fs_config = config_lib.load_config(os.path.join(self.workdir, "config.json"))
-        if fs_config.task != "autoencoder":
-            raise ValueError(f"--first_stage={first_stage!r}: names {self.workdir!r}, a {fs_config.task!r} run")
+        self.workdir, fs_config = resolve_first_stage(first_stage)
         self.module = build_autoencoder(fs_config.model, "float32", remat_policy="none")
         self.gaussian = fs_config.model.kind != "vq"
         self.factor = self.module.downsampling_factor
         self.channels = latent_channels(fs_config.model)
         params, _, step = checkpoint.load_trained_params(self.workdir, weights)
         self.first_stage = dict(
-            workdir=os.path.abspath(self.workdir),
+            workdir=storage.absolute(self.workdir),
             weights=weights,
             step=step,
             fingerprint=latent_cache.fingerprint(params),
@@ -130,7 +129,7 @@ class Encoder:
         if text_encoder:
             from ldm_jax.tasks.conditioners import TextConditioner
 
-            te_config = config_lib.load_config(os.path.join(text_encoder, "config.json"))
+            te_config = config_lib.load_run_config(text_encoder, "--text_encoder")
             if "text_encoder" not in te_config:
                 raise ValueError(f"--text_encoder={text_encoder!r}: a {te_config.task!r} run has no text encoder")
             src, _, te_step = checkpoint.load_trained_params(text_encoder, "ema")

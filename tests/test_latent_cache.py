@@ -310,3 +310,19 @@ def test_cache_latents_cli_errors_name_the_flag(first_stage_workdir, tmp_path):
     r = run_module("ldm_jax.cache_latents", f"--first_stage={first_stage_workdir}", "--image_size=16",
                    f"--out={tmp_path / 'y'}")  # fmt: skip
     assert r.returncode != 0 and "pass exactly one of --source" in r.stderr
+
+
+def test_runs_named_by_the_flags_are_checked_by_flag(first_stage_workdir, tmp_path):
+    """A run that names a first stage which is not there, and a text encoder run that is not there: each error names
+    the flag (and, for the named run, the field) and the path."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "txt2img", "first_stage": {"workdir": "/nonexistent/ae"}}))
+    with pytest.raises(FileNotFoundError) as e:
+        cache_latents.resolve_first_stage(str(run))
+    assert str(e.value) == (
+        f"--first_stage={str(run)!r} names first_stage.workdir='/nonexistent/ae': no config.json; train that run first"
+    )
+    assert cache_latents.resolve_first_stage(first_stage_workdir)[0] == first_stage_workdir
+    with pytest.raises(FileNotFoundError, match=r"^--text_encoder='/nonexistent/te': no config.json"):
+        cache_latents.Encoder(first_stage_workdir, "ema", "/nonexistent/te", 2)

@@ -25,6 +25,10 @@ from typing import Iterable
 # Cloud schemes the stack writes to; other URLs are refused by name rather than written as local folders called
 # "s3:" (``os.path.abspath("s3://b/x")`` is a valid local path).
 SCHEMES = ("gs://",)
+# The process's umask, read once at import (reading it means setting it): the mode a file written in place would
+# get, which atomic writes give their temporary file (mkstemp makes it 0600, unreadable by the rest of a team).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def is_url(path: str) -> bool:
@@ -174,6 +178,7 @@ def write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -85,6 +85,20 @@ def _metrics(workdir):
     return [json.loads(line) for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
 
 
+def test_local_files_written_whole_get_the_mode_of_any_new_file(tmp_path):
+    """An atomic local write goes through a temporary file, which mkstemp creates 0600: config.json, samples and
+    evaluation results must instead be as readable as any file this process creates (its umask), for the rest of a
+    team on a shared filesystem."""
+    import stat
+
+    from ldm_jax import storage
+
+    storage.write_text(str(tmp_path / "run" / "config.json"), "{}")
+    (tmp_path / "plain").write_text("{}")
+    mode = stat.S_IMODE(os.stat(tmp_path / "run" / "config.json").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode), oct(mode)
+
+
 def test_train_kill_resume_sample_export_convert_evaluate_in_a_bucket(gcs, data_dir, tmp_path):
     from ldm_jax import storage
     from ldm_jax.training import checkpoint as ckpt_lib

@@ -107,10 +107,14 @@ def test_train_kill_resume_sample_export_convert_evaluate_in_a_bucket(gcs, data_
     t0 = time.perf_counter()
     r = _run("ldm_jax.train", "--config=configs/autoencoder_kl.py:tiny", f"--workdir={ae}",
              f"--config.data.data_dir={data_dir}", "--config.disc.enabled=False", "--config.train.num_steps=2",
-             "--config.train.checkpoint_every=2")  # fmt: skip
+             "--config.train.checkpoint_every=2", "--config.train.profile_steps=1",
+             "--config.train.profile_skip_steps=0")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     ae_seconds = time.perf_counter() - t0
     assert ckpt_lib.Checkpointer(ae, 3).all_steps() == [2]
+    # The profile of step 1, traced locally and published into the bucket.
+    profile = f"{ae}/tensorboard/plugins/profile/steps_0000001-0000001"
+    assert storage.listdir(profile) == ["process_0.trace.json.gz", "process_0.xplane.pb"]
 
     train = ["ldm_jax.train", "--config=configs/txt2img.py:tiny", f"--workdir={run}",
              f"--config.data.data_dir={data_dir}", f"--config.first_stage.workdir={ae}",

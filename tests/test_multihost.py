@@ -40,12 +40,16 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(dat
             "--config.train.num_steps=4",
             "--config.train.log_every=1",
             "--config.train.checkpoint_every=4",
+            # Each process traces step 2 (train.profile_steps; checked below).
+            "--config.train.profile_steps=1",
+            "--config.train.profile_skip_steps=1",
         ],
         str(tmp_path / "train"),
         devices=4,
     )
     outputs = wait_all(procs, timeout=420)
     assert "(2 processes)" in outputs[0]
+    _check_profile(two, "steps_0000002-0000002", processes=2, steps=[2])
     # Process 1 compiled nothing that spans both processes: it loaded process 0's executables (cli.two_process_job).
     assert re.search(r"compile_sharing: [1-9]\d* programs from process 0", outputs[1]), outputs[1][-2000:]
     # Only process 0 writes logs.
@@ -69,11 +73,28 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(dat
     assert compared > 100
 
     # The two-process checkpoint (state written by both) resumes here, in one process, and goes on.
+    # A profile counts its steps from where this run started (step 4), and a run that ends before the last step to
+    # trace (6 < 4 + 5) publishes what it traced.
     resumed = copy.deepcopy(config)
-    resumed.train.num_steps = 6
+    resumed.train.update(num_steps=6, profile_steps=5, profile_skip_steps=0)
     state = loop.train_and_evaluate(resumed, two)
     assert int(state.step) == 6
     assert len(_losses(two)) == 6
+    _check_profile(two, "steps_0000005-0000006", processes=1, steps=[5, 6])
+
+
+def _check_profile(workdir: str, name: str, processes: int, steps: list[int]) -> None:
+    """Each process's trace in the layout xprof reads, holding the training steps it names and their XLA work."""
+    folder = os.path.join(workdir, "tensorboard", "plugins", "profile", name)
+    assert sorted(os.listdir(folder)) == sorted(
+        f"process_{i}.{kind}" for i in range(processes) for kind in ("trace.json.gz", "xplane.pb")
+    )
+    for i in range(processes):
+        data = jax.profiler.ProfileData.from_file(os.path.join(folder, f"process_{i}.xplane.pb"))
+        events = [(line.name, event) for plane in data.planes for line in plane.lines for event in line.events]
+        traced = sorted(int(dict(e.stats)["step_num"]) for _, e in events if e.name == "train")
+        assert traced == steps, traced
+        assert any(line.startswith("tf_XLA") for line, _ in events)  # the executable's own operations
 
 
 def _probe_job(tmp_path, job: str, share_compiles: bool) -> list[str]:

@@ -20,6 +20,7 @@ from ldm_jax.tasks import build_task, validate_config
 from ldm_jax.tasks import dreambooth
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import resume_config, transfer
+from ldm_jax.training.profiling import StepProfiler
 from ldm_jax.training.reporting import MetricWriter, Progress
 from ldm_jax.training.sharding import batch_sharding, check_batch_size, make_mesh, replicated, tree_shardings
 
@@ -254,14 +255,18 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
         )
     progress = Progress(step, train_cfg.num_steps)
     preemption = _PreemptionFlag()
+    profiler = StepProfiler(workdir, step, train_cfg.profile_skip_steps, train_cfg.profile_steps)
     batch = first_batch
     try:
         while step < train_cfg.num_steps:
             if batch is None:
                 batch = next_batch(step)
-            state, metrics = compiled(state, frozen, batch, train_rng)
+            profiler.before_step(step)
+            with profiler.annotate(step):
+                state, metrics = compiled(state, frozen, batch, train_rng)
             batch = None
             step += 1
+            profiler.after_step(step, state)
             if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
                 values = {k: float(v) for k, v in transfer.to_host(metrics).items()}
                 values.update(bad_records.check())
@@ -297,13 +302,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
         # The run is already failing: finish what can be finished without hiding its error behind a second one
         # (a save that failed fails its wait too).
         preemption.restore()
-        for close in (ckpt.wait, ckpt.close, writer.close, order_log.close):
+        for close in (lambda: profiler.finish(step), ckpt.wait, ckpt.close, writer.close, order_log.close):
             try:
                 close()
             except Exception as e:
                 logging.error("while stopping after an error: %s", e)
         raise
     preemption.restore()
+    profiler.finish(step)  # a run that ended (or was preempted) before its last step to trace
     try:
         ckpt.wait()  # the last asynchronous save: a failure here names the folder (CheckpointSaveFailed)
     finally:

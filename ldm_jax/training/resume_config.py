@@ -42,6 +42,8 @@ MAY_CHANGE = (
     "train.max_nonfinite_streak",
     "train.compilation_cache_dir",
     "train.record_data_order",
+    "train.profile_steps",
+    "train.profile_skip_steps",
     "data.data_dir",
     "data.worker_count",
     "data.read_threads",

@@ -36,12 +36,19 @@ class TrainConfig(config_lib.Section):
     compilation_cache_dir: str = ""  # persistent XLA compilation cache shared by runs ("" = off)
     # Log a digest of every local batch to <workdir>/data_order/process_<i>.jsonl (audits resume / data).
     record_data_order: bool = False
+    # A jax.profiler trace of this many steps by every process (0: off), after profile_skip_steps steps of this run
+    # (past start-up and warm-up): <workdir>/tensorboard/plugins/profile/steps_<a>-<b>/process_<i>.xplane.pb for
+    # `xprof --logdir=<workdir>/tensorboard`, and .trace.json.gz beside it (training/profiling.py).
+    profile_steps: int = 0
+    profile_skip_steps: int = 3
 
     def validate(self, prefix: str) -> None:
         self.check(self.num_steps >= 1, prefix, "num_steps", "must be >= 1")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps", "max_nonfinite_streak"):
             self.check(getattr(self, name) >= 1, prefix, name, "must be >= 1")
         self.check(self.preview_every >= 0, prefix, "preview_every", "must be >= 0")
+        self.check(self.profile_steps >= 0, prefix, "profile_steps", "must be >= 0 (0 = no profile)")
+        self.check(self.profile_skip_steps >= 0, prefix, "profile_skip_steps", "must be >= 0")
         self.check(self.keep_every >= 0, prefix, "keep_every", "must be >= 0 (0 = keep only the last keep_checkpoints)")
         self.check(self.restore_step >= -1, prefix, "restore_step", "must be >= 0, or -1 for the newest checkpoint")
         self.check(self.on_corrupt_checkpoint in ("fallback", "fail"), prefix, "on_corrupt_checkpoint",

@@ -123,3 +123,28 @@ def test_autoencoder_loss_falls_on_one_batch(data_dir):
     batch = next(iter(loader))
     _, losses = _run_steps(config, task, {}, batch, make_mesh(-1, 1), 40)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+def test_a_profile_that_cannot_be_published_is_kept_and_training_goes_on(tmp_path, caplog):
+    """train.profile_steps is diagnostics: a trace that cannot be written into the workdir (here a file stands where
+    its folder goes) is logged with the local folder that keeps it, and the loop is not stopped."""
+    import logging
+    import os
+
+    from ldm_jax.training.profiling import StepProfiler
+
+    (tmp_path / "tensorboard").write_text("not a folder")
+    profiler = StepProfiler(str(tmp_path), first_step=10, skip=1, num=1)
+    f = jax.jit(lambda x: x @ x)
+    x = jax.numpy.ones((8, 8))
+    with caplog.at_level(logging.ERROR):
+        for step in range(10, 13):
+            profiler.before_step(step)
+            with profiler.annotate(step):
+                y = f(x)
+            profiler.after_step(step + 1, y)
+    assert not profiler.active
+    (message,) = [r.getMessage() for r in caplog.records if "not published" in r.getMessage()]
+    assert message.startswith("profile of steps 12-12 not published")
+    kept = message.rsplit("the trace is kept in ", 1)[1]
+    assert any(name.endswith(".xplane.pb") for _, _, names in os.walk(kept) for name in names)

@@ -57,29 +57,38 @@ class StepProfiler:
 
     def finish(self, last_step: int) -> None:
         """Stops a trace in progress (also a run that ends or fails before the last step to trace) and publishes
-        what it holds; nothing if none is in progress."""
+        what it holds; nothing if none is in progress. A trace that cannot be published is diagnostics, not the
+        run: the error is logged and the trace kept in its local folder, and training goes on."""
         if not self.active:
             return
         tmp, self._tmp = self._tmp, None
+        steps = f"{self.start + 1}-{last_step}"
         try:
             jax.profiler.stop_trace()
-            dest = storage.join(
-                self.workdir, "tensorboard", "plugins", "profile", f"steps_{self.start + 1:07d}-{last_step:07d}"
-            )
-            written = []
-            for folder, _, names in os.walk(tmp):
-                for name in sorted(names):
-                    # <host>.xplane.pb, <host>.trace.json.gz: named by process, since hosts can share a name.
-                    kind = name.split(".", 1)[1] if "." in name else name
-                    target = storage.join(dest, f"process_{jax.process_index()}.{kind}")
-                    with open(os.path.join(folder, name), "rb") as f:
-                        storage.write_bytes(target, f.read())
-                    written.append(target)
-            if not written:
-                raise RuntimeError(f"the profiler wrote no file for steps {self.start + 1}-{last_step}")
-            logging.info(
-                "profile of steps %d-%d: %s (xprof --logdir=%s, or the .trace.json.gz in ui.perfetto.dev)",
-                self.start + 1, last_step, ", ".join(written), storage.join(self.workdir, "tensorboard"),
-            )  # fmt: skip
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            written = self._publish(tmp, last_step)
+        except Exception as e:
+            logging.error("profile of steps %s not published (%s: %s); the trace is kept in %s", steps,
+                          type(e).__name__, e, tmp)  # fmt: skip
+            return
+        shutil.rmtree(tmp, ignore_errors=True)
+        logging.info(
+            "profile of steps %s: %s (xprof --logdir=%s, or the .trace.json.gz in ui.perfetto.dev)",
+            steps, ", ".join(written), storage.join(self.workdir, "tensorboard"),
+        )  # fmt: skip
+
+    def _publish(self, tmp: str, last_step: int) -> list[str]:
+        dest = storage.join(
+            self.workdir, "tensorboard", "plugins", "profile", f"steps_{self.start + 1:07d}-{last_step:07d}"
+        )
+        written = []
+        for folder, _, names in os.walk(tmp):
+            for name in sorted(names):
+                # <host>.xplane.pb, <host>.trace.json.gz: named by process, since hosts can share a name.
+                kind = name.split(".", 1)[1] if "." in name else name
+                target = storage.join(dest, f"process_{jax.process_index()}.{kind}")
+                with open(os.path.join(folder, name), "rb") as f:
+                    storage.write_bytes(target, f.read())
+                written.append(target)
+        if not written:
+            raise RuntimeError("the profiler wrote no file")
+        return written

@@ -77,18 +77,18 @@ class StepProfiler:
         )  # fmt: skip
 
     def _publish(self, tmp: str, last_step: int) -> list[str]:
+        # The profiler writes <tmp>/plugins/profile/<time>/<host>.xplane.pb and <host>.trace.json.gz.
+        folder = os.path.join(tmp, "plugins", "profile")
+        runs = os.listdir(folder) if os.path.isdir(folder) else []
+        if len(runs) != 1 or not os.listdir(os.path.join(folder, runs[0])):
+            raise RuntimeError(f"the profiler wrote {runs} into {folder}, not one folder of files")
+        run = os.path.join(folder, runs[0])
+        names = []
+        for name in sorted(os.listdir(run)):  # named by process, since hosts can share a name
+            names.append(f"process_{jax.process_index()}.{name.split('.', 1)[-1]}")
+            os.rename(os.path.join(run, name), os.path.join(run, names[-1]))
         dest = storage.join(
             self.workdir, "tensorboard", "plugins", "profile", f"steps_{self.start + 1:07d}-{last_step:07d}"
         )
-        written = []
-        for folder, _, names in os.walk(tmp):
-            for name in sorted(names):
-                # <host>.xplane.pb, <host>.trace.json.gz: named by process, since hosts can share a name.
-                kind = name.split(".", 1)[1] if "." in name else name
-                target = storage.join(dest, f"process_{jax.process_index()}.{kind}")
-                with open(os.path.join(folder, name), "rb") as f:
-                    storage.write_bytes(target, f.read())
-                written.append(target)
-        if not written:
-            raise RuntimeError("the profiler wrote no file")
-        return written
+        storage.upload_tree(run, dest)
+        return [storage.join(dest, name) for name in names]

@@ -221,6 +221,7 @@ def evaluate_samples() -> None:
     """``--samples`` mode: distribution metrics of generated images."""
     import jax
 
+    from ldm_jax import storage
     from ldm_jax.evaluation import fid, image_sets, sample_metrics
     from ldm_jax.sampling.outputs import write_json
     from ldm_jax.training.sharding import make_mesh
@@ -233,9 +234,19 @@ def evaluate_samples() -> None:
         for name, value in (("per_device_batch", _PER_DEVICE_BATCH.value), ("kid_subsets", _KID_SUBSETS.value)):
             if value < 1:
                 raise ValueError(f"--{name}={value}: must be >= 1")
-        out = _OUT.value or (os.path.join(samples_spec, "metrics.json") if os.path.isdir(samples_spec) else "")
+        for name, value in (("out", _OUT.value), ("reference_cache", _REFERENCE_CACHE.value),
+                            ("save_reference_stats", _SAVE_REFERENCE.value), ("save_samples_stats", _SAVE_SAMPLES.value)):  # fmt: skip
+            storage.check(value, f"--{name}")
+        is_job = image_sets.names_job(samples_spec)
+        folder = is_job or (not storage.is_url(samples_spec) and os.path.isdir(samples_spec))
+        out = _OUT.value or (storage.join(samples_spec, "metrics.json") if folder else "")
         if not out:
             raise ValueError(f"--samples={samples_spec!r} is not a folder to write metrics.json into: pass --out")
+        if not is_job and _REFERENCE_SIZE.value < 1:
+            raise ValueError(
+                f"--samples={samples_spec!r} is not a sampling job's folder: its images are centre-cropped to "
+                f"--reference_image_size, which is {_REFERENCE_SIZE.value}; pass the side to score them at"
+            )
         networks = sample_metrics.Networks.load(metrics, _FID_WEIGHTS.value, _CLIP_WEIGHTS.value, _CLIP_ARCH.value)
         images = image_sets.open_image_set(samples_spec, _REFERENCE_SIZE.value)
         mesh = make_mesh(-1, 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import io
 
 import numpy as np
@@ -44,9 +43,10 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
 def load_image(path: str, size: int = 0, what: str = "--init_image") -> np.ndarray:
     """An RGB image file as float32 [size, size, 3] in [-1, 1] (resized with Lanczos when its size differs; at its
     own size when ``size`` is 0)."""
-    if not os.path.isfile(path):
+    storage.check(path, what)
+    if not storage.isfile(path):  # local or gs://
         raise FileNotFoundError(f"{what}={path!r}: no such file")
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
         im = im.convert("RGB")
         if size and im.size != (size, size):
             im = im.resize((size, size), Image.LANCZOS)
@@ -58,9 +58,10 @@ def load_mask(path: str, size: int, what: str = "--mask_image") -> np.ndarray:
 
     Resized with nearest-neighbour and thresholded at mid-grey (as diffusers binarises masks).
     """
-    if not os.path.isfile(path):
+    storage.check(path, what)
+    if not storage.isfile(path):  # local or gs://
         raise FileNotFoundError(f"{what}={path!r}: no such file")
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
         im = im.convert("L").resize((size, size), Image.NEAREST)
         mask = (np.asarray(im, np.float32) >= 128).astype(np.float32)[..., None]
     if not mask.any():

@@ -212,6 +212,8 @@ def main(argv):
     lora_files = [parse_lora_flag(v) for v in _LORA.value]
     lora_model = []
     for path, scale in lora_files:
+        if storage.is_url(path):  # read_state_dict reads local files
+            raise app.UsageError(f"--lora={path}: a URL; copy the LoRA file to a local path and pass that")
         if not os.path.isfile(path):
             raise app.UsageError(f"--lora={path}: no such file (expected PATH[:SCALE], a .safetensors LoRA file)")
         with open(path, "rb") as f:

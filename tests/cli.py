@@ -35,7 +35,12 @@ def free_port() -> int:
 
 
 def start(
-    argv: list[str], log: str, devices: int = 8, env: dict | None = None, drop: tuple[str, ...] = ()
+    argv: list[str],
+    log: str,
+    devices: int = 8,
+    env: dict | None = None,
+    drop: tuple[str, ...] = (),
+    cwd: str = ROOT,
 ) -> subprocess.Popen:
     """``argv`` from the repository root on ``devices`` fake CPU devices, stdout and stderr into the file ``log``
     (a file, not a pipe: a chatty process never blocks on a full pipe while its peers wait for it). The environment
@@ -43,7 +48,7 @@ def start(
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(drop)} if drop else dict(os.environ)
     env = {**inherited, "XLA_FLAGS": xla_flags(devices), **(env or {})}
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     proc.log = log
     return proc
 
@@ -84,14 +89,31 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
 
 
 def two_process_job(
-    argv: list[str], log: str, devices: int = 2, env: dict | None = None, share_compiles: bool = True
+    argv: list[str],
+    log: str,
+    devices: int = 2,
+    env: dict | None = None,
+    share_compiles: bool = True,
+    process_env: tuple[dict, dict] = ({}, {}),
+    process_cwd: tuple[str, str] = (ROOT, ROOT),
 ) -> list[subprocess.Popen]:
     """``argv`` as 2 processes of ``devices`` fake CPU devices each, joined over 127.0.0.1 (each gets the flags
     ``--coordinator_address``, ``--num_processes=2``, ``--process_id``); outputs in ``<log>_<i>.log``. A
     ``python -m MODULE`` job runs through ``compile_sharing.py`` unless ``share_compiles`` is False: process 0
-    compiles each program that spans both processes, process 1 loads its executable."""
+    compiles each program that spans both processes, process 1 loads its executable. ``process_env[i]``: variables
+    of process i alone (what differs between hosts, e.g. a home folder); ``process_cwd[i]``: its working folder (two
+    hosts that share no filesystem: the same relative path names a folder of each)."""
     if argv[1:2] == ["-m"] and share_compiles:
         argv = [argv[0], os.path.join(ROOT, "tests", "compile_sharing.py"), *argv[2:]]
     port = free_port()
     flags = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-    return [start([*argv, *flags, f"--process_id={i}"], f"{log}_{i}.log", devices, env) for i in range(2)]
+    return [
+        start(
+            [*argv, *flags, f"--process_id={i}"],
+            f"{log}_{i}.log",
+            devices,
+            {**(env or {}), **process_env[i]},
+            cwd=process_cwd[i],
+        )
+        for i in range(2)
+    ]

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 from cli import ROOT, xla_flags
+from metric_weights import write_fid_inception
 from PIL import Image
 
 BUCKET = "ldm-runs"
@@ -142,9 +143,12 @@ def test_train_kill_resume_sample_export_convert_evaluate_in_a_bucket(gcs, data_
     params, _, step = ckpt_lib.load_trained_params(run, "params")
     assert step == 4 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
-    # A sampling job reads the run from the bucket and writes its job folder there (the default: under the run).
-    r = _run("ldm_jax.sample", f"--workdir={run}", "--prompt=a large red circle in the center on a black background",
-             "--num_per_prompt=2", "--num_steps=2", "--output_format=webdataset", "--shard_size=1")  # fmt: skip
+    # A sampling job reads the run and its prompts file from the bucket and writes its job folder there (the
+    # default: under the run).
+    prompts = f"gs://{BUCKET}/prompts.txt"
+    storage.write_text(prompts, "a large red circle in the center on a black background\n")
+    r = _run("ldm_jax.sample", f"--workdir={run}", f"--prompts_file={prompts}", "--num_per_prompt=2",
+             "--num_steps=2", "--output_format=webdataset", "--shard_size=1")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     (job,) = storage.listdir(f"{run}/samples")
     job = f"{run}/samples/{job}"
@@ -154,6 +158,19 @@ def test_train_kill_resume_sample_export_convert_evaluate_in_a_bucket(gcs, data_
     assert [e["key"] for e in manifest] == ["00000000", "00000001"]
     summary = json.loads(storage.read_text(f"{job}/summary.json"))
     assert summary["made_this_run"] == 2 and summary["missing"] == 0, summary
+    # Scored where it lies: the job in the bucket (against itself), the reference features cached in the bucket,
+    # statistics and metrics.json written there.
+    inception = tmp_path / "inception.npz"
+    write_fid_inception(str(inception))
+    r = _run("ldm_jax.evaluate", f"--samples={job}", f"--reference={job}", "--metrics=fid",
+             f"--fid_weights={inception}", f"--reference_cache=gs://{BUCKET}/reference_cache",
+             f"--save_samples_stats=gs://{BUCKET}/samples_stats.npz", "--per_device_batch=1")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads(storage.read_text(f"{job}/metrics.json"))
+    assert metrics["num_samples"] == metrics["num_reference"] == 2 and abs(metrics["fid"]) < 1e-3, metrics
+    assert [n.endswith(".npz") for n in storage.listdir(f"gs://{BUCKET}/reference_cache")] == [True]
+    assert storage.isfile(f"gs://{BUCKET}/samples_stats.npz")
+    assert not os.path.exists(os.path.join(ROOT, "gs:", BUCKET)), "a gs:// path written as a local folder"
 
     # Export to a diffusers folder in the bucket, and convert that folder back into a workdir in the bucket: the
     # converted UNet is the run's EMA UNet.

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from cli import run_module, start, two_process_job, wait_all
+from cli import ROOT, run_module, start, two_process_job, wait_all
 from metric_weights import write_fid_inception
 from PIL import Image
 
@@ -246,6 +246,33 @@ def fid_weights(tmp_path_factory):
     return path
 
 
+def test_hosts_that_share_no_filesystem_each_keep_their_images_and_rerun(jobs, tmp_path):
+    """Two processes whose --outdir (relative, from two working folders) are two folders, as on hosts without a
+    shared filesystem: together they hold the one-process job's images, each its own; process 0 writes the
+    manifest of all and no grid (it cannot see every image); a rerun finds the job complete on both (process 1
+    kept its own job.json) instead of refusing process 1's folder as "files and no job.json"."""
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for h in hosts:
+        h.mkdir()
+    argv = [sys.executable, "-m", "ldm_jax.sample", *_job_args(jobs["workdir"], jobs["tsv"], "job")]
+    for run in range(2):
+        procs = two_process_job(
+            argv, str(tmp_path / f"run{run}"), 4, env={"PYTHONPATH": ROOT}, process_cwd=tuple(map(str, hosts))
+        )
+        wait_all(procs, timeout=600)
+    one = _pngs(jobs["root"] / "one")
+    mine = [_pngs(h / "job") for h in hosts]
+    assert mine[0] and mine[1] and not set(mine[0]) & set(mine[1])
+    assert {**mine[0], **mine[1]} == one
+    assert (hosts[0] / "job" / "manifest.jsonl").read_text() == (jobs["root"] / "one" / "manifest.jsonl").read_text()
+    assert not (hosts[0] / "job" / "grid.png").exists()
+    assert json.loads((hosts[1] / "job" / "job.json").read_text()) == json.loads(
+        (hosts[0] / "job" / "job.json").read_text()
+    )
+    summary = json.loads((hosts[0] / "job" / "summary.json").read_text())
+    assert summary["done_before"] == N and summary["made_this_run"] == 0 and summary["missing"] == 0, summary
+
+
 def test_metrics_of_a_job_are_the_same_from_every_layout_and_reader(jobs, fid_weights, tmp_path):
     """The PNG job, the 2-process job and the same images read as a ``webdataset:`` source of the killed-and-rerun
     shards give the same features; FID/KID against an identical set are ~0; statistics round-trip through
@@ -287,22 +314,40 @@ def test_metrics_of_a_job_are_the_same_from_every_layout_and_reader(jobs, fid_we
 
 def test_evaluate_cli_two_processes_score_like_one(jobs, fid_weights, tmp_path):
     """``ldm_jax.evaluate --samples`` as 2 processes x 4 devices (each decodes its own rows; FID statistics pooled
-    over hosts) and as 1 x 8: the same FID, KID and IS; metrics.json written."""
-    common = [f"--samples={jobs['root'] / 'one'}", f"--reference=folder:{jobs['root'] / 'two'}", "--metrics=fid,kid,is"]
-    common += [f"--fid_weights={fid_weights}", "--per_device_batch=1", "--kid_subsets=10", "--reference_cache="]
+    over hosts) and as 1 x 8: the same FID, KID and IS; metrics.json written. The reference features are cached in
+    process 0's cache folder and not in process 1's (each host's own home by default): process 0's cache serves
+    both, instead of process 1 alone scoring the reference while process 0 scores the samples."""
+    from ldm_jax.training.sharding import make_mesh
+
+    reference = f"folder:{jobs['root'] / 'two'}"
+    cache_0, cache_1 = tmp_path / "cache_0", tmp_path / "cache_1"
+    networks = sample_metrics.Networks.load(("fid", "kid", "is"), fid_weights)
+    sample_metrics.reference_features(reference, 16, make_mesh(-1, 1), networks, ("fid", "kid"), 2, str(cache_0))
+    (cached,) = os.listdir(cache_0)
+    common = [f"--samples={jobs['root'] / 'one'}", f"--reference={reference}", "--metrics=fid,kid,is"]
+    common += [f"--fid_weights={fid_weights}", "--per_device_batch=1", "--kid_subsets=10"]
     procs = two_process_job(
-        [sys.executable, "-m", "ldm_jax.evaluate", *common, f"--out={tmp_path / 'two.json'}"], str(tmp_path / "e"), 4
+        [sys.executable, "-m", "ldm_jax.evaluate", *common, f"--out={tmp_path / 'two.json'}"],
+        str(tmp_path / "e"),
+        4,
+        process_env=({"LDM_JAX_REFERENCE_CACHE": str(cache_0)}, {"LDM_JAX_REFERENCE_CACHE": str(cache_1)}),
     )
     wait_all(procs, timeout=600)
-    proc = run_module("ldm_jax.evaluate", *common, f"--out={tmp_path / 'one.json'}")
+    proc = run_module("ldm_jax.evaluate", *common, f"--reference_cache={cache_0}", f"--out={tmp_path / 'one.json'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, one = (json.loads((tmp_path / f"{x}.json").read_text()) for x in ("two", "one"))
     assert two["processes"] == 2 and one["processes"] == 1 and two["num_samples"] == one["num_samples"] == N
     assert two["num_reference"] == N + 1  # grid.png is an image of the folder too
+    assert two["reference_from"] == one["reference_from"] == f"cache {cache_0 / cached}"
+    assert os.listdir(cache_0) == [cached] and not cache_1.exists()
     for name in ("fid", "kid_mean", "kid_std", "is_mean", "is_std"):
         assert two[name] == pytest.approx(one[name], rel=1e-6, abs=1e-9), name
     bad = run_module("ldm_jax.evaluate", f"--samples={jobs['root'] / 'one'}", "--metrics=fid")
     assert bad.returncode != 0 and "compare with --reference" in bad.stderr
+    plain = tmp_path / "plain"  # an image folder: its side is the user's to choose, and the message says how
+    shutil.copytree(jobs["root"] / "one", plain, ignore=shutil.ignore_patterns("*.json*"))
+    bad = run_module("ldm_jax.evaluate", f"--samples={plain}", "--metrics=is", f"--fid_weights={fid_weights}")
+    assert bad.returncode != 0 and "centre-cropped to --reference_image_size, which is 0" in bad.stderr, bad.stderr
     bad = run_module("ldm_jax.evaluate", f"--samples={jobs['root'] / 'one'}", "--metrics=fid,lpips")
     assert bad.returncode != 0 and "choose from fid, kid, is, clip_score" in bad.stderr
     bad = run_module("ldm_jax.evaluate", f"--samples={jobs['root'] / 'one'}", "--split=validation", "--metrics=is")

@@ -34,6 +34,7 @@ the reconstructions of the same real images whose statistics form the reference.
 from __future__ import annotations
 
 import functools
+import io
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from ldm_jax import storage
 from ldm_jax.interop.weight_files import read_state_dict
 
 FEATURE_DIM = 2048
@@ -599,12 +601,14 @@ class FeatureStatistics:
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Writes (mu [D], sigma [D, D]) in pytorch-fid's ``--save-stats`` .npz layout (keys ``mu``, ``sigma``)."""
-    np.savez_compressed(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    storage.write_bytes(path, buffer.getvalue())  # whole or not at all, local or gs://
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads (mu, sigma) from a pytorch-fid statistics .npz (keys ``mu``, ``sigma``), e.g. a reference set's."""
-    with np.load(path, allow_pickle=False) as f:
+    with storage.open_read(path) as raw, np.load(raw, allow_pickle=False) as f:
         if "mu" not in f.files or "sigma" not in f.files:
             raise ValueError(f"FID statistics {path!r}: keys {f.files}; expected 'mu' and 'sigma'")
         return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)

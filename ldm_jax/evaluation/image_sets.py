@@ -24,6 +24,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.data import preprocess, sources
 
 
@@ -31,36 +32,33 @@ class JobImages:
     """A sampling job's images, in index order, with the manifest's prompts."""
 
     def __init__(self, folder: str):
-        manifest = os.path.join(folder, "manifest.jsonl")
-        if not os.path.isfile(manifest):
+        manifest = storage.join(folder, "manifest.jsonl")
+        if not storage.isfile(manifest):
             raise ValueError(f"{folder!r}: a sampling job folder without manifest.jsonl; run ldm_jax.sample to the end")
-        with open(os.path.join(folder, "job.json"), encoding="utf-8") as f:
-            job = json.load(f)
-        with open(manifest, encoding="utf-8") as f:
-            self.entries = [json.loads(line) for line in f if line.strip()]
+        job = json.loads(storage.read_text(storage.join(folder, "job.json")))
+        self.entries = [json.loads(line) for line in storage.read_text(manifest).splitlines() if line.strip()]
         if not self.entries:
             raise ValueError(f"{folder!r}: the sampling job's manifest lists no image")
         self.folder, self.format = folder, job["output_format"]
         self._members: dict[str, dict[str, tuple[int, int]]] = {}
         self.description = f"sampling job {folder} ({len(self.entries)} images)"
-        self.identity = dict(kind="job", folder=os.path.abspath(folder), job=job, count=len(self.entries))
+        self.identity = dict(kind="job", folder=storage.absolute(folder), job=job, count=len(self.entries))
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def _offsets(self, shard: str) -> dict[str, tuple[int, int]]:
         if shard not in self._members:
-            with tarfile.open(os.path.join(self.folder, shard)) as tar:
+            with storage.open_read(storage.join(self.folder, shard)) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 self._members[shard] = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
         return self._members[shard]
 
     def encoded(self, i: int) -> bytes:
         e = self.entries[i]
         if self.format == "png":
-            with open(os.path.join(self.folder, e["file"]), "rb") as f:
-                return f.read()
+            return storage.read_bytes(storage.join(self.folder, e["file"]))
         offset, size = self._offsets(e["shard"])[e["key"] + ".png"]
-        with open(os.path.join(self.folder, e["shard"]), "rb") as f:
+        with storage.open_read(storage.join(self.folder, e["shard"])) as f:
             f.seek(offset)
             return f.read(size)
 
@@ -115,15 +113,20 @@ def _listing_digest(spec: str) -> str:
 
 
 def is_job_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "job.json"))
+    return storage.isfile(storage.join(path, "job.json"))
+
+
+def names_job(spec: str) -> bool:
+    """Whether ``spec`` is a sampling job's folder, local or in a bucket (not a ``kind:`` data source)."""
+    return spec.split(":", 1)[0] not in sources.KINDS and storage.isdir(spec) and is_job_folder(spec)
 
 
 def open_image_set(spec: str, image_size: int = 0, data_dir: str = "", image_key: str = "image", caption_key: str = ""):
     """The image set ``spec`` names (see the module docstring). Raises ValueError naming ``spec`` when it names
     nothing readable."""
-    if os.path.isdir(spec) and is_job_folder(spec):
+    if names_job(spec):
         return JobImages(spec)
-    if os.path.isdir(spec):
+    if spec.split(":", 1)[0] not in sources.KINDS and not storage.is_url(spec) and os.path.isdir(spec):
         spec = f"folder:{spec}"
     elif ":" not in spec or spec.split(":", 1)[0] not in sources.KINDS:
         raise ValueError(

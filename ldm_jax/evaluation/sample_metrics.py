@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import time
@@ -41,8 +42,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ldm_jax import storage
 from ldm_jax.evaluation import clip_score, fid, image_sets, inception_score, kid
-from ldm_jax.training import transfer
+from ldm_jax.training import distributed, transfer
 from ldm_jax.training.sharding import batch_sharding, replicated
 
 METRICS = ("fid", "kid", "is", "clip_score")
@@ -244,13 +246,13 @@ def _compiled_scorer(mesh, use_inception: bool, use_logits: bool, clip):
 
 def reference_cache_path(cache_dir: str, identity: dict) -> str:
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    return os.path.join(cache_dir, f"{key}.npz")
+    return storage.join(cache_dir, f"{key}.npz")
 
 
 def load_reference_file(path: str) -> SetFeatures:
     """A pytorch-fid statistics .npz (``mu``, ``sigma``) or our cache (those plus ``count`` and optionally
     ``features``)."""
-    with np.load(path, allow_pickle=False) as f:
+    with storage.open_read(path) as raw, np.load(raw, allow_pickle=False) as f:
         if "mu" not in f.files or "sigma" not in f.files:
             raise ValueError(f"--reference={path!r}: keys {f.files}; a statistics file holds 'mu' and 'sigma'")
         mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
@@ -278,36 +280,50 @@ def save_reference_file(path: str, result: SetFeatures) -> None:
     arrays = dict(mu=result.statistics.mean(), sigma=result.statistics.covariance(), count=np.int64(result.count))
     if result.features is not None:
         arrays["features"] = result.features.astype(np.float32)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def reference_features(spec: str, image_size: int, mesh, networks: Networks, metrics, per_device_batch: int,
                        cache_dir: str, data_dir: str = "", image_key: str = "image") -> tuple[SetFeatures, dict]:  # fmt: skip
     """The reference set's features for ``metrics`` (FID statistics, KID features): from a statistics file, from
-    the cache, or computed (and cached by process 0). Returns them and a description of where they came from."""
+    the cache, or computed (and cached by process 0). Returns them and a description of where they came from. The
+    features of a cache hit are read by process 0 alone: the other processes get ``None`` (they compute no metric)."""
     needed = tuple(m for m in metrics if m in ("fid", "kid"))
     if spec.endswith(".npz"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"--reference={spec!r}: no such file")
-        result = load_reference_file(spec)
-        if "kid" in needed and result.features is None:
-            raise ValueError(
-                f"--reference={spec!r}: a statistics file (mu, sigma) is enough for FID, not KID, which compares "
-                "features: pass the reference images, or a cache written with KID"
-            )
+        # Read by process 0 alone (it computes the metrics): a file the other hosts cannot see is no error, and an
+        # error process 0 meets stops every process, not process 0 alone while its peers wait in a collective.
+        result, error = None, None
+        if jax.process_index() == 0:
+            try:
+                if not storage.isfile(spec):
+                    raise FileNotFoundError(f"--reference={spec!r}: no such file")
+                result = load_reference_file(spec)
+                if "kid" in needed and result.features is None:
+                    raise ValueError(
+                        f"--reference={spec!r}: a statistics file (mu, sigma) is enough for FID, not KID, which "
+                        "compares features: pass the reference images, or a cache written with KID"
+                    )
+            except (OSError, ValueError) as e:
+                error = e
+        if not distributed.process_0_says(error is None):
+            raise error or ValueError(f"--reference={spec!r}: process 0 could not use it (its log says why)")
         return result, dict(reference=spec, reference_from="statistics file")
     images = image_sets.open_image_set(spec, image_size, data_dir, image_key)
     identity = dict(images.identity, resize=RESIZE_NOTE, **networks.weights_identity)
     path = reference_cache_path(cache_dir, identity) if cache_dir else ""
-    if path and os.path.isfile(path):
+    # Process 0 alone decides whether the cache serves, and only it reads it (it alone computes the metrics): the
+    # other processes' cache folders (a per-host home by default) may hold another answer, and a process that
+    # skipped the reference pass while its peers made it would leave their collectives unmatched.
+    cached = None
+    if path and jax.process_index() == 0 and storage.isfile(path):
         cached = load_reference_file(path)
-        if "kid" not in needed or cached.features is not None:
-            logging.info("reference features of %s from the cache %s", images.description, path)
-            return cached, dict(reference=images.description, reference_from=f"cache {path}")
+        if "kid" in needed and cached.features is None:
+            cached = None  # written for FID alone: computed again, with the features
+    if distributed.process_0_says(cached is not None):
+        logging.info("reference features of %s from the cache %s", images.description, path)
+        return cached, dict(reference=images.description, reference_from=f"cache {path}")
     result = score_set(images, mesh, networks, needed, per_device_batch, what="reference")
     if path and jax.process_index() == 0:
         save_reference_file(path, result)

@@ -129,12 +129,12 @@ def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:
         raise ValueError(f"--on_other_job={on_other_job!r}: must be one of {', '.join(ON_OTHER_JOB)}")
     path = storage.join(spec.outdir, JOB_FILE)
     identity = json.loads(json.dumps(spec.identity()))  # as it reads back (tuples become lists)
-    move = False
+    move, error = False, None
     if storage.exists(path):
         old = json.loads(storage.read_text(path))
         diff = _differences(old, identity)
         if diff and on_other_job == "refuse":
-            raise ValueError(
+            error = ValueError(
                 f"--outdir={spec.outdir!r} holds a sampling job with other settings ({'; '.join(diff)}); its images "
                 "would not be one job's. Use another --outdir, the folder's settings to finish that job, or "
                 f"--on_other_job=move_aside to move it to {spec.outdir}.before-<k> and start this one"
@@ -144,11 +144,21 @@ def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:
         ours = (outputs.SHARDS, outputs.PARTS, "manifest.jsonl", "grid.png", SUMMARY_FILE)
         other = [n for n in storage.listdir(spec.outdir) if n not in ours and not outputs.is_temporary(n)]
         if other:
-            raise ValueError(
+            error = ValueError(
                 f"--outdir={spec.outdir!r} holds files and no {JOB_FILE} (e.g. {sorted(other)[:3]}): not a sampling "
                 "job's folder; use a new or empty folder"
             )
-    # Every process has read the folder before any changes it: on a shared filesystem they all decide alike.
+    # On a shared filesystem every process decides alike; on hosts that share none, one may refuse its folder while
+    # the others' are fine. Every process then stops, each with the reason it has, instead of waiting forever at
+    # the next barrier for the one that stopped.
+    refused = _processes_where(error is not None)
+    if error is not None:
+        raise error
+    if refused:
+        raise ValueError(
+            f"--outdir={spec.outdir!r}: process(es) {refused} refused the folder as they see it (their log says why)"
+        )
+    # Every process has read the folder before any changes it.
     barrier("sampling job checked")
     if move and jax.process_index() == 0:
         aside = _aside_name(spec.outdir)
@@ -172,6 +182,18 @@ def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:
     # Nobody writes before process 0 has cleaned up (on a shared filesystem its removal could hit their files).
     barrier("sampling job opened")
     storage.makedirs(spec.outdir)
+    if jax.process_index() != 0 and not storage.exists(path):
+        # A host that does not see process 0's folder keeps its own job.json: its rerun checks the settings and
+        # continues, instead of finding images and no job.
+        outputs.write_json(path, identity)
+
+
+def _processes_where(flag: bool) -> list[int]:
+    """The indices of the processes whose ``flag`` is true (every process must call it)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
 
 
 def done_outputs(spec: JobSpec) -> np.ndarray:
@@ -284,13 +306,19 @@ def run_job(
         outputs.write_manifest(spec.outdir, entries)
         if 0 < spec.num_images <= GRID_MAX_IMAGES and not missing:
             found = outputs.read_images(spec.outdir, spec.output_format, range(spec.num_images))
-            grid = np.stack([found[i] for i in range(spec.num_images)])
-            ncol = spec.per_source if spec.per_source > 1 else None
-            save_png(
-                storage.join(spec.outdir, "grid.png"),
-                make_grid(grid, ncol=ncol),
-                upscale=4 if grid.shape[1] <= 64 else 1,
-            )
+            if len(found) < spec.num_images:  # hosts that share no filesystem each hold their own images
+                logging.info(
+                    "no grid.png: %d of the %d images are in other hosts' folders", spec.num_images - len(found),
+                    spec.num_images,
+                )  # fmt: skip
+            else:
+                grid = np.stack([found[i] for i in range(spec.num_images)])
+                ncol = spec.per_source if spec.per_source > 1 else None
+                save_png(
+                    storage.join(spec.outdir, "grid.png"),
+                    make_grid(grid, ncol=ncol),
+                    upscale=4 if grid.shape[1] <= 64 else 1,
+                )
         outputs.write_json(storage.join(spec.outdir, SUMMARY_FILE), summary)
         logging.info(
             "sampling job %s: %d images made in %s (%s images/s), %d done before, %d missing",

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
 import os
+
+from ldm_jax import json_lines, storage
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 CAPTION_COLUMNS = ("caption", "prompt", "text")
@@ -40,20 +42,9 @@ def _pick(columns, wanted: str, defaults: tuple[str, ...], path: str, what: str)
 
 
 def _rows(path: str, suffix: str) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(storage.read_text(path), newline="") as f:
         if suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: a JSON {type(row).__name__}; each line must be an object")
-                rows.append(row)
-            return rows
+            return json_lines.parse_objects(f, path)
         reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
         if not reader.fieldnames:
             raise ValueError(f"{path}: no header row (a {suffix} prompts file starts with its column names)")
@@ -66,11 +57,12 @@ def read_prompts_file(path: str, caption_column: str = "", id_column: str = "") 
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"--prompts_file={path!r}: unknown type {suffix!r}; must end in {', '.join(SUFFIXES)}")
-    if not os.path.isfile(path):
+    storage.check(path, "--prompts_file")
+    if not storage.isfile(path):  # local or gs://
         raise FileNotFoundError(f"--prompts_file={path!r}: no such file")
     if suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
-            texts = [line.strip() for line in f if line.strip()]
+        # Universal newlines, as open() reads a text file (str.splitlines would also split at \x0c, \u2028, ...).
+        texts = [line.strip() for line in io.StringIO(storage.read_text(path), newline=None) if line.strip()]
         prompts = [Prompt(None, t, {}) for t in texts]
     else:
         rows = _rows(path, suffix)

@@ -240,3 +240,16 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def process_0_says(value: bool) -> bool:
+    """Process 0's ``value`` in every process: for a decision that rests on what process 0 sees (a file on its
+    disk), which every process must then follow alike or leave its peers' collectives unmatched."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))

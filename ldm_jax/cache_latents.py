@@ -30,7 +30,7 @@ import time
 
 from absl import app, flags, logging
 
-from ldm_jax import jax_setup, user_errors
+from ldm_jax import jax_setup, storage, user_errors
 from ldm_jax.training import distributed
 
 _FIRST_STAGE = flags.DEFINE_string(
@@ -48,7 +48,9 @@ _SOURCE = flags.DEFINE_string(
 _DATASET = flags.DEFINE_string("dataset", "", "Without --source: an embedded dataset (shapes_captions, photo_crops).")
 _DATASET_CONFIG = flags.DEFINE_string("dataset_config", "32px", "The embedded dataset's config.")
 _SPLIT = flags.DEFINE_string("split", "train", "The embedded dataset's split.")
-_OUT = flags.DEFINE_string("out", None, "Output folder for the shards and dataset_info.json.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output folder for the shards and dataset_info.json (local or mounted: training reads it as files)."
+)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Side of the centre crops that are encoded (data.image_size).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per device in each encoder call.")
 _PER_SHARD = flags.DEFINE_integer("records_per_shard", 2000, "Source records per output shard.")
@@ -89,7 +91,7 @@ class Encoder:
         import jax.numpy as jnp
         import numpy as np
 
-        from ldm_jax import config_lib, storage
+        from ldm_jax import config_lib
         from ldm_jax.data import latent_cache
         from ldm_jax.models.first_stage import build_autoencoder, latent_channels
         from ldm_jax.training import checkpoint
@@ -179,7 +181,7 @@ def write_shard(examples, encoder: Encoder, j: int, n_shards: int, out: str, set
     from ldm_jax.data import latent_cache, shapes, shards
     from ldm_jax.data.preprocess import BAD_REASONS
 
-    storage = latent_cache._np_dtype(settings["dtype"])
+    stored = latent_cache._np_dtype(settings["dtype"])
     rows = shards.record_range(j, settings["records_per_shard"], len(examples))
     tmp = shards.temporary_path(out, j, n_shards)
     writer = ArrayRecordWriter(tmp, "group_size:1")
@@ -202,16 +204,16 @@ def write_shard(examples, encoder: Encoder, j: int, n_shards: int, out: str, set
             captions = [c for e in good for c in e["captions"]]
             flat = encoder.contexts(captions) if captions else None
         for k, ex in enumerate(good):
-            arrays = {"mean": mean[k].astype(storage)}
+            arrays = {"mean": mean[k].astype(stored)}
             if encoder.gaussian:
-                arrays["std"] = std[k].astype(storage)
+                arrays["std"] = std[k].astype(stored)
             if encoder.text:
                 n_caps = len(ex["captions"])
                 if n_caps:
                     contexts, flat = flat[:n_caps], flat[n_caps:]
                 else:
                     contexts = null_context
-                arrays["context"] = contexts.astype(storage)
+                arrays["context"] = contexts.astype(stored)
             attributes = {a: ex[a] for a in shapes.ATTRIBUTE_VALUES if a in ex}
             writer.write(
                 latent_cache.encode_record(
@@ -231,6 +233,7 @@ def cache(data_config, out: str, encoder: Encoder, settings: dict, process_index
     info, or None while other workers' shards are missing."""
     from ldm_jax.data import latent_cache, pipeline, records, shards
 
+    shards.check_local_out(out)
     shards.check_worker(process_index, process_count)
     for name in ("records_per_shard",):
         if settings[name] < 1:
@@ -239,6 +242,9 @@ def cache(data_config, out: str, encoder: Encoder, settings: dict, process_index
     if size % encoder.factor:
         raise ValueError(f"--image_size={size}: must be divisible by the first stage's f={encoder.factor}")
     examples = pipeline.data_source(data_config, "train" if data_config.source else settings["split"])
+    # A source that grew is refused like one that changed: shards complete by name would keep the old records
+    # (a new file sorted among the old ones shifts every record after it), and the new ones past them be lost.
+    settings = dict(settings, source_records=len(examples))
     os.makedirs(out, exist_ok=True)
     shards.check_settings(out, settings, "a cache", "cache_settings.json")
     n_shards = shards.num_shards(len(examples), settings["records_per_shard"])
@@ -307,9 +313,9 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
         records_per_shard=_PER_SHARD.value,
         dtype=_DTYPE.value,
-        first_stage=os.path.abspath(_FIRST_STAGE.value),
+        first_stage=storage.absolute(_FIRST_STAGE.value),
         weights=_WEIGHTS.value,
-        text_encoder=os.path.abspath(_TEXT_ENCODER.value) if _TEXT_ENCODER.value else "",
+        text_encoder=storage.absolute(_TEXT_ENCODER.value) if _TEXT_ENCODER.value else "",
     )
     data_config = pipeline.DataConfig(
         name=_DATASET.value or "shapes_captions",

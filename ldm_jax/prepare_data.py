@@ -43,7 +43,9 @@ from ldm_jax.data import records, shards, sources
 from ldm_jax.data.preprocess import to_rgb
 
 _SOURCE = flags.DEFINE_string("source", None, "The data source (data.source syntax: folder:, webdataset:, tfds:).")
-_OUT = flags.DEFINE_string("out", None, "Output folder for the shards and dataset_info.json.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output folder for the shards and dataset_info.json (local or mounted: training reads it as files)."
+)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Shorter side of the stored images, in pixels.")
 _PER_SHARD = flags.DEFINE_integer("records_per_shard", 2000, "Source records per output shard (before filtering).")
 _MIN_SIDE = flags.DEFINE_integer("min_side", 0, "Drop images whose shorter side is below this (0: keep all).")
@@ -240,18 +242,21 @@ def prepare(
 ):
     """Writes this worker's missing shards; writes dataset_info.json when every shard is complete. Returns the
     dataset info, or None while other workers' shards are missing."""
+    shards.check_local_out(out)
     shards.check_worker(process_index, process_count)
     for name in ("image_size", "records_per_shard"):
         if settings[name] < 1:
             raise ValueError(f"--{name}={settings[name]}: must be >= 1")
     if wait_seconds < 0:
         raise ValueError(f"--wait_seconds={wait_seconds}: must be >= 0")
-    settings = dict(settings, dedupe=bool(dedupe))
     raw = sources.open_source(spec, **source_kw)
+    # What the shards' contents depend on. A rerun with --dedupe would otherwise keep the duplicates of the shards
+    # complete without it; one with another source (or key), or with a source that has grown, would keep shards of
+    # the old one, complete by name, under a dataset_info.json that names the new one.
+    settings = dict(settings, dedupe=bool(dedupe), source=spec, source_records=len(raw), **source_kw)
     per_shard = settings["records_per_shard"]
     n_shards = shards.num_shards(len(raw), per_shard)
     os.makedirs(out, exist_ok=True)
-    # A rerun with --dedupe would otherwise keep the duplicates of the shards complete without it.
     shards.check_settings(out, settings, "shards")
     t0 = time.perf_counter()
     own = list(range(process_index, n_shards, process_count))

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import own_data
 import pytest
-from cli import run_module
+from cli import ROOT, run_module
 from PIL import Image
 
 from ldm_jax.data import pipeline, preprocess, sources
@@ -220,6 +220,46 @@ def test_unusable_sources_are_named(own, tmp_path):
     not_tar.write_bytes(b"this is not a tar file" * 100)
     with pytest.raises(ValueError, match="is not a readable tar file"):
         sources.open_source(f"webdataset:{not_tar}")
+    # Buckets are read through a mount, not looked up as a local folder called "gs:".
+    for spec in ("webdataset:gs://b/{00000..00001}.tar", "arrayrecord:gs://b/prepared", "folder:gs://b/images"):
+        with pytest.raises(ValueError, match=re.escape(f"data.source={spec!r}: a URL;")):
+            sources.open_source(spec)
+
+
+def test_a_damaged_tar_header_mid_shard_is_an_error_not_a_shorter_shard(tmp_path, monkeypatch):
+    """tarfile stops without an error at a damaged header past the first: the samples after it were left out,
+    uncounted (the index cache kept the short index too)."""
+    import tarfile
+
+    monkeypatch.setenv(sources.INDEX_CACHE_ENV, str(tmp_path / "index"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(6):
+            own_data._add(tar, f"{i:05d}.txt", f"caption {i}".encode())
+    data = bytearray(buf.getvalue())
+    good = tmp_path / "good.tar"
+    good.write_bytes(data)
+    assert len(sources.open_source(f"webdataset:{good}")) == 6
+    data[3 * 1024 + 148 : 3 * 1024 + 156] = b"0000000\0"  # the 4th member's header checksum, now wrong
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(data)
+    with pytest.raises(ValueError, match=r"has a damaged tar header at byte 3072: the 3 sample\(s\) before it"):
+        sources.open_source(f"webdataset:{bad}")
+
+
+def test_a_bad_metadata_row_is_named_by_file_and_line(own, tmp_path):
+    import shutil
+
+    root = tmp_path / "meta"
+    shutil.copytree(own["classes"]["root"], root)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
+    rows = [json.dumps({"file_name": f, "text": "a photo"}) for f in files]
+    (root / "metadata.jsonl").write_text("\n".join([rows[0], "{not json", *rows[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:2: not a JSON object"):
+        sources.open_source(f"folder:{root}")
+    (root / "metadata.jsonl").write_text("\n".join([rows[0], json.dumps({"file_name": files[1]})]) + "\n")
+    with pytest.raises(ValueError, match=r"metadata\.jsonl: row 2 has no 'text' \(its keys: \['file_name'\]\)"):
+        sources.open_source(f"folder:{root}")
 
 
 def test_validate_config_names_a_missing_source_before_any_device_work(own, tmp_path, monkeypatch):
@@ -645,6 +685,51 @@ def test_prepare_data_rerun_skips_complete_shards_and_redoes_missing_ones(own, p
     assert _files(out) == _files(prepared["one"])
 
 
+def test_prepare_data_rerun_with_another_source_is_refused(own, prepared, tmp_path):
+    """Shards complete by name are not another source's: the rerun is refused by name, nothing is written."""
+    import shutil
+
+    out = str(tmp_path / "out")
+    shutil.copytree(prepared["one"], out)
+    before = _files(out)
+    proc = run_module("ldm_jax.prepare_data", f"--source={own['folder']['spec']}", f"--out={out}", *_PREPARE_FLAGS)
+    assert proc.returncode != 0 and "holds shards made with source=" in proc.stderr, proc.stderr[-2000:]
+    assert _files(out) == before
+
+
+def test_recorded_settings_refuse_a_grown_source_and_accept_folders_from_before_the_source_was_recorded(tmp_path):
+    from ldm_jax.data import shards
+
+    settings = {"image_size": 16, "source": "folder:/a", "source_records": 10}
+    shards.check_settings(str(tmp_path), settings, "shards")
+    shards.check_settings(str(tmp_path), settings, "shards")  # a rerun
+    with pytest.raises(ValueError, match=r"holds shards made with source_records=10, not 12"):
+        shards.check_settings(str(tmp_path), {**settings, "source_records": 12}, "shards")
+    # A folder whose settings.json predates the source keys: compared on the rest, so its rerun continues.
+    (tmp_path / "settings.json").write_text(json.dumps({"image_size": 16}))
+    shards.check_settings(str(tmp_path), settings, "shards")
+    with pytest.raises(ValueError, match=r"made with image_size=16, not 32"):
+        shards.check_settings(str(tmp_path), {**settings, "image_size": 32}, "shards")
+
+
+def test_arrayrecord_source_reads_the_shards_its_info_names(own, prepared, tmp_path):
+    """Not every *.array_record in the folder (another shard count's stay beside a re-prepared dataset), and not a
+    preparation whose dataset_info.json is not written yet."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(prepared["one"], out)
+    shutil.copy(out / "shard-00000-of-00004.array_record", out / "shard-00000-of-00002.array_record")
+    src = sources.open_source(f"arrayrecord:{out}")
+    assert len(src) == _KEPT
+    (out / "shard-00003-of-00004.array_record").unlink()
+    with pytest.raises(ValueError, match=r"names 4 shards, and 1 are missing \(e\.g\. shard-00003-of-00004"):
+        sources.open_source(f"arrayrecord:{out}")
+    (out / "dataset_info.json").unlink()
+    with pytest.raises(ValueError, match="a preparation without dataset_info.json: not every shard is written"):
+        sources.open_source(f"arrayrecord:{out}")
+
+
 def test_prepare_data_flags_are_checked(own, tmp_path):
     proc = run_module(
         "ldm_jax.prepare_data", f"--source={own['wds']['spec']}", f"--out={tmp_path}", "--process_index=2",
@@ -653,6 +738,9 @@ def test_prepare_data_flags_are_checked(own, tmp_path):
     assert proc.returncode != 0 and "--process_index=2: must be in [0, --process_count=2)" in proc.stderr
     proc = run_module("ldm_jax.prepare_data", f"--source=folder:{tmp_path}/missing", f"--out={tmp_path}/o")
     assert proc.returncode != 0 and "data.source=" in proc.stderr and "no such folder" in proc.stderr
+    proc = run_module("ldm_jax.prepare_data", f"--source={own['wds']['spec']}", "--out=gs://bucket/prepared")
+    assert proc.returncode != 0 and "--out='gs://bucket/prepared': a URL;" in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(ROOT, "gs:", "bucket", "prepared"))
 
 
 # A folder of 14 images in 4 shards of 4 source records (--records_per_shard=4), with exact copies within a shard and

@@ -23,7 +23,7 @@ import struct
 
 import numpy as np
 
-from ldm_jax.data import records
+from ldm_jax.data import records, shards
 from ldm_jax.data.sources import SourceError
 
 MAGIC = b"LDML1"
@@ -152,7 +152,8 @@ class LatentExamples:
 
         self.info = read_info(spec)
         folder = folder_of(spec)
-        self.source = grain.ArrayRecordDataSource(sorted(glob.glob(os.path.join(folder, "*.array_record"))))
+        # The shards the info names: a folder re-cached from a source that grew also holds the old count's.
+        self.source = grain.ArrayRecordDataSource(shards.listed_paths(folder, self.info, spec))
         self.seed, self.needs = seed, needs
         self.class_names = list(self.info.get("class_names", []))
         self.has_context = self.info["text_encoder"] is not None

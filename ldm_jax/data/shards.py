@@ -28,6 +28,16 @@ def record_range(j: int, per_shard: int, num_records: int) -> range:
     return range(j * per_shard, min((j + 1) * per_shard, num_records))
 
 
+def check_local_out(out: str) -> None:
+    """Shards are written and later read as local files (ArrayRecord readers, ``data.source``): a URL would be
+    written as a local folder named "gs:"."""
+    if "://" in out:
+        raise ValueError(
+            f"--out={out!r}: a URL; shards are written to a local or mounted path (a bucket mounted with gcsfuse), "
+            "which training then reads"
+        )
+
+
 def check_worker(process_index: int, process_count: int) -> None:
     if not 0 <= process_index < process_count:
         raise ValueError(f"--process_index={process_index}: must be in [0, --process_count={process_count})")
@@ -72,6 +82,9 @@ def write_json_atomic(path: str, value, **dump_kw) -> None:
     os.replace(tmp, path)
 
 
+LATER_KEYS = ("source", "source_records", "data_dir", "image_key", "caption_key", "label_key")
+
+
 def check_settings(out: str, settings: dict, what: str, name: str = "settings.json") -> None:
     """The first worker records the job's settings in ``out``; every later worker and rerun must use the same, so
     that shards made with other settings are never mixed into one output (``what`` names them in the error)."""
@@ -80,10 +93,29 @@ def check_settings(out: str, settings: dict, what: str, name: str = "settings.js
         write_json_atomic(path, settings, indent=2, sort_keys=True)
     with open(path) as f:
         recorded = json.load(f)
-    changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    # Keys recorded only since 2026-12 (the source and its size): a folder written before them is compared on the
+    # rest, so that rerunning an older preparation or cache continues instead of being refused.
+    changed = sorted(
+        k
+        for k in set(recorded) | set(settings)
+        if recorded.get(k) != settings.get(k) and not (k in LATER_KEYS and k not in recorded)
+    )
     if changed:
         k = changed[0]
         raise ValueError(
             f"--out={out!r} holds {what} made with {k}={recorded.get(k)!r}, not {settings.get(k)!r} (differing: "
             f"{changed}); use another --out, or delete it to start again"
         )
+
+
+def listed_paths(folder: str, info: dict, spec: str) -> list[str]:
+    """The shard files ``info`` (a complete job's dataset_info.json) names, in order: a folder may also hold shards
+    of another shard count, which are not this dataset's. Raises ValueError naming ``spec`` for a missing one."""
+    paths = [os.path.join(folder, shard_name(j, info["shards"])) for j in range(info["shards"])]
+    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(
+            f"data.source={spec!r}: {folder}/dataset_info.json names {info['shards']} shards, and "
+            f"{len(missing)} are missing (e.g. {missing[0]}); prepare the folder again"
+        )
+    return paths

@@ -36,6 +36,7 @@ import threading
 import numpy as np
 from absl import logging
 
+from ldm_jax import json_lines
 from ldm_jax.data import records
 
 LATENTS = "latents"  # a latent cache (``data/latent_cache.py``): trains directly, not a source of images
@@ -57,6 +58,12 @@ def parse(spec: str) -> tuple[str, str]:
             f"data.source={spec!r}: must be KIND:PATH with KIND one of {KINDS}, e.g. 'folder:/data/pets', "
             "'webdataset:/data/laion/{00000..00099}.tar', 'tfds:coco_captions', 'arrayrecord:/data/prepared', "
             "'latents:/data/latent_cache'"
+        )
+    if "://" in rest and kind != "tfds":
+        # The readers open, seek and list local files; a URL would be looked up as a local folder named "gs:".
+        raise SourceError(
+            f"data.source={spec!r}: a URL; {kind} data is read from a local or mounted path (e.g. the bucket "
+            "mounted with gcsfuse, or copied to local disk)"
         )
     return kind, rest
 
@@ -161,7 +168,10 @@ def _read_metadata(spec: str, root: str, caption_key: str) -> dict[str, list[str
     path = os.path.join(root, present[0])
     if path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            try:
+                rows = json_lines.parse_objects(f, path)
+            except ValueError as e:
+                raise SourceError(f"data.source={spec!r}: {e}") from e
     elif path.endswith(".csv"):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -180,7 +190,12 @@ def _read_metadata(spec: str, root: str, caption_key: str) -> dict[str, list[str
             f"({' or '.join(wanted)}); it has {sorted(columns)}"
         )
     out: dict[str, list[str]] = {}
-    for row in rows:
+    for n, row in enumerate(rows, 1):
+        if "file_name" not in row or column not in row:
+            raise SourceError(
+                f"data.source={spec!r}: {path}: row {n} has no {'file_name' if 'file_name' not in row else column!r} "
+                f"(its keys: {sorted(row)}); every row needs 'file_name' and {column!r}"
+            )
         value = row[column]
         texts = value if isinstance(value, list) else [value]
         out.setdefault(str(row["file_name"]), []).extend(str(t).strip() for t in texts if t and str(t).strip())
@@ -203,7 +218,8 @@ def _cached_index(spec: str, n: int, path: str) -> list:
     if os.environ.get(INDEX_CACHE_ENV) == "off":
         return _index_tar(spec, n, path)
     st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    # "v2": indexes of the code that read past a damaged header without a word are not reused.
+    key = hashlib.sha1(f"v2|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     cached = os.path.join(folder, f"{key}.json")
     if os.path.isfile(cached):
         try:
@@ -289,11 +305,35 @@ def _index_tar(spec: str, n: int, path: str) -> list:
                 samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
                 if info.offset_data + info.size > size:
                     errors[key] = "truncated"
+            end = tar.offset  # where iteration stopped: the end-of-archive blocks, or a header it could not read
     except (tarfile.TarError, EOFError, OSError) as e:
         if not samples:
             raise SourceError(f"data.source={spec!r}: {path} is not a readable tar file ({e})") from e
         # A shard cut short: the samples before the cut are kept; the last one is checked by its sizes above.
+        end = None
+    # tarfile ends iteration without an error at a damaged header past the first: every sample after it would be
+    # left out, uncounted. Past the last member a tar file holds only zero blocks.
+    damaged = None if end is None else _first_nonzero_byte(path, end)
+    if damaged is not None:
+        raise SourceError(
+            f"data.source={spec!r}: {path} has a damaged tar header at byte {end}: "
+            f"the {len(samples)} sample(s) before it are readable, the rest of the shard is not; repair or "
+            "re-create the shard, or leave it out of the pattern"
+        )
     return [(n, key, members, errors.get(key, "")) for key, members in samples.items()]
+
+
+def _first_nonzero_byte(path: str, start: int, chunk: int = 1 << 20) -> int | None:
+    """The offset of the first byte that is not zero in ``path`` from ``start`` on, or None."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset = start
+        while block := f.read(chunk):
+            stripped = block.lstrip(b"\0")
+            if stripped:
+                return offset + len(block) - len(stripped)
+            offset += len(block)
+    return None
 
 
 class TFDSSource:
@@ -344,11 +384,24 @@ class ArrayRecordSource:
     def __init__(self, spec: str, folder: str):
         import grain.python as grain
 
+        from ldm_jax.data import shards
+
         paths = sorted(glob.glob(os.path.join(folder, "*.array_record")))
         if not paths:
             raise SourceError(f"data.source={spec!r}: no *.array_record shards in {folder!r}")
         info = os.path.join(folder, records.INFO_FILE)
-        self.info = json.load(open(info)) if os.path.isfile(info) else {}
+        self.info = {}
+        if os.path.isfile(info):  # prepared by ldm_jax.prepare_data: its shards, not others in the folder
+            with open(info) as f:
+                self.info = json.load(f)
+            paths = shards.listed_paths(folder, self.info, spec)
+        elif os.path.isfile(os.path.join(folder, "settings.json")):
+            # A preparation still running, or one whose workers did not all finish: a subset of the data, and a
+            # record order that changes when the rest lands (no exact resume).
+            raise SourceError(
+                f"data.source={spec!r}: {folder!r} is a preparation without {records.INFO_FILE}: not every shard "
+                "is written yet; run python -m ldm_jax.prepare_data to the end (every worker) first"
+            )
         self.class_names = list(self.info.get("class_names", []))
         self.source = grain.ArrayRecordDataSource(paths)
         self.description = f"arrayrecord {folder} ({len(paths)} shards, {len(self.source)} records)"

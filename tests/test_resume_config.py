@@ -41,6 +41,23 @@ def test_which_fields_may_change():
     assert not any(resume_config.may_change(name) for name in MAY_NOT.split())
 
 
+def test_num_steps_may_change_under_a_constant_rate_not_under_a_cosine_schedule(tmp_path):
+    """The cosine decay runs over train.num_steps: resuming a 1500-step run to 3000 would jump from its final rate
+    back to about half the peak."""
+    import ml_collections
+
+    def config(schedule, steps):
+        return ml_collections.ConfigDict({"optim": {"schedule": schedule}, "train": {"num_steps": steps}})
+
+    for schedule, refused in (("constant", False), ("cosine", True)):
+        (tmp_path / "config.json").write_text(config(schedule, 1500).to_json())
+        if refused:
+            with pytest.raises(config_lib.ConfigError, match=r"train\.num_steps 1500 -> 3000 \(the cosine schedule"):
+                resume_config.check(config(schedule, 3000), str(tmp_path), 1500, allow_change=False)
+        found = resume_config.check(config(schedule, 3000), str(tmp_path), 1500, allow_change=refused)
+        assert found == [("train.num_steps", 1500, 3000)]
+
+
 @pytest.fixture
 def finished_run(txt2img_workdir, tmp_path):
     """A copy of the session's finished tiny txt2img run (its checkpoints, config.json and previews)."""

@@ -13,12 +13,13 @@ process (``sample_metrics``).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
 from absl import logging
 
-from ldm_jax import config_lib
+from ldm_jax import config_lib, storage
 from ldm_jax.data import pipeline
 from ldm_jax.evaluation import sample_metrics
 from ldm_jax.sampling.prompts import job_prompts
@@ -49,12 +50,22 @@ class EvalConfig(config_lib.Section):
             metrics = sample_metrics.parse_metrics(self.metrics)
         except ValueError:
             self.check(False, prefix, "metrics", f"must be a comma-separated choice of {sample_metrics.METRICS}")
+        # The files are read at the first evaluation, thousands of steps in: a wrong path is named now instead.
         if any(m in sample_metrics.INCEPTION_METRICS for m in metrics):
             self.check(bool(self.fid_weights), prefix, "fid_weights", "FID, KID and IS need the FID Inception weights")
+            self.check(os.path.isfile(self.fid_weights), prefix, "fid_weights", "no such file")
         if "clip_score" in metrics:
             self.check(bool(self.clip_weights), prefix, "clip_weights", "clip_score needs CLIP weights")
+            self.check(os.path.exists(self.clip_weights), prefix, "clip_weights", "no such file or folder")
+        if self.prompts_file:
+            self.check(storage.isfile(self.prompts_file), prefix, "prompts_file", "no such file")
         for name in ("per_device_batch", "kid_subsets"):
             self.check(getattr(self, name) >= 1, prefix, name, "must be >= 1")
+        if "kid" in metrics:
+            self.check(
+                self.kid_subset_size == 0 or 2 <= self.kid_subset_size <= self.num_samples, prefix, "kid_subset_size",
+                f"must be 0 (automatic) or in [2, eval.num_samples={self.num_samples}]",
+            )  # fmt: skip
 
 
 class PeriodicEval:
@@ -73,6 +84,12 @@ class PeriodicEval:
         n = min(e.num_samples, len(source))
         if n < 2:
             raise ValueError(f"eval.num_samples={e.num_samples}: the validation split has {len(source)} example(s)")
+        if "kid" in self.metrics and e.kid_subset_size > n:
+            # Raised by every process alike (each sees the same split), not by process 0 alone when it computes KID
+            # while the others go on into the next step.
+            raise ValueError(
+                f"eval.kid_subset_size={e.kid_subset_size}: the validation split gives {n} samples to draw subsets from"
+            )
         examples = [source[i] for i in range(n)]
         conditions, prompts = self.task.conditioner.distribution_conditions(examples)
         if e.prompts_file:

@@ -9,7 +9,7 @@ only the fields below changed, the previous config is kept as ``config.before_st
 written.
 
 Fields that may change without asking: how long the run goes and how often it logs, previews, checkpoints and keeps
-them (``train.*`` below), where the embedded datasets are kept and how fast the data is read (``data.data_dir``,
+them (``train.*`` below; ``train.num_steps`` not under a cosine schedule, which decays over it), where the embedded datasets are kept and how fast the data is read (``data.data_dir``,
 the reader's threads and buffers), previews' and in-training evaluation's settings (``sample``, ``eval``), the mesh
 (a checkpoint restores onto any mesh) and ``init_from`` (read only by a run that starts from scratch). Not
 ``first_stage.workdir``: another first stage would encode other latents under the same UNet (a moved first stage
@@ -61,6 +61,16 @@ def may_change(field: str) -> bool:
     return any(field == name or field.startswith(name + ".") for name in MAY_CHANGE)
 
 
+def _why_not(field: str, saved: dict, current: dict) -> str | None:
+    """Why a field that may change may not change between these two configs (None: it may)."""
+    schedules = {c.get("optim", {}).get("schedule") for c in (saved, current)}
+    if field == "train.num_steps" and "cosine" in schedules:
+        # The cosine decay runs over train.num_steps: another length bends the rest of the curve (resuming a
+        # 1500-step run to 3000 would jump from the final rate back to about half the peak).
+        return "the cosine schedule decays over train.num_steps"
+    return None
+
+
 def changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """``(field, saved value, current value)`` for every field that both configs hold and that differs, sorted.
     A field only one of them holds comes from another version of the code (a field added or removed since the run
@@ -88,9 +98,13 @@ def check(config, workdir: str, step: int, allow_change: bool) -> list[tuple[str
     saved = json.loads(storage.read_text(path))
     current = json.loads(config.to_json_best_effort(sort_keys=True))
     found = changes(saved, current)
-    refused = [c for c in found if not may_change(c[0])]
+    why = {name: _why_not(name, saved, current) for name, _, _ in found}
+    refused = [c for c in found if not may_change(c[0]) or why[c[0]]]
     if refused and not allow_change:
-        listed = "; ".join(f"{name} {json.dumps(old)} -> {json.dumps(new)}" for name, old, new in refused)
+        listed = "; ".join(
+            f"{name} {json.dumps(old)} -> {json.dumps(new)}" + (f" ({why[name]})" if why[name] else "")
+            for name, old, new in refused
+        )
         raise config_lib.ConfigError(
             f"--workdir={workdir}: holds a run trained to step {step} with another config ({len(refused)} "
             f"field(s) differ from its config.json: {listed}). Resuming would train the new recipe on from the old "

@@ -293,6 +293,11 @@ def test_conversion_is_strict(reference):
         params_from_state_dict("unet", broken, abstract, "broken unet")
     msg = str(e.value)
     assert "missing conv_in.weight" in msg and "unexpected extra.weight" in msg and "conv_out.bias" in msg
+    # Only a shape wrong, converting in place (as the converter does): the tensor already taken from the dict is
+    # still named with its shape.
+    wrong = dict(sd, **{"conv_out.bias": np.zeros(5, np.float32)})
+    with pytest.raises(ConversionError, match=r"mis-shaped conv_out\.bias: checkpoint \(5,\), model needs \(4,\)"):
+        params_from_state_dict("unet", wrong, abstract, "wrong unet", consume=True)
 
 
 @pytest.fixture(scope="module")
@@ -435,6 +440,16 @@ def test_single_file_checkpoint_converts_to_the_same_params(reference, name, tmp
         assert single.text["pad_token"] == "zero" and single.scheduler["diffusion"]["prediction_type"] == "v_prediction"
         # The OpenCLIP layer after the penultimate one is recorded as not converted.
         assert any(".resblocks.2." in k for k in single.ignored)
+    else:
+        # The architecture inferred from the shapes (no config_dir) is the same from an old SD-1 file whose CLIP
+        # keys lack the inner "text_model." (transformer.embeddings.*), which the key mapping accepts.
+        parts, _ = compvis.split_single_file(sd)
+        old = dict(
+            parts, text={k.replace("transformer.text_model.", "transformer."): v for k, v in parts["text"].items()}
+        )
+        assert stable_diffusion.infer_single_file_configs(old, False) == stable_diffusion.infer_single_file_configs(
+            parts, False
+        )
 
 
 def test_pickled_checkpoints_need_opt_in(tmp_path):

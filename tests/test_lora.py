@@ -100,6 +100,11 @@ def test_dreambooth_lora_trains_adapters_only_and_the_loss_falls(sd, run):
     trained, meta, step = load_trained_params(run["workdir"], "params")
     assert step == 12 and meta["lora_base"]["workdir"] == os.path.abspath(sd["converted"])
     frozen, _ = task.setup(meta)
+    # The base is recorded by its weights: a resume whose init_from holds others (same step, e.g. another
+    # converted checkpoint, or a base trained on under the same path) is refused, not adapted further.
+    other = dict(meta, lora_base=dict(meta["lora_base"], fingerprint="0" * 64))
+    with pytest.raises(ValueError, match=r"holds other weights than the base this run's adapters were trained on"):
+        task.setup(other)
     local = next(iter(task.train_loader(0)))
     batch = {k: jnp.asarray(v) for k, v in local.items() if not k.startswith("_")}
     for k in ("image", "prior_image"):
@@ -255,6 +260,10 @@ def test_lora_errors_name_the_field_or_key(sd, run, tmp_path):
     c.text_encoder.trainable = False
     c.lora.targets = ("unet_attention", "conv")
     with pytest.raises(ValueError, match=r"lora.targets=.*'conv' is not one of"):
+        validate_config(c)
+    c.lora.targets = ("unet_attention", "text_attention")
+    c.dreambooth.class_dir = "gs://bucket/class"  # would be drawn and uploaded before the folder reader refused it
+    with pytest.raises(ValueError, match=r"dreambooth.class_dir='gs://bucket/class': must be a local or mounted"):
         validate_config(c)
 
     task, params, frozen, _, _ = load_for_sampling(sd["converted"])

@@ -296,9 +296,14 @@ def infer_single_file_configs(parts: dict, open_clip: bool) -> tuple[dict, dict,
             vocab_size=int(t["model.token_embedding.weight"].shape[0]),
         )
     else:
-        p = "transformer.text_model."
+        # Old SD-1 files lack the inner "text_model." (transformer.embeddings.*), as compvis.clip_to_diffusers accepts.
+        p = (
+            "transformer.text_model."
+            if "transformer.text_model.embeddings.token_embedding.weight" in t
+            else "transformer."
+        )
         width = int(t[p + "embeddings.token_embedding.weight"].shape[1])
-        n = len({k.split(".")[4] for k in t if k.startswith(p + "encoder.layers.")})
+        n = len({k[len(p) :].split(".")[2] for k in t if k.startswith(p + "encoder.layers.")})
         text_cfg = dict(
             hidden_size=width,
             num_hidden_layers=n,

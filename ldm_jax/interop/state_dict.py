@@ -150,9 +150,7 @@ def params_from_state_dict(
         source = state_dict.pop(key) if consume and not problems else state_dict[key]
         value = _from_torch(path, np.asarray(source))
         if tuple(value.shape) != tuple(target.shape):
-            bad_shapes.append(
-                f"{key}: checkpoint {tuple(state_dict[key].shape)}, model needs {_torch_shape(path, target)}"
-            )
+            bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(source))}, model needs {_torch_shape(path, target)}")
             continue
         out[path] = np.ascontiguousarray(value, dtype=target.dtype)
     if bad_shapes:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from ldm_jax import config_lib, storage
+from ldm_jax.data import latent_cache
 from ldm_jax.models import lora
 from ldm_jax.training import checkpoint, transfer
 
@@ -62,6 +63,15 @@ class LoraAdapters:
                 f"were trained on step {recorded['step']}; adapters only fit the weights they were trained on "
                 "(train a new run, or restore that checkpoint of the base)"
             )
+        # The weights themselves, not their path or step: init_from may change on resume (a moved base), and two
+        # bases at the same step (two converted checkpoints are both step 0) are not the same base.
+        fingerprint = latent_cache.fingerprint(params)
+        if recorded and recorded.get("fingerprint", fingerprint) != fingerprint:
+            raise ValueError(
+                f"init_from={self.config.init_from!r}: holds other weights than the base this run's adapters were "
+                f"trained on ({recorded['workdir']} at step {recorded['step']}); adapters only fit the weights they "
+                "were trained on (resume with that init_from, or train a new run)"
+            )
         # The UNet and the conditioner's other trained parts (a class-conditional run's class-token table); a
         # trainable text encoder is the frozen one the conditioner holds.
         parts = [k for k in self.base_abstract if k != "text"]
@@ -81,7 +91,7 @@ class LoraAdapters:
             "LoRA rank %d on %s of %s step %d: %d adapter parameters",
             self.cfg.rank, ",".join(self.cfg.targets), source, step, lora.count(self.init(jax.random.key(0))),
         )  # fmt: skip
-        return {"lora_base": {"workdir": source, "step": step}}
+        return {"lora_base": {"workdir": source, "step": step, "fingerprint": fingerprint}}
 
     def model(self, adapters, frozen, scale=1.0) -> tuple[dict, dict]:
         """(params, frozen) of the adapted model: what the task's functions take in a run without adapters."""

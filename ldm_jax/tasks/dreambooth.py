@@ -85,6 +85,11 @@ def validate(config) -> None:
     config_lib.check(config.task == "txt2img", "task", config.task, "DreamBooth fine-tunes a txt2img model")
     config_lib.check(bool(config.init_from), "init_from", config.init_from,
                      "DreamBooth fine-tunes a trained or converted txt2img run: set init_from to it")  # fmt: skip
+    for field, folder in (("instance_dir", db.instance_dir), ("class_dir", db.class_dir)):
+        # Read as image folders (data.source's folder reader): local or mounted paths. A URL class_dir would have
+        # its class images drawn and uploaded before the reader refused it.
+        config_lib.check("://" not in folder, f"dreambooth.{field}", folder,
+                         "must be a local or mounted folder (e.g. a bucket mounted with gcsfuse), not a URL")  # fmt: skip
     config_lib.check(os.path.isdir(db.instance_dir), "dreambooth.instance_dir", db.instance_dir, "no such folder")
     config_lib.check(not config.data.source, "data.source", config.data.source,
                      "must be empty: DreamBooth reads dreambooth.instance_dir and class_dir")  # fmt: skip
@@ -182,25 +187,29 @@ def ensure_class_images(config, options, load_base) -> int:
     sampler ``options``; returns how many it drew. ``load_base()`` -> (task, params, frozen, mesh) of the base model
     on every device. Every process takes part (the batch is split over every device); process 0 writes."""
     from ldm_jax.imaging import save_png
+    from ldm_jax.training import distributed
     from ldm_jax.training.distributed import barrier
 
     db = from_run_config(config)
     if db is None or not db.prior_preservation:
         return 0
     existing = _existing(db.class_dir)
-    missing = db.num_class_images - len(existing)
+    taken = set(existing)
+    numbers, i = [], 0
+    while len(numbers) < db.num_class_images - len(existing):
+        if f"class_{i:05d}.png" not in taken:
+            numbers.append(i)
+        i += 1
+    # What process 0 sees decides (it writes them): every process must draw the same batches, and a host whose
+    # listing differs (its own disk, a stale network filesystem) would otherwise skip or add a collective.
+    numbers = distributed.process_0_ints(numbers)
+    missing = len(numbers)
     if missing <= 0:
         logging.info("DreamBooth: %d class images in %s, %d needed", len(existing), db.class_dir, db.num_class_images)
         return 0
     logging.info("DreamBooth: drawing %d class images for %r into %s", missing, db.class_prompt, db.class_dir)
     base_task, params, frozen, mesh = load_base()
-    taken = set(existing)
-    names, i = [], 0
-    while len(names) < missing:
-        name = f"class_{i:05d}.png"
-        if name not in taken:
-            names.append((i, name))
-        i += 1
+    names = [(i, f"class_{i:05d}.png") for i in numbers]
     s = config.sample
     per_call = max(mesh.size, 8 // mesh.size * mesh.size)
     for start in range(0, len(names), per_call):

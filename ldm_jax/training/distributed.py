@@ -253,3 +253,19 @@ def process_0_says(value: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
+def process_0_ints(values: Sequence[int]) -> list[int]:
+    """Process 0's list of integers in every process (the lists may differ in length): e.g. which files to make,
+    decided on what process 0's disk holds, when every process must then take part in making each."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [int(v) for v in values]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    mine = np.zeros(count, np.int64)
+    mine[: min(count, len(values))] = list(values)[:count]
+    return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(mine))]

@@ -139,6 +139,33 @@ def test_allowed_changes_resume_and_keep_every_previous_config(finished_run, txt
     assert not os.path.exists(os.path.join(finished_run, f"config.before_step{step}.2.json"))
 
 
+def test_a_first_stage_with_other_weights_under_the_same_path_is_refused(finished_run, txt2img_config):
+    """The config is the same, the weights behind first_stage.workdir are not (trained on since, or replaced):
+    resuming would go on in another latent space. Refused by name unless --allow_config_change; the recorded
+    fingerprint is the weights'."""
+    import glob
+
+    from ldm_jax.data import latent_cache
+    from ldm_jax.training.checkpoint import load_trained_params
+    from ldm_jax.training.loop import train_and_evaluate
+
+    newest = max((d for d in os.listdir(os.path.join(finished_run, "checkpoints")) if d.isdigit()), key=int)
+    files = glob.glob(os.path.join(finished_run, "checkpoints", newest, "meta", "*"))
+    (meta_file,) = [p for p in files if os.path.isfile(p) and "frozen_inputs" in open(p).read()]
+    meta = _read(meta_file)
+    recorded = meta["frozen_inputs"]["first_stage"]
+    fs_params, _, fs_step = load_trained_params(txt2img_config.first_stage.workdir, "ema")
+    assert recorded["fingerprint"] == latent_cache.fingerprint(fs_params) and recorded["step"] == fs_step
+    meta["frozen_inputs"]["first_stage"]["fingerprint"] = "0" * 64  # as if trained with other first-stage weights
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    before = _snapshot(finished_run)
+    with pytest.raises(config_lib.ConfigError, match=r"first_stage\.workdir=.* holds other weights \(step \d+\) than"):
+        train_and_evaluate(txt2img_config, finished_run)
+    assert _snapshot(finished_run) == before
+    train_and_evaluate(txt2img_config, finished_run, allow_config_change=True)  # on purpose: goes on
+
+
 def test_two_processes_refuse_the_same_changes_and_write_nothing(finished_run, data_dir, first_stage_workdir, tmp_path):
     """Every process compares the configs before any of them restores: both stop with the same message, exit status
     2, and neither writes (the first process to pass would otherwise wait for its peer in the restore forever)."""

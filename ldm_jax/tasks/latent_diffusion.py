@@ -32,7 +32,7 @@ from ldm_jax.models.unet import UNetConfig
 from ldm_jax.tasks import adapters as adapters_lib
 from ldm_jax.tasks import dreambooth
 from ldm_jax.tasks.latent_space import FirstStageConfig, LatentSpace
-from ldm_jax.tasks.protocol import EvalInputs, SampleInputs, SampleRequest
+from ldm_jax.tasks.protocol import EvalInputs, SampleInputs, SampleRequest, frozen_input_changes
 from ldm_jax.training import checkpoint, transfer
 from ldm_jax.training.optim import make_optimizer
 from ldm_jax.training.sharding import batch_sharding, make_mesh, replicated
@@ -176,7 +176,7 @@ class LatentDiffusionTask:
         frozen = {"first_stage": fs_params}
         self.conditioner.setup_frozen(frozen)
         frozen["latent_scale"] = jnp.asarray(scale, jnp.float32)
-        meta_out = {"latent_scale": scale}
+        meta_out = {"latent_scale": scale, "frozen_inputs": {"first_stage": self.latents.identity()}}
         if self.adapters is not None:
             meta_out.update(self.adapters.setup(frozen, meta))
         return frozen, meta_out
@@ -188,7 +188,9 @@ class LatentDiffusionTask:
         """(params, frozen, mesh, step) of a trained workdir, replicated on ``mesh`` (default: every device)."""
         mesh = make_mesh(-1, 1) if mesh is None else mesh
         params, meta, step = checkpoint.load_trained_params(workdir, weights)
-        frozen, _ = self.setup(meta)
+        frozen, meta_now = self.setup(meta)
+        for name in frozen_input_changes(meta, meta_now):  # allowed when sampling: e.g. a fine-tuned decoder
+            logging.warning("%s: %s", workdir, name)
         params, frozen = self.model_weights(params, frozen)  # a LoRA run: its adapters merged into the base
         # Every process read the same weights: each places its own replicas (works when the mesh spans processes).
         params, frozen = transfer.to_mesh((params, frozen), replicated(mesh))

@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import config_lib, rng_streams
+from ldm_jax import config_lib, rng_streams, storage
 from ldm_jax.data import latent_cache, pipeline
 from ldm_jax.models.first_stage import build_autoencoder, latent_channels
 from ldm_jax.training import checkpoint
@@ -52,7 +52,7 @@ class LatentSpace:
         if size % f:
             raise ValueError(f"data.image_size={size}: must be divisible by the first stage's f={f}")
         self.shape = (size // f, size // f, latent_channels(fs_config.model))
-        self.fingerprint = None  # of the loaded weights, for a run on a latent cache (``check_cache``)
+        self.fingerprint = None  # (fingerprint, step) of the loaded weights (``check_cache``, ``identity``)
 
     def setup(self, meta: dict) -> tuple[dict, float]:
         """(the first stage's weights, the latent scale): the checkpoint's scale (``meta``), else (``latent_scale``
@@ -60,8 +60,7 @@ class LatentSpace:
         fs = self.config.first_stage
         params, _, step = checkpoint.load_trained_params(fs.workdir, fs.weights)
         logging.info("first stage: %s at step %d", fs.workdir, step)
-        if pipeline.is_latent_cache(self.config.data.source):
-            self.fingerprint = (latent_cache.fingerprint(params), step)
+        self.fingerprint = (latent_cache.fingerprint(params), step)
         source_meta = {}
         if not meta and self.config.init_from:
             # A fine-tuned model keeps the scale its weights were trained at (the start's, not re-estimated).
@@ -76,6 +75,16 @@ class LatentSpace:
             scale = self._estimate_scale(params)
         logging.info("latent scale: %.5f", scale)
         return params, scale
+
+    def identity(self) -> dict:
+        """What the loaded first stage is, for the checkpoints' metadata: a resume whose ``first_stage.workdir``
+        now holds other weights (trained on since, or replaced) would train in another latent space."""
+        return dict(
+            field="first_stage.workdir",
+            path=storage.absolute(self.config.first_stage.workdir),
+            step=self.fingerprint[1],
+            fingerprint=self.fingerprint[0],
+        )
 
     def check_cache(self, info: dict) -> None:
         """Raises ValueError unless the latent cache ``info`` describes was made by this first stage, at this size

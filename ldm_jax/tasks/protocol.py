@@ -140,3 +140,18 @@ class GenerativeTask(Task, EvaluableTask, Protocol):
 
     def generate_batches(self, params, frozen, mesh, conditions, seeds, options, *args, **kwargs):
         """The same, batch by batch as global arrays (see ``LatentDiffusionTask.generate_batches``)."""
+
+
+def frozen_input_changes(saved: dict, now: dict) -> list[str]:
+    """For each frozen input that ``Task.setup`` records by fingerprint (``meta["frozen_inputs"]``: a latent task's
+    first stage), a line naming it when its weights now differ from those the checkpoint's ``saved`` metadata
+    recorded (trained on since, or replaced under the same path). Checkpoints from before the record: none."""
+    out = []
+    for name, current in (now.get("frozen_inputs") or {}).items():
+        old = ((saved or {}).get("frozen_inputs") or {}).get(name)
+        if old and old.get("fingerprint") != current["fingerprint"]:
+            out.append(
+                f"{current['field']}={current['path']!r} holds other weights (step {current['step']}) than the "
+                f"{name} the run was trained with ({old['path']} at step {old['step']})"
+            )
+    return out

@@ -18,6 +18,7 @@ from ldm_jax.data import pipeline, preprocess
 from ldm_jax.imaging import save_png
 from ldm_jax.tasks import build_task, validate_config
 from ldm_jax.tasks import dreambooth
+from ldm_jax.tasks.protocol import frozen_input_changes
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import resume_config, transfer
 from ldm_jax.training.profiling import StepProfiler
@@ -182,6 +183,16 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False):
     # Every process compares before any of them restores, so none can have rewritten config.json yet.
     changed = resume_config.check(config, workdir, latest, allow_config_change) if latest is not None else []
     frozen, task_meta = task.setup(meta)
+    moved = frozen_input_changes(meta, task_meta)
+    if moved and not allow_config_change:
+        # The config did not change, the weights behind a path did: a latent task would go on in another latent
+        # space (every process read the same weights, so every process stops here alike).
+        raise config_lib.ConfigError(
+            f"--workdir={workdir}: {'; '.join(moved)}. Resume with those weights, or pass --allow_config_change to "
+            "go on with these"
+        )
+    for line in moved:
+        logging.warning("resuming with other frozen weights: %s", line)
     # Every process read the same frozen weights; each places its own replicas (no cross-host transfer).
     frozen = transfer.to_mesh(frozen, replicated(mesh))
 

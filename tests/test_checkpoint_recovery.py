@@ -81,6 +81,19 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(eight_steps, d
         np.testing.assert_array_equal(a, b)
 
 
+def test_when_no_checkpoint_restores_none_is_moved_aside(eight_steps, data_dir, tmp_path):
+    """Every checkpoint failing at once points at the machine (memory, permissions, storage) more than at every
+    file: the run stops naming them and moves nothing, so the same command resumes once the cause is fixed
+    (moved aside, they left an empty checkpoints folder, and the rerun trained from step 0)."""
+    work = str(tmp_path / "all_damaged")
+    shutil.copytree(eight_steps, work)
+    for step in ("4", "6", "8"):
+        damage_checkpoint(os.path.join(work, "checkpoints", step))
+    with pytest.raises(ckpt_lib.CheckpointUnreadable, match=r"no checkpoint restores \(tried \[8, 6, 4\]"):
+        train_and_evaluate(_config(data_dir, 10), work)
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["4", "6", "8"]
+
+
 def test_bits_changed_inside_an_array_are_caught_by_the_checksums(eight_steps, data_dir, tmp_path):
     """Bit rot inside an array's stored bytes can restore without any error from Orbax (tensorstore keeps
     incompressible float chunks as raw zstd blocks, without a checksum): the per-leaf checksums saved with each

@@ -160,6 +160,7 @@ class Checkpointer:
             candidates = [restore_step]
         else:
             candidates = steps[::-1]
+        failed = []  # newer checkpoints that did not restore, moved aside only once an older one does
         for step in candidates:
             state = meta = None
             try:
@@ -178,6 +179,10 @@ class Checkpointer:
                 if mismatch:
                     ok, why = False, f"its arrays differ from what was saved: {mismatch}"
             if ok:
+                # The files were at fault, not the machine (memory, permissions, a storage outage): this older one
+                # restores here. Only now are the newer ones moved aside, before the unused ones are counted.
+                for bad in failed:
+                    report["corrupt"].append(self._move_aside(bad, "corrupt"))
                 for newer in [s for s in self.all_steps() if s > step]:
                     report["unused"].append(self._move_aside(newer, "unused"))
                     logging.warning(
@@ -190,15 +195,18 @@ class Checkpointer:
                 "train.on_corrupt_checkpoint=fail: stopping; move it aside by hand or set the option to "
                 "'fallback' to resume from the newest checkpoint that restores"
                 if on_corrupt == "fail" or restore_step >= 0
-                else "It is moved aside (kept, not deleted) and the next older checkpoint is tried."
+                else "The next older checkpoint is tried; if one restores, this one is moved aside (kept, not deleted)."
             )
             if on_corrupt == "fail" or restore_step >= 0:
                 raise CheckpointUnreadable(message)
             logging.error("%s", message)
-            report["corrupt"].append(self._move_aside(step, "corrupt"))
+            failed.append(step)
+        # None restores: more likely the machine than every file at once. Nothing is moved, so that the same command
+        # resumes from the newest once the cause is fixed (moving them all would have let it start from step 0).
         raise CheckpointUnreadable(
-            f"{self.directory}: no checkpoint restores (moved aside: {report['corrupt']}); start a new workdir or "
-            "repair the files"
+            f"{self.directory}: no checkpoint restores (tried {failed}; the reasons are logged above); none was "
+            "moved aside. If the cause is not in the files (memory, permissions, storage), fix it and rerun the same "
+            "command; if every checkpoint is damaged, start a new workdir or repair the files"
         )
 
     def reached_preemption(self, step: int) -> bool:

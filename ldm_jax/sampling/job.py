@@ -32,7 +32,7 @@ from ldm_jax import config_lib, storage
 from ldm_jax.imaging import make_grid, save_png, to_uint8
 from ldm_jax.sampling import outputs
 from ldm_jax.training import transfer
-from ldm_jax.training.distributed import barrier
+from ldm_jax.training.distributed import barrier, processes_where
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -151,7 +151,7 @@ def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:
     # On a shared filesystem every process decides alike; on hosts that share none, one may refuse its folder while
     # the others' are fine. Every process then stops, each with the reason it has, instead of waiting forever at
     # the next barrier for the one that stopped.
-    refused = _processes_where(error is not None)
+    refused = processes_where(error is not None)
     if error is not None:
         raise error
     if refused:
@@ -186,14 +186,6 @@ def open_job(spec: JobSpec, on_other_job: str = "refuse") -> None:
         # A host that does not see process 0's folder keeps its own job.json: its rerun checks the settings and
         # continues, instead of finding images and no job.
         outputs.write_json(path, identity)
-
-
-def _processes_where(flag: bool) -> list[int]:
-    """The indices of the processes whose ``flag`` is true (every process must call it)."""
-    if jax.process_count() == 1:
-        return [0] if flag else []
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
-    return [int(i) for i in np.flatnonzero(flags)]
 
 
 def done_outputs(spec: JobSpec) -> np.ndarray:

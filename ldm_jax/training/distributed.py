@@ -255,6 +255,20 @@ def process_0_says(value: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
 
 
+def processes_where(flag: bool) -> list[int]:
+    """The indices of the processes whose ``flag`` is true, in every process (every process must call it): e.g.
+    which ones refused a folder as they see it, so that all stop alike."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
+
+
 def process_0_ints(values: Sequence[int]) -> list[int]:
     """Process 0's list of integers in every process (the lists may differ in length): e.g. which files to make,
     decided on what process 0's disk holds, when every process must then take part in making each."""

@@ -118,7 +118,12 @@ _LORA = flags.DEFINE_multi_string(
     "lora",
     [],
     "A LoRA file to apply, PATH[:SCALE] (scale 1 by default): ours (ldm_jax.export --lora_only) or the community's "
-    "diffusers/PEFT and kohya .safetensors; repeatable (their updates add up). Changing a scale does not recompile.",
+    "diffusers/PEFT and kohya .safetensors (pickled .bin/.pt with --allow_pickle); repeatable (their updates add up). Changing a scale does not recompile.",
+)
+_ALLOW_PICKLE = flags.DEFINE_bool(
+    "allow_pickle",
+    False,
+    "Allow reading pickled --lora files (.bin/.pt/.ckpt) with torch.load(weights_only=True); needs torch.",
 )
 _OUTDIR = flags.DEFINE_string(
     "outdir", "", "The job's folder (default: <workdir>/samples/<digest of the job>, so a rerun resumes it)."
@@ -215,7 +220,7 @@ def main(argv):
         if storage.is_url(path):  # read_state_dict reads local files
             raise app.UsageError(f"--lora={path}: a URL; copy the LoRA file to a local path and pass that")
         if not os.path.isfile(path):
-            raise app.UsageError(f"--lora={path}: no such file (expected PATH[:SCALE], a .safetensors LoRA file)")
+            raise app.UsageError(f"--lora={path}: no such file (expected PATH[:SCALE], a LoRA file)")
         with open(path, "rb") as f:
             lora_model.append(dict(sha256=hashlib.sha256(f.read()).hexdigest(), scale=scale))
     spec = JobSpec(
@@ -251,7 +256,7 @@ def main(argv):
         from ldm_jax.tasks.adapters import apply_files
 
         try:
-            params, frozen, applied = apply_files(params, frozen, lora_files)
+            params, frozen, applied = apply_files(params, frozen, lora_files, _ALLOW_PICKLE.value)
         except (ValueError, OSError) as e:  # AdapterFileError, WeightFileError: name the file and keys
             raise app.UsageError(str(e)) from e
         for a in applied:

@@ -275,6 +275,17 @@ def test_lora_errors_name_the_field_or_key(sd, run, tmp_path):
     save_file({"unet.some.hada_w1_a": np.zeros((4, 32), np.float32)}, bad)
     with pytest.raises(lora.AdapterFileError, match="LoCon/LoHa/DoRA"):
         apply_files(params, frozen, [(bad, 1.0)])
+    # A community .bin LoRA is a pickle: read on request only (sample --allow_pickle), with torch.
+    pickled = str(tmp_path / "pytorch_lora_weights.bin")
+    with open(pickled, "wb") as f:
+        f.write(b"\x80\x02}q\x00.")
+    with pytest.raises(PermissionError, match=r"pytorch_lora_weights.bin: a pickled .*--allow_pickle"):
+        apply_files(params, frozen, [(pickled, 1.0)])
+    from ldm_jax import sample
+
+    assert sample._ALLOW_PICKLE.name == "allow_pickle"  # the flag that message names
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights.bin: .*(torch is not importable|torch.load)"):
+        apply_files(params, frozen, [(pickled, 1.0)], allow_pickle=True)
     with pytest.raises(ValueError, match="not a LoRA run"):
         stable_diffusion.export_lora(sd["converted"], str(tmp_path / "x.safetensors"))
     assert lora.parse_lora_flag("a/b.safetensors:0.7") == ("a/b.safetensors", 0.7)

@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import re
 import time
 
@@ -168,6 +169,21 @@ def test_class_folders_give_sorted_labels(own):
     assert pipeline.source_class_names(data) == ["cat", "coffee", "rocket"]
 
 
+def test_class_folders_may_be_symlinks_and_a_link_loop_is_not_followed(own, tmp_path):
+    # Class folders linked in from elsewhere (as torchvision's ImageFolder reads them), plus a link back to the root:
+    # followed, os.walk would descend forever; the root is already seen, so it is skipped.
+    root = tmp_path / "linked"
+    root.mkdir()
+    *linked, real = own_data.CLASS_NAMES
+    for name in linked:
+        os.symlink(os.path.join(own["classes"]["root"], name), root / name)
+    shutil.copytree(os.path.join(own["classes"]["root"], real), root / real)
+    os.symlink(root, root / real / "loop")
+    src = sources.open_source(f"folder:{root}")
+    assert src.class_names == list(own_data.CLASS_NAMES)
+    assert {src[i]["key"]: src[i]["label"] for i in range(len(src))} == own["classes"]["labels"]
+
+
 def test_tfds_source_reads_a_prepared_dataset_without_tensorflow(own):
     import sys
 
@@ -196,6 +212,10 @@ def test_tfds_source_reads_a_prepared_dataset_without_tensorflow(own):
         sources.open_source(spec, t["data_dir"], "image", "text")
     with pytest.raises(ValueError, match=r"data\.source=.*data\.label_key='class'"):
         sources.open_source(spec, t["data_dir"], "image", "caption", "class")
+    with pytest.raises(
+        ValueError, match=r"data\.label_key='caption' is a Text feature; class labels must be a .*ClassLabel"
+    ):
+        sources.open_source(spec, t["data_dir"], "image", "caption", "caption")
     with pytest.raises(ValueError, match=r"data\.source='tfds:no_such_dataset'.*could not be opened"):
         sources.open_source("tfds:no_such_dataset", t["data_dir"])
 

@@ -127,8 +127,13 @@ class FolderSource:
         if not os.path.isdir(root):
             raise SourceError(f"data.source={spec!r}: no such folder {root!r}")
         files = []
-        for folder, dirs, names in os.walk(root):
-            dirs.sort()
+        # Symlinked sub-folders are followed (a class folder is often a link into another dataset, as
+        # torchvision's ImageFolder allows); a link back up the tree is entered once, not forever.
+        seen = {os.path.realpath(root)}
+        for folder, dirs, names in os.walk(root, followlinks=True):
+            real = [(d, os.path.realpath(os.path.join(folder, d))) for d in sorted(dirs)]
+            dirs[:] = [d for d, r in real if r not in seen]
+            seen.update(r for _, r in real)
             files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
             raise SourceError(f"data.source={spec!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
@@ -357,7 +362,16 @@ class TFDSSource:
         if label_key and label_key not in keys:
             raise SourceError(f"data.source={spec!r}: data.label_key={label_key!r} is not a feature ({sorted(keys)})")
         self.image_key, self.caption_key, self.label_key = image_key, caption_key, label_key
-        self.class_names = list(features[label_key].names) if label_key else []
+        self.class_names = []
+        if label_key:
+            # The classes are a ClassLabel's names; a bare integer or text feature names no classes to count.
+            names = getattr(features[label_key], "names", None)
+            if names is None:
+                raise SourceError(
+                    f"data.source={spec!r}: data.label_key={label_key!r} is a {type(features[label_key]).__name__} "
+                    "feature; class labels must be a tfds.features.ClassLabel (its names are the classes)"
+                )
+            self.class_names = list(names)
         self.description = f"tfds {name} {self.split} ({len(self.source)} records)"
 
     def __len__(self) -> int:

@@ -104,7 +104,9 @@ class LoraAdapters:
         return params, frozen
 
 
-def apply_files(params: dict, frozen: dict, files: Sequence[tuple[str, float]]) -> tuple[dict, dict, list[dict]]:
+def apply_files(
+    params: dict, frozen: dict, files: Sequence[tuple[str, float]], allow_pickle: bool = False
+) -> tuple[dict, dict, list[dict]]:
     """``params``/``frozen`` of a loaded model with the LoRA files ``[(path, scale)]`` merged in (diffusers/PEFT or
     kohya naming, ``models/lora.py``); also what each file adapted. The merge runs as one jitted program whose
     scale is an argument, and its outputs are weights of the same shapes as before: the generation programs compiled
@@ -119,7 +121,7 @@ def apply_files(params: dict, frozen: dict, files: Sequence[tuple[str, float]]) 
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model)
     combined, described = {}, []
     for path, scale in files:
-        state_dict = read_state_dict(path)
+        state_dict = read_state_dict(path, allow_pickle, what="LoRA file")
         adapters, naming = lora.adapters_from_state_dict(state_dict, abstract, f"--lora={path}")
         combined = lora.combine(combined, lora.fold_scale(adapters, scale))
         described.append(

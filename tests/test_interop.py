@@ -467,6 +467,42 @@ def test_pickled_checkpoints_need_opt_in(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_component_folders_read_full_precision_shards_before_any_variant(tmp_path):
+    from safetensors.numpy import save_file
+
+    d = str(tmp_path / "unet")
+    os.makedirs(d)
+    stem = "diffusion_pytorch_model"
+    full = {"a": np.arange(3, dtype=np.float32), "b": np.ones((2, 2), np.float32)}
+    # Two full-precision shards and their index, beside the hub's fp16 variant (whose index name sorts first).
+    for i, key in enumerate(full):
+        save_file({key: full[key]}, os.path.join(d, f"{stem}-0000{i + 1}-of-00002.safetensors"))
+    weight_map = {k: f"{stem}-0000{i + 1}-of-00002.safetensors" for i, k in enumerate(full)}
+    wfiles.write_json(os.path.join(d, f"{stem}.safetensors.index.json"), {"weight_map": weight_map})
+    half = {k: (v + 1).astype(np.float16) for k, v in full.items()}
+    save_file(half, os.path.join(d, f"{stem}.fp16.safetensors"))
+    got = wfiles.read_component(d, stem)
+    assert set(got) == set(full) and all(got[k].dtype == np.float32 for k in got)
+    np.testing.assert_array_equal(got["a"], full["a"])
+    # Only the variant left: read (with a warning), cast later to the model's dtype by the converter.
+    os.remove(os.path.join(d, f"{stem}.safetensors.index.json"))
+    got = wfiles.read_component(d, stem)
+    assert got["a"].dtype == np.float16 and got["a"][0] == 1
+    # A second variant, sharded (diffusers names it <stem>.safetensors.index.<variant>.json): which one is meant?
+    wfiles.write_json(os.path.join(d, f"{stem}.safetensors.index.bf16.json"), {"weight_map": weight_map})
+    with pytest.raises(
+        weight_files.WeightFileNotFound, match=r"several variants .*fp16.safetensors, .*index.bf16.json"
+    ):
+        wfiles.read_component(d, stem)
+    os.remove(os.path.join(d, f"{stem}.fp16.safetensors"))
+    assert set(wfiles.read_component(d, stem)) == set(full)  # the variant's index, followed to its shards
+    # A pickle beside safetensors is never the one read.
+    with open(os.path.join(d, f"{stem}.bin"), "wb") as f:
+        f.write(b"not read")
+    save_file(full, os.path.join(d, f"{stem}.safetensors"))
+    assert wfiles.find_weight_file(d, stem).endswith(f"{stem}.safetensors")
+
+
 def test_pickled_checkpoint_reader_uses_torch_load_weights_only(reference):
     _, inputs, out = reference["pickle"]
     np.testing.assert_array_equal(out["model__w"], inputs["model__w"])

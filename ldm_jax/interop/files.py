@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
+from absl import logging
 
 from ldm_jax import storage
 from ldm_jax.interop.weight_files import SAFETENSORS_SUFFIX, WeightFileNotFound, read_state_dict
@@ -44,30 +46,37 @@ def read_json(path: str) -> dict:
 
 def find_weight_file(folder: str, stem: str) -> str:
     """The weights of a diffusers / transformers component folder: ``<stem>.safetensors``, else a sharded
-    ``*.safetensors.index.json``, else the pickle ``<stem>.bin``.
+    ``<stem>.safetensors.index.json``, else the pickle ``<stem>.bin``; else the one precision variant the folder
+    holds (the hub's ``variant=``: ``<stem>.fp16.safetensors``, ``<stem>.safetensors.index.fp16.json``).
 
     Safe formats come first so that a folder holding both never needs ``allow_pickle``; whether a pickle may be read
-    is decided by the reader, which refuses it naming the file.
+    is decided by the reader, which refuses it naming the file. Full precision comes before any variant, and a folder
+    with several variants and no full-precision file is refused, naming them.
     """
-    single, pickle = f"{stem}{SAFETENSORS_SUFFIX}", f"{stem}.bin"
-    if os.path.isfile(os.path.join(folder, single)):
-        return os.path.join(folder, single)
-    sharded = (
-        [n for n in sorted(os.listdir(folder)) if n.endswith(f"{SAFETENSORS_SUFFIX}.index.json")]
-        if os.path.isdir(folder)
-        else []
+    single, index, pickle = f"{stem}{SAFETENSORS_SUFFIX}", f"{stem}{SAFETENSORS_SUFFIX}.index.json", f"{stem}.bin"
+    for name in (single, index, pickle):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    variant = re.compile(
+        rf"{re.escape(stem)}\.(\w+){re.escape(SAFETENSORS_SUFFIX)}(\.index\.json)?"
+        rf"|{re.escape(stem)}{re.escape(SAFETENSORS_SUFFIX)}\.index\.(\w+)\.json"
     )
-    if sharded:
-        return os.path.join(folder, sharded[0])
-    if os.path.isfile(os.path.join(folder, pickle)):
-        return os.path.join(folder, pickle)
-    raise WeightFileNotFound(f"{folder}: no {single}, sharded *{SAFETENSORS_SUFFIX}.index.json or {pickle} found")
+    variants = [n for n in present if variant.fullmatch(n)]
+    if len(variants) == 1:
+        logging.warning("%s: no full-precision weights; reading the variant %s", folder, variants[0])
+        return os.path.join(folder, variants[0])
+    if variants:
+        raise WeightFileNotFound(
+            f"{folder}: no {single}, {index} or {pickle}, and several variants ({', '.join(variants)}); keep one"
+        )
+    raise WeightFileNotFound(f"{folder}: no {single}, sharded {index} or {pickle} found")
 
 
 def read_component(folder: str, stem: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Weights of a component folder, following a sharded ``*.safetensors.index.json`` when there is one."""
+    """Weights of a component folder (``find_weight_file``), following a sharded index to its shards."""
     path = find_weight_file(folder, stem)
-    if path.endswith(".index.json"):
+    if path.endswith(".json"):  # <stem>.safetensors.index.json, or a variant's <stem>.safetensors.index.fp16.json
         index = read_json(path)
         out = {}
         # Shards are read without allow_pickle: a safetensors index naming a pickle is refused, not unpickled.

@@ -140,22 +140,37 @@ def rmtree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def replace_folder(tmp: str, out: str) -> None:
-    """Puts the finished folder ``tmp`` at ``out``, replacing what was there (both local, or both URLs)."""
+def replace_folder(tmp: str, out: str, last: tuple[str, ...] = ()) -> None:
+    """Puts the finished folder ``tmp`` at ``out``, replacing what was there (both local, or both URLs). Locally
+    one rename. In a bucket, which has no folder rename, the files are copied one by one, those named in ``last``
+    ('/'-separated relative paths) after all others and in that order, so that a reader who checks for them sees
+    a complete folder; then ``tmp`` is removed."""
     if exists(out):
         rmtree(out)
-    rename(tmp, out)
+    if not is_url(tmp):
+        rename(tmp, out)
+        return
+    files, folders = [], [""]
+    while folders:  # no recursive glob on GCS: one listing per folder
+        rel_folder = folders.pop()
+        for p in _epath(join(tmp, *filter(None, rel_folder.split("/")))).iterdir():
+            rel = f"{rel_folder}/{p.name}".lstrip("/")
+            (folders if p.is_dir() else files).append(rel)
+    for rel in sorted(files, key=lambda r: (last.index(r) if r in last else -1, r)):
+        _epath(join(tmp, *rel.split("/"))).copy(_epath(join(out, *rel.split("/"))), overwrite=True)
+    rmtree(tmp)
 
 
 def upload_tree(local: str, url: str, last: tuple[str, ...] = ()) -> None:
-    """Copies the local folder ``local`` to ``url`` file by file; the files named in ``last`` (relative paths) go up
-    after all others, so that a reader who checks for them sees a complete folder."""
+    """Copies the local folder ``local`` to ``url`` file by file; the files named in ``last`` ('/'-separated
+    relative paths) go up after all others, in that order, so that a reader who checks for them sees a complete
+    folder (GCS has no atomic rename of a folder)."""
     files = []
     for folder, _, names in os.walk(local):
-        files += [os.path.relpath(os.path.join(folder, n), local) for n in names]
-    for rel in sorted(files, key=lambda r: (r in last, r)):
+        files += [os.path.relpath(os.path.join(folder, n), local).replace(os.sep, "/") for n in names]
+    for rel in sorted(files, key=lambda r: (last.index(r) if r in last else -1, r)):
         with open(os.path.join(local, rel), "rb") as f:
-            write_bytes(join(url, *rel.split(os.sep)), f.read())
+            write_bytes(join(url, *rel.split("/")), f.read())
 
 
 def read_bytes(path: str) -> bytes:

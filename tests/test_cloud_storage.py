@@ -76,6 +76,24 @@ def test_files_in_a_bucket_are_written_whole_listed_appended_and_moved(gcs, tmp_
         f"{base}/a/config.json"
     )
     assert storage.absolute(f"{base}/b/") == f"{base}/b"
+    # A finished folder put in place (how convert --out=gs://... lands): no folder rename in a bucket, so files are
+    # copied with the ones a reader checks for last, in the order given, then the temporary folder is removed.
+    copied = []
+    path_type = type(storage._epath(base))
+    real_copy = path_type.copy
+    for rel in ("config.json", "first_stage/config.json", "first_stage/w.bin", "w.bin"):
+        storage.write_text(f"{base}/tmp/{rel}", rel)
+    storage.write_text(f"{base}/out/stale.txt", "replaced")
+    try:
+        path_type.copy = lambda self, dst, **kw: copied.append(str(dst)) or real_copy(self, dst, **kw)
+        storage.replace_folder(f"{base}/tmp", f"{base}/out", last=("first_stage/config.json", "config.json"))
+    finally:
+        path_type.copy = real_copy
+    assert [c.removeprefix(f"{base}/out/") for c in copied] == [
+        "first_stage/w.bin", "w.bin", "first_stage/config.json", "config.json"
+    ]  # fmt: skip
+    assert storage.read_text(f"{base}/out/first_stage/config.json") == "first_stage/config.json"
+    assert not storage.exists(f"{base}/out/stale.txt") and not storage.exists(f"{base}/tmp")
     with pytest.raises(ValueError, match=r"--workdir='s3://x/y': unsupported storage URL"):
         storage.check("s3://x/y", "--workdir")
 
@@ -190,6 +208,8 @@ def test_train_kill_resume_sample_export_convert_evaluate_in_a_bucket(gcs, data_
     r = _run("ldm_jax.convert", f"--src={local}", f"--out={converted}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert ckpt_lib.Checkpointer(converted, 1).all_steps() == [0]
+    assert ckpt_lib.Checkpointer(f"{converted}/first_stage", 1).all_steps() == [0]
+    assert not [n for n in storage.listdir(f"gs://{BUCKET}") if ".tmp-" in n]  # the copy's source is gone
     ema, _, _ = ckpt_lib.load_trained_params(run, "ema")
     back, _, _ = ckpt_lib.load_trained_params(converted, "params")
     for a, b in zip(jax.tree.leaves(ema["unet"]), jax.tree.leaves(back["unet"]), strict=True):

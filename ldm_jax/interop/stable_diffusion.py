@@ -399,17 +399,26 @@ def check_compatible(pipe: Pipeline) -> None:
 
 
 def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = False) -> dict:
-    """Writes ``out`` (txt2img or inpainting) and ``out/first_stage`` atomically (a temporary folder renamed at the
-    end)."""
+    """Writes ``out`` (txt2img or inpainting) and ``out/first_stage`` whole: a reader never finds a part of them
+    that looks like a workdir."""
     check_compatible(pipe)
     storage.check(out, "--out")
     out = storage.absolute(out)
     if storage.listdir(out) and not overwrite:
         raise FileExistsError(f"--out={out}: exists and is not empty; choose a new folder or pass --overwrite")
-    # Written beside ``out`` and renamed when complete (in a bucket the rename copies: the checkpoints Orbax wrote
-    # there carry their own commit markers).
+    # Written beside ``out``, then moved there. Locally the move is one atomic rename. A bucket has none: the files
+    # are copied with the two config.json files last, so that a crash mid-copy leaves a folder no reader takes for a
+    # workdir (and a rerun needs --overwrite). The checkpoints are written in the bucket, not uploaded: Orbax takes a
+    # checkpoint there as finished only with the commit marker its own save writes.
     tmp = f"{out}.tmp-{os.getpid()}"
     storage.rmtree(tmp)
+    record = _write_converted(pipe, tmp, out, source)
+    storage.replace_folder(tmp, out, last=("first_stage/config.json", "config.json"))
+    return record
+
+
+def _write_converted(pipe: Pipeline, tmp: str, out: str, source: str) -> dict:
+    """The workdirs of ``write_workdirs`` in ``tmp``, their configs naming the place they will have, ``out``."""
     f = 2 ** (len(pipe.first_stage["block_out_channels"]) - 1)
     image_size = pipe.unet["sample_size"] * f
     fs_cfg = first_stage_config(pipe.first_stage, image_size)
@@ -429,7 +438,6 @@ def write_workdirs(pipe: Pipeline, out: str, source: str, overwrite: bool = Fals
         "ignored_source_keys": sorted(pipe.ignored),
     }
     wfiles.write_json(storage.join(tmp, "conversion.json"), record)
-    storage.replace_folder(tmp, out)
     return record
 
 

@@ -94,6 +94,35 @@ def test_when_no_checkpoint_restores_none_is_moved_aside(eight_steps, data_dir, 
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["4", "6", "8"]
 
 
+def test_a_machine_failure_moves_nothing_and_tries_no_older_checkpoint(eight_steps, data_dir, tmp_path, monkeypatch):
+    """Out of memory (or permissions, file handles) while the newest checkpoint restores is the machine's failure,
+    not the files': were an older one tried and restored, the newest would be moved aside as damaged and the run
+    would redo its steps. The run stops instead, naming the cause, and every checkpoint stays where it was."""
+    work = str(tmp_path / "machine")
+    shutil.copytree(eight_steps, work)
+    real_restore = ckpt_lib.Checkpointer.restore
+    tried = []
+
+    def restore(self, step, abstract):
+        tried.append(step)
+        if step == 8:
+            try:  # as tensorstore reports it through Orbax: the allocation error under another type
+                raise MemoryError("cannot allocate 3.2 GiB")
+            except MemoryError as e:
+                raise ValueError("Error reading array 'params.unet'") from e
+        return real_restore(self, step, abstract)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", restore)
+    with pytest.raises(
+        ckpt_lib.CheckpointUnreadable, match=r"/8 does not restore on this machine .*no checkpoint was moved"
+    ):
+        train_and_evaluate(_config(data_dir, 10), work)
+    assert tried == [8] and sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["4", "6", "8"]
+    assert ckpt_lib.machine_failure(OSError(12, "Cannot allocate memory"))
+    assert ckpt_lib.machine_failure(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+    assert not ckpt_lib.machine_failure(ValueError("zstd decompression failed: corrupted block"))
+
+
 def test_bits_changed_inside_an_array_are_caught_by_the_checksums(eight_steps, data_dir, tmp_path):
     """Bit rot inside an array's stored bytes can restore without any error from Orbax (tensorstore keeps
     incompressible float chunks as raw zstd blocks, without a checksum): the per-leaf checksums saved with each

@@ -9,6 +9,7 @@ shardings come from the restoring run.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -53,13 +54,37 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text[:limit]}" + ("..." if len(text) > limit else "")
 
 
-def _all_processes_ok(ok: bool) -> bool:
-    """Whether ``ok`` holds on every process: a checkpoint counts as restored only where every process read it."""
+# Failures of the machine, not of the files: an older checkpoint restoring after one of these would only mean the
+# machine recovered in between, and moving the newer one aside as damaged would drop good progress.
+_MACHINE_ERRNOS = {errno.ENOMEM, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE}
+_MACHINE_MESSAGES = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "Permission denied", "Too many open files")
+
+
+def machine_failure(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) says the machine failed: memory, permissions, file
+    handles. Orbax and tensorstore often re-raise these under their own types, so their messages count too."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (MemoryError, PermissionError)) or (isinstance(e, OSError) and e.errno in _MACHINE_ERRNOS):
+            return True
+        if any(m in str(e) for m in _MACHINE_MESSAGES):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+RESTORED, FILES_FAILED, MACHINE_FAILED = 0, 1, 2  # a restore's verdict on one process, in order of severity
+
+
+def _worst_verdict(verdict: int) -> int:
+    """The largest of every process's ``verdict``: a checkpoint counts as restored only where every process read
+    it, and as the machine's failure where any process's machine failed."""
     if jax.process_count() == 1:
-        return ok
+        return verdict
     from jax.experimental import multihost_utils
 
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+    return int(np.max(multihost_utils.process_allgather(np.int32(verdict))))
 
 
 @functools.cache  # once per process; on first use, not at import, when the backend is known
@@ -163,15 +188,24 @@ class Checkpointer:
         failed = []  # newer checkpoints that did not restore, moved aside only once an older one does
         for step in candidates:
             state = meta = None
+            verdict = RESTORED
             try:
                 self.check_tree(step, abstract_state)
                 state, meta = self.restore(step, abstract_state)
-                ok, why = True, ""
+                why = ""
             except CheckpointTreeMismatch:
                 raise
             except Exception as e:  # orbax/tensorstore raise many types for damaged files; the reason is reported
-                ok, why = False, _first_line(e)
-            ok = _all_processes_ok(ok)
+                verdict, why = (MACHINE_FAILED if machine_failure(e) else FILES_FAILED), _first_line(e)
+            verdict = _worst_verdict(verdict)
+            if verdict == MACHINE_FAILED:
+                raise CheckpointUnreadable(
+                    f"checkpoint {self.directory}/{step} does not restore on this machine "
+                    f"({why or 'on another process: memory, permissions or file handles'}): the files are not at "
+                    "fault, so no checkpoint was moved aside and no older one was tried; free the memory or fix the "
+                    "permissions and rerun the same command"
+                )
+            ok = verdict == RESTORED
             if ok and CHECKSUMS in meta:
                 # Bytes flipped inside an array's data can restore without an error: the saved checksums catch
                 # them (computed over the global arrays, so every process reaches the same verdict).

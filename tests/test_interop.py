@@ -795,3 +795,17 @@ def test_text_time_embedding_config_and_weights_round_trip():
     again = params_from_state_dict("unet", sd, stable_diffusion.unet_abstract(fields), "round trip")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_pndm_zero_snr_run_exports_a_scheduler_that_rescales():
+    """diffusers' PNDMScheduler has no rescale_betas_zero_snr: given the key it ignores it and samples a schedule the
+    model never trained on. Such a run's pipeline gets the DDIMScheduler, which rescales."""
+    from configs import txt2img
+    from ldm_jax.interop import diffusers_config
+
+    c = txt2img.get_config("demo")
+    sample = dict(c.sample.to_dict(), sampler="pndm")
+    cfg = diffusers_config.scheduler_to_diffusers(c.diffusion.to_dict(), sample)
+    assert cfg["_class_name"] == "DDIMScheduler" and cfg["rescale_betas_zero_snr"] is True
+    c.diffusion.rescale_betas_zero_snr = False
+    assert diffusers_config.scheduler_to_diffusers(c.diffusion.to_dict(), sample)["_class_name"] == "PNDMScheduler"

@@ -6,6 +6,7 @@ that silently computes something else. Export writes configs that the PyTorch cl
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -364,6 +365,14 @@ def scheduler_to_diffusers(diffusion: dict, sample: dict) -> dict:
     scheduler class reads is written, so diffusers' class defaults never leak in.
     """
     name = sample["sampler"]
+    if name == "pndm" and diffusion.get("rescale_betas_zero_snr", False):
+        # diffusers' PNDMScheduler takes no rescale_betas_zero_snr (it would ignore the key and sample the
+        # unrescaled schedule, not the one the model was trained on); its DDIMScheduler does.
+        logging.getLogger(__name__).warning(  # absl's handler prints it; no absl needed to import this module
+            "sample.sampler='pndm' with diffusion.rescale_betas_zero_snr=True: written as DDIMScheduler, since "
+            "diffusers' PNDMScheduler has no zero-terminal-SNR rescale"
+        )
+        name = "ddim"
     cfg = {
         "_class_name": SCHEDULER_CLASSES[name],
         "_diffusers_version": DIFFUSERS_VERSION,

@@ -8,12 +8,12 @@ uses; it is imported here for :func:`read_component` and is what the converter c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
 
 import numpy as np
-from absl import logging
 
 from ldm_jax import storage
 from ldm_jax.interop.weight_files import SAFETENSORS_SUFFIX, WeightFileNotFound, read_state_dict
@@ -64,7 +64,11 @@ def find_weight_file(folder: str, stem: str) -> str:
     )
     variants = [n for n in present if variant.fullmatch(n)]
     if len(variants) == 1:
-        logging.warning("%s: no full-precision weights; reading the variant %s", folder, variants[0])
+        # The standard library's logger (absl's handler prints it in the CLIs): this module is also imported by
+        # the PyTorch reference environment of the tests, which has no absl.
+        logging.getLogger(__name__).warning(
+            "%s: no full-precision weights; reading the variant %s", folder, variants[0]
+        )
         return os.path.join(folder, variants[0])
     if variants:
         raise WeightFileNotFound(

@@ -35,7 +35,9 @@ def spaced_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: i
         return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + steps_offset
     if spacing == "trailing":
         ratio = n_train / num_steps
-        return np.round(np.arange(n_train, 0, -ratio)).astype(np.int64) - 1
+        # [:num_steps]: for some counts (61, 103, 121, ...) float error leaves a last arange entry just above 0,
+        # which would round to t = -1 (alpha_bar[-1] wraps to the noisiest step): one step too many, the last wrong.
+        return np.round(np.arange(n_train, 0, -ratio))[:num_steps].astype(np.int64) - 1
     if spacing == "linspace":
         return np.linspace(0, n_train - 1, num_steps).round()[::-1].astype(np.int64)
     raise ValueError(f"spacing={spacing!r}: must be one of {SPACINGS}")

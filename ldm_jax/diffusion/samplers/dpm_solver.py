@@ -21,7 +21,7 @@ def dpm_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: int)
         ratio = n_train // (num_steps + 1)
         return (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
     ratio = n_train / num_steps  # trailing
-    return np.arange(n_train, 0, -ratio).round().astype(np.int64) - 1
+    return np.arange(n_train, 0, -ratio).round()[:num_steps].astype(np.int64) - 1  # base.spaced_timesteps says why
 
 
 class DPMSolverPP(Sampler):

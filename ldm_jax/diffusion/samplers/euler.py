@@ -21,7 +21,7 @@ def euler_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: in
         ratio = n_train // num_steps
         return (np.arange(num_steps) * ratio).round()[::-1].astype(np.float32) + steps_offset
     ratio = n_train / num_steps  # trailing
-    return np.arange(n_train, 0, -ratio).round().astype(np.float32) - 1
+    return np.arange(n_train, 0, -ratio).round()[:num_steps].astype(np.float32) - 1  # base.spaced_timesteps says why
 
 
 class _SigmaSampler(Sampler):

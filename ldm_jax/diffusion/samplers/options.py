@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES
-from ldm_jax.diffusion.samplers.base import SPACINGS
+from ldm_jax.diffusion.samplers.base import SPACINGS, spaced_timesteps
 from ldm_jax.diffusion.samplers.ddim import DDIM, DDPM
-from ldm_jax.diffusion.samplers.dpm_solver import DPMSolverPP
-from ldm_jax.diffusion.samplers.euler import Euler, EulerAncestral
-from ldm_jax.diffusion.samplers.pndm import PNDM
+from ldm_jax.diffusion.samplers.dpm_solver import DPMSolverPP, dpm_timesteps
+from ldm_jax.diffusion.samplers.euler import Euler, EulerAncestral, euler_timesteps
+from ldm_jax.diffusion.samplers.pndm import PNDM, base_timesteps as pndm_base_timesteps
 
 SAMPLERS = {
     "ddpm": DDPM,
@@ -22,6 +24,26 @@ SAMPLERS = {
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 SOLVER_TYPES = ("midpoint", "heun")
 FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+def evaluated_timesteps(options: "SamplerOptions", num_steps: int, n_train: int) -> np.ndarray:
+    """The timesteps ``options.name`` evaluates the model at, for ``num_steps`` steps (each sampler's own rule)."""
+    args = (n_train, num_steps, options.spacing, options.steps_offset)
+    if options.name == "pndm":
+        return np.asarray(pndm_base_timesteps(*args))
+    if options.name == "dpmpp_2m":
+        return np.asarray(dpm_timesteps(*args))
+    if options.name in ("euler", "euler_ancestral"):
+        return np.asarray(euler_timesteps(*args))
+    return spaced_timesteps(*args)
+
+
+def _timesteps_fit(options: "SamplerOptions", num_steps: int, n_train: int) -> bool:
+    """Whether the steps stay in the trained range, one per step, none repeated: past the end ("leading" spacing
+    with steps_offset=1 reaches t = n_train at n_train steps) the table lookup fails or the model sees a timestep it
+    never trained on, and DPM-Solver++'s update divides by the gap between two equal timesteps."""
+    ts = evaluated_timesteps(options, num_steps, n_train)
+    return len(ts) == num_steps and ts.min() >= 0 and ts.max() <= n_train - 1 and len(np.unique(ts)) == num_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +91,15 @@ class SamplerOptions:
         check(self.solver_type in SOLVER_TYPES, "solver_type", f"must be one of {SOLVER_TYPES}")
         check(self.final_sigmas_type in FINAL_SIGMAS, "final_sigmas_type", f"must be one of {FINAL_SIGMAS}")
         SAMPLERS[self.name].check_options(self, prefix)
+        if not _timesteps_fit(self, self.num_steps, num_train_timesteps):
+            fits = [n for n in range(self.num_steps - 1, 0, -1) if _timesteps_fit(self, n, num_train_timesteps)]
+            ts = evaluated_timesteps(self, self.num_steps, num_train_timesteps)
+            raise ValueError(
+                f"{prefix}num_steps={self.num_steps}: with {prefix}spacing={self.spacing!r} and "
+                f"{prefix}steps_offset={self.steps_offset}, {self.name}'s timesteps run from {int(ts.max())} down to "
+                f"{int(ts.min())} ({len(np.unique(ts))} distinct), outside the model's 0..{num_train_timesteps - 1} or "
+                f"repeated; use num_steps <= {fits[0] if fits else 0}, or {prefix}spacing='trailing'"
+            )
 
     def replace(self, **changes) -> "SamplerOptions":
         return dataclasses.replace(self, **changes)

@@ -8,7 +8,8 @@ a row of constant coefficients; the device step is then one fixed linear combina
   eff = c_out * out + c_acc * acc + sum_k c_ets[k] * ets[k]      (acc: the Runge-Kutta partial sum)
   acc = keep_acc * acc + add_acc * out
   base = stored sample ``cur`` if ``use_cur`` else x;  cur = x when ``store_cur``
-  x_prev = c_sample * base - c_eff * eps(eff)
+  x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps, with (x0, eps) of base and eff at alpha_bar a_t (the
+          scheduler's sqrt(a_prev / a_t) base - c eps in DDIM form: finite at a_t = 0)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from ldm_jax.diffusion.samplers.base import Sampler
 
 
-def _base_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+def base_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
     """PNDM's ascending ``_timesteps`` (its own variant of the spacing rules)."""
     if spacing == "linspace":
         return np.linspace(0, n_train - 1, num_steps).round().astype(np.int64)
@@ -27,12 +28,12 @@ def _base_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: in
         ratio = n_train // num_steps
         return (np.arange(num_steps) * ratio).round().astype(np.int64) + steps_offset
     ratio = n_train / num_steps  # trailing
-    return np.round(np.arange(n_train, 0, -ratio))[::-1].astype(np.int64) - 1
+    return np.round(np.arange(n_train, 0, -ratio))[:num_steps][::-1].astype(np.int64) - 1  # base.spaced_timesteps
 
 
 def pndm_plan(n_train: int, num_steps: int, spacing: str, steps_offset: int, skip_prk_steps: bool) -> list[dict]:
     """One dict of coefficients per model evaluation, replaying PNDMScheduler.step_prk / step_plms."""
-    base = _base_timesteps(n_train, num_steps, spacing, steps_offset)
+    base = base_timesteps(n_train, num_steps, spacing, steps_offset)
     ratio = n_train // num_steps
     if skip_prk_steps:
         prk = np.array([], np.int64)
@@ -98,13 +99,12 @@ class PNDM(Sampler):
         final = 1.0 if options.set_alpha_to_one else abar[0]
         a_t = np.array([abar[r["t_from"]] for r in plan])
         a_prev = np.array([abar[r["t_prev"]] if r["t_prev"] >= 0 else final for r in plan])
-        denom = a_t * np.sqrt(1.0 - a_prev) + np.sqrt(a_t * (1.0 - a_t) * a_prev)
         f32 = lambda key: np.array([r[key] for r in plan], np.float32)  # noqa: E731
         self.rows = {
             "t": f32("t"),
             "a_t": a_t.astype(np.float32),
-            "c_sample": np.sqrt(a_prev / a_t).astype(np.float32),
-            "c_eff": ((a_prev - a_t) / denom).astype(np.float32),
+            "sqrt_a_prev": np.sqrt(a_prev).astype(np.float32),
+            "sqrt_1m_a_prev": np.sqrt(1.0 - a_prev).astype(np.float32),
             "push": f32("push"),
             "store_cur": f32("store_cur"),
             "use_cur": f32("use_cur"),
@@ -128,7 +128,14 @@ class PNDM(Sampler):
         eff = row["c_out"] * out + row["c_acc"] * acc + jnp.tensordot(row["c_ets"], ets, axes=1)
         acc = row["keep_acc"] * acc + row["add_acc"] * out
         base = jnp.where(row["use_cur"] > 0, cur, x)
+        # PNDMScheduler's transfer, sqrt(a_prev / a_t) x - (a_prev - a_t) / (a_t sqrt(1 - a_prev) + sqrt(a_t (1 -
+        # a_t) a_prev)) eps, is algebraically the DDIM step sqrt(a_prev) x0 + sqrt(1 - a_prev) eps. Written that way
+        # it stays finite at a_t = 0 (a zero-terminal-SNR schedule's first step, v-prediction), where the ratio form
+        # divides by zero and every image came out NaN; elsewhere the two agree to float rounding (diffusers parity).
+        sa, sb = jnp.sqrt(row["a_t"]), jnp.sqrt(1.0 - row["a_t"])
         if self.options.prediction_type == "v_prediction":
-            eff = jnp.sqrt(row["a_t"]) * eff + jnp.sqrt(1.0 - row["a_t"]) * base
-        x = row["c_sample"] * base - row["c_eff"] * eff
+            x0, eps = sa * base - sb * eff, sa * eff + sb * base
+        else:
+            x0, eps = (base - sb * eff) / sa, eff
+        x = row["sqrt_a_prev"] * x0 + row["sqrt_1m_a_prev"] * eps
         return {"x": x, "cur": cur, "acc": acc, "ets": ets}

@@ -182,6 +182,11 @@ def main(argv):
     from ldm_jax import storage
 
     storage.check(workdir, "--workdir")
+    if _SEED.value < 0 or _SEED.value + _NUM.value > 2**32:
+        raise app.UsageError(
+            f"--seed={_SEED.value}: example i uses seed + i as a uint32 key; with --num_examples={_NUM.value} use "
+            f"a seed in [0, {2**32 - _NUM.value}]"
+        )
     try:
         config = config_lib.load_run_config(workdir, "--workdir")
     except FileNotFoundError as e:

@@ -211,6 +211,12 @@ def main(argv):
     for i, describe in enumerate(request.describe):
         extra = prompts[i].extra if ids else {}
         sources.append(dict(id=ids[i] if ids else str(i), **describe, **extra))
+    last_seed = _SEED.value + len(sources) * per - 1
+    if _SEED.value < 0 or last_seed >= 2**32:  # checked before the job folder is written
+        raise app.UsageError(
+            f"--seed={_SEED.value}: image i uses seed + i as a uint32 key, so seeds {_SEED.value}..{last_seed} "
+            f"must lie in [0, 2**32); use a seed in [0, {2**32 - len(sources) * per}]"
+        )
     config_digest = hashlib.sha256(storage.read_bytes(config_path)).hexdigest()
     from ldm_jax.models.lora import parse_lora_flag
 

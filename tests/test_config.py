@@ -52,6 +52,17 @@ def test_pod_scale_txt2img_describes_the_paper_setup():
         ("eval.every", -1, "eval.every=-1: must be >= 0"),
         ("data.prefetch_buffer_size", 0, "data.prefetch_buffer_size=0: must be >= 1"),
         ("data.read_threads", 0, "data.read_threads=0: must be >= 1"),
+        # Found inside validate by a ZeroDivisionError, or not at all (no cross-attention, no ResNet blocks).
+        ("unet.norm_groups", 0, "unet.norm_groups=0: must be >= 1"),
+        ("unet.block_out_channels", (0, 32), "unet.block_out_channels=(0, 32): every entry must be >= 1"),
+        ("unet.transformer_depth", 0, "unet.transformer_depth=0: must be >= 1"),
+        ("unet.layers_per_block", 0, "unet.layers_per_block=0: must be >= 1"),
+        ("unet.head_dim", -4, "unet.head_dim=-4: must be >= 0"),
+        ("text_encoder.heads", 0, "text_encoder.heads=0: must be >= 1"),
+        ("text_encoder.output_layer", -2, "text_encoder.output_layer=-2: -2 (the penultimate layer) needs"),
+        ("data.shuffle_seed", -1, "data.shuffle_seed=-1: must be >= 0"),
+        # Leading spacing with steps_offset=1 reaches t=1000 at 1000 steps: an IndexError at the first preview.
+        ("sample.num_steps", 1000, "sample.num_steps=1000: with sample.spacing='leading' and sample.steps_offset=1"),
     ],
 )
 def test_validate_names_the_bad_field(field, value, match):
@@ -121,6 +132,36 @@ def test_eval_section_names_the_bad_field(overrides, match):
     c.eval.update(every=10, **overrides)
     with pytest.raises(ValueError, match=re.escape(match)):
         validate_config(c)
+
+
+def test_seeds_and_prompt_metrics_are_checked_before_any_device_work():
+    """Each failed late: a negative seed at the first preview (uint32 keys), clip_score or a prompts file on a run
+    without prompts at the first evaluation, eval.every steps in; an autoencoder's norm_groups=0 inside validate."""
+    from configs import autoencoder_kl
+
+    c = txt2img.get_config("tiny")
+    c.first_stage.workdir = "x"
+    c.seed = -1
+    with pytest.raises(ValueError, match=re.escape("seed=-1: must be in [0, 2**31)")):
+        validate_config(c)
+    c.seed = 0
+    c.eval.update(every=10, metrics="fid", fid_weights=__file__, seed=2**32 - 8, num_samples=16)
+    with pytest.raises(ValueError, match=re.escape(f"eval.seed={2**32 - 8}: sample i uses seed + i as a uint32 key")):
+        validate_config(c)
+    c = class_cond.get_config("tiny")
+    c.first_stage.workdir = "x"
+    c.eval.update(every=10, metrics="fid,clip_score", fid_weights=__file__, clip_weights=__file__)
+    with pytest.raises(
+        ValueError, match="eval.metrics='fid,clip_score': clip_score scores images against their prompts"
+    ):
+        validate_config(c)
+    c.eval.update(metrics="fid", prompts_file=__file__)
+    with pytest.raises(ValueError, match="eval.prompts_file=.*: a class_cond run takes no prompts"):
+        validate_config(c)
+    ae = autoencoder_kl.get_config("tiny")
+    ae.model.norm_groups = 0
+    with pytest.raises(ValueError, match="model.norm_groups=0: must be >= 1"):
+        validate_config(ae)
 
 
 def test_eval_during_training_is_refused_for_runs_that_need_inputs_beyond_conditions():

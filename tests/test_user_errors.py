@@ -68,6 +68,7 @@ MISTAKES = [
     ("sample", ["--workdir=/nonexistent/run", "--prompt=a cat"], "/nonexistent/run/config.json: no config.json"),
     ("sample", ["--workdir=/nonexistent/run", "--num_per_prompt=0"], "--num_per_prompt=0: must be >= 1"),
     ("evaluate", ["--workdir=/nonexistent/run", "--samples=/tmp/s"], "not both"),
+    ("evaluate", ["--workdir=/nonexistent/run", "--seed=-1"], "--seed=-1: example i uses seed + i as a uint32 key"),
     ("evaluate", ["--workdir=/nonexistent/run"], "--workdir='/nonexistent/run': no config.json; train that run first"),
     ("export", ["--workdir=/nonexistent/run", "--out=/tmp/o"], "no config.json"),
     ("convert", ["--src=/nonexistent/sd", "--out=/tmp/o"], "--src=/nonexistent/sd: no such file or folder"),

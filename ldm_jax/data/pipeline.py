@@ -67,6 +67,7 @@ class DataConfig(config_lib.Section):
         self.check(self.name in BUILDERS, prefix, "name", f"must be one of {tuple(BUILDERS)}")
         self.check(self.config in DATASET_CONFIGS, prefix, "config", f"must be one of {DATASET_CONFIGS}")
         self.check(self.global_batch_size >= 1, prefix, "global_batch_size", "must be >= 1")
+        self.check(self.shuffle_seed >= 0, prefix, "shuffle_seed", "must be >= 0")
         self.check(self.worker_count >= 0, prefix, "worker_count", "must be >= 0")
         self.check(self.read_threads >= 1, prefix, "read_threads", "must be >= 1")
         self.check(self.prefetch_buffer_size >= 1, prefix, "prefetch_buffer_size", "must be >= 1")

@@ -59,6 +59,10 @@ class EvalConfig(config_lib.Section):
             self.check(os.path.exists(self.clip_weights), prefix, "clip_weights", "no such file or folder")
         if self.prompts_file:
             self.check(storage.isfile(self.prompts_file), prefix, "prompts_file", "no such file")
+        self.check(
+            0 <= self.seed and self.seed + self.num_samples <= 2**32, prefix, "seed",
+            f"sample i uses seed + i as a uint32 key: must be in [0, {2**32 - self.num_samples}]",
+        )  # fmt: skip
         for name in ("per_device_batch", "kid_subsets"):
             self.check(getattr(self, name) >= 1, prefix, name, "must be >= 1")
         if "kid" in metrics:

@@ -38,6 +38,8 @@ class _ModelCommon(config_lib.Section):
         self.check(self.kind in KINDS, prefix, "kind", f"must be one of {KINDS}")
         chans = tuple(self.block_out_channels)
         self.check(len(chans) >= 1, prefix, "block_out_channels", "must name at least one level")
+        self.check(all(ch >= 1 for ch in chans), prefix, "block_out_channels", "every entry must be >= 1")
+        self.check(self.norm_groups >= 1, prefix, "norm_groups", "must be >= 1 and divide every level's channels")
         self.check(
             all(ch % self.norm_groups == 0 for ch in chans),
             prefix,

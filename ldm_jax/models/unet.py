@@ -84,6 +84,17 @@ class UNetConfig(config_lib.Section):
         chans = tuple(self.block_out_channels)
         n = len(chans)
         self.check(n >= 1, prefix, "block_out_channels", "must name at least one level")
+        self.check(all(ch >= 1 for ch in chans), prefix, "block_out_channels", "every entry must be >= 1")
+        self.check(self.norm_groups >= 1, prefix, "norm_groups", "must be >= 1 and divide every level's channels")
+        self.check(self.layers_per_block >= 1, prefix, "layers_per_block", "must be >= 1 (ResNet blocks per level)")
+        self.check(
+            self.transformer_depth >= 1,
+            prefix,
+            "transformer_depth",
+            "must be >= 1 (transformer blocks per attention level; no attention at a level: its attention_levels "
+            "entry False)",
+        )
+        self.check(self.head_dim >= 0, prefix, "head_dim", "must be >= 0 (0: the level's channels / num_heads)")
         self.check(
             all(ch % self.norm_groups == 0 for ch in chans),
             prefix,

@@ -73,6 +73,8 @@ def validate_config(c) -> None:
     """Checks a config before any device work; raises ValueError naming the first bad field."""
     kind = _kind(c.task)
     config_lib.check(c.dtype in DTYPES, "dtype", c.dtype, f"must be one of {DTYPES}")
+    # The run's PRNG key, and preview image i's seed + i as a uint32 key.
+    config_lib.check(0 <= c.seed < 2**31, "seed", c.seed, "must be in [0, 2**31)")
     data = DataConfig.from_config(c.data, "data.")
     config_lib.check(
         data.labelled or not kind.labelled,

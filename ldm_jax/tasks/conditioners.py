@@ -69,7 +69,20 @@ class TextEncoderConfig(config_lib.Section):
 
     def validate(self, prefix: str) -> None:
         self.check(self.max_length >= 2, prefix, "max_length", "must be >= 2")
-        self.check(self.width % self.heads == 0, prefix, "heads", f"must divide {prefix}width={self.width}")
+        self.check(self.width >= 1, prefix, "width", "must be >= 1")
+        self.check(self.layers >= 1, prefix, "layers", "must be >= 1")
+        self.check(
+            self.heads >= 1 and self.width % self.heads == 0,
+            prefix,
+            "heads",
+            f"must be >= 1 and divide {prefix}width={self.width}",
+        )
+        self.check(
+            self.output_layer == -1 or self.layers >= 2,
+            prefix,
+            "output_layer",
+            f"-2 (the penultimate layer) needs {prefix}layers >= 2",
+        )
         self.check(self.output_layer in (-1, -2), prefix, "output_layer", "must be -1 (last) or -2 (penultimate)")
         self.check(self.pad_token in PAD_TOKENS, prefix, "pad_token", "must be 'eot' or 'zero'")
         self.check(self.activation in ACTIVATIONS, prefix, "activation", "must be 'quick_gelu' or 'gelu'")

@@ -25,6 +25,7 @@ from ldm_jax.data import pipeline
 from ldm_jax.diffusion import objectives, samplers
 from ldm_jax.diffusion.guidance import classifier_free_guidance, validate_guidance
 from ldm_jax.diffusion.schedules import schedule_from_config
+from ldm_jax.evaluation import sample_metrics
 from ldm_jax.evaluation.in_training import EvalConfig, PeriodicEval
 from ldm_jax.imaging import to_uint8
 from ldm_jax.models import lora
@@ -127,10 +128,16 @@ class LatentDiffusionTask:
         concat_cls.validate(config)
         adapters_lib.validate(config, text_conditioned=conditioner_cls.NEEDS == "a text-conditioned run")
         dreambooth.validate(config)
-        every = EvalConfig.from_config(config.eval, "eval.").every
-        config_lib.check(not every or concat_cls.from_conditions_alone, "eval.every", every,
+        ev = EvalConfig.from_config(config.eval, "eval.")
+        config_lib.check(not ev.every or concat_cls.from_conditions_alone, "eval.every", ev.every,
                          f"distribution metrics during training need a txt2img, class_cond or unconditional run; "
                          f"a {config.task} run's images need inputs beyond the dataset conditions: set 0")  # fmt: skip
+        if ev.every and conditioner_cls.NEEDS != "a text-conditioned run":  # found now, not at the first evaluation
+            config_lib.check("clip_score" not in sample_metrics.parse_metrics(ev.metrics), "eval.metrics", ev.metrics,
+                             f"clip_score scores images against their prompts; a {config.task} run has none: use "
+                             "fid, kid or is")  # fmt: skip
+            config_lib.check(not ev.prompts_file, "eval.prompts_file", ev.prompts_file,
+                             f"a {config.task} run takes no prompts: set ''")  # fmt: skip
 
     # ---- parameters ----------------------------------------------------------------------------------------
     @property

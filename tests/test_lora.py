@@ -265,6 +265,13 @@ def test_lora_errors_name_the_field_or_key(sd, run, tmp_path):
     c.dreambooth.class_dir = "gs://bucket/class"  # would be drawn and uploaded before the folder reader refused it
     with pytest.raises(ValueError, match=r"dreambooth.class_dir='gs://bucket/class': must be a local or mounted"):
         validate_config(c)
+    # A folder of photos the reader cannot take (e.g. a phone's HEIC): named before any class image is drawn.
+    heic, c.dreambooth.class_dir = tmp_path / "heic", str(tmp_path / "class")
+    heic.mkdir()
+    (heic / "IMG_0001.HEIC").write_bytes(b"not read")
+    c.dreambooth.instance_dir = str(heic)
+    with pytest.raises(ValueError, match=r"dreambooth.instance_dir='.*heic': holds no image file \(.jpg"):
+        validate_config(c)
 
     task, params, frozen, _, _ = load_for_sampling(sd["converted"])
     bad = str(tmp_path / "bad.safetensors")

@@ -91,6 +91,15 @@ def validate(config) -> None:
         config_lib.check("://" not in folder, f"dreambooth.{field}", folder,
                          "must be a local or mounted folder (e.g. a bucket mounted with gcsfuse), not a URL")  # fmt: skip
     config_lib.check(os.path.isdir(db.instance_dir), "dreambooth.instance_dir", db.instance_dir, "no such folder")
+    # Before the class images are drawn (minutes to hours), not after: the subject's photos must be readable.
+    from ldm_jax.data import sources
+
+    try:
+        sources.FolderSource(f"folder:{db.instance_dir}", db.instance_dir)
+    except sources.SourceError:
+        config_lib.fail("dreambooth.instance_dir", db.instance_dir,
+                        f"holds no image file ({', '.join(sources.IMAGE_EXTENSIONS)}); name a folder of the "
+                        "subject's photos")  # fmt: skip
     config_lib.check(not config.data.source, "data.source", config.data.source,
                      "must be empty: DreamBooth reads dreambooth.instance_dir and class_dir")  # fmt: skip
 

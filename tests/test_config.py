@@ -61,6 +61,11 @@ def test_pod_scale_txt2img_describes_the_paper_setup():
         ("text_encoder.heads", 0, "text_encoder.heads=0: must be >= 1"),
         ("text_encoder.output_layer", -2, "text_encoder.output_layer=-2: -2 (the penultimate layer) needs"),
         ("data.shuffle_seed", -1, "data.shuffle_seed=-1: must be >= 0"),
+        ("optim.b2", 1.0, "optim.b2=1.0: must be in"),
+        ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1: must be >= 0"),
+        ("diffusion.beta_end", 1.5, "diffusion.beta_end=1.5: must be < 1"),
+        ("diffusion.beta_start", 0.5, "diffusion.beta_start=0.5: must be in (0, diffusion.beta_end=0.012]"),
+        ("train.keep_every", 6, "train.keep_every=6: must be a multiple of train.checkpoint_every=4"),
         # Leading spacing with steps_offset=1 reaches t=1000 at 1000 steps: an IndexError at the first preview.
         ("sample.num_steps", 1000, "sample.num_steps=1000: with sample.spacing='leading' and sample.steps_offset=1"),
     ],
@@ -207,7 +212,8 @@ def test_cli_rejects_unknown_and_invalid_fields_before_device_work(tmp_path):
     "field, value, match",
     [
         ("classes", "size_color", "classes='size_color': must be one of"),
-        ("sample.class_labels", (0, 18), r"must be in \[0, 18\)"),
+        ("sample.class_labels", (0, 18), r"must be integers in \[0, 18\)"),
+        ("sample.class_labels", (1.5, 2), r"sample.class_labels=\(1.5, 2\): must be integers in \[0, 18\)"),
         ("class_conditioning", "concat", "class_conditioning='concat': must be one of"),
         ("class_context_dim", 0, "class_context_dim=0: must be >= 1 with class_conditioning='cross_attention'"),
         (

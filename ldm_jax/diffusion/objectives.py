@@ -40,6 +40,10 @@ class DiffusionConfig(config_lib.Section):
             self.prediction_type in PREDICTION_TYPES, prefix, "prediction_type", f"must be one of {PREDICTION_TYPES}"
         )
         self.check(self.num_train_timesteps >= 2, prefix, "num_train_timesteps", "must be >= 2")
+        if self.beta_schedule != "squaredcos_cap_v2":  # the cosine schedule ignores the two betas
+            self.check(0.0 < self.beta_start <= self.beta_end, prefix, "beta_start",
+                       f"must be in (0, {prefix}beta_end={self.beta_end}]")  # fmt: skip
+            self.check(self.beta_end < 1.0, prefix, "beta_end", "must be < 1 (a beta of 1 leaves no signal)")
         self.check(0.0 <= self.cond_drop_prob < 1.0, prefix, "cond_drop_prob", "must be in [0, 1)")
         self.check(
             self.loss_weighting in LOSS_WEIGHTINGS, prefix, "loss_weighting", f"must be one of {LOSS_WEIGHTINGS}"

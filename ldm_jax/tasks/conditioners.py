@@ -272,7 +272,8 @@ class ClassConditioner:
             n = shapes.num_classes(config.classes)
         labels = tuple(config.sample.class_labels)
         config_lib.check(len(labels) >= 1, "sample.class_labels", labels, "must hold at least one class for previews")
-        config_lib.check(all(0 <= x < n for x in labels), "sample.class_labels", labels, f"must be in [0, {n})")
+        config_lib.check(all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in labels),
+                         "sample.class_labels", labels, f"must be integers in [0, {n})")  # fmt: skip
         how = class_conditioning(config)
         config_lib.check(how in CLASS_CONDITIONINGS, "class_conditioning", how, f"must be one of {CLASS_CONDITIONINGS}")
         if how == "cross_attention":

@@ -36,6 +36,10 @@ class OptimConfig(config_lib.Section):
     def validate(self, prefix: str) -> None:
         self.check(self.lr > 0, prefix, "lr", "must be > 0")
         self.check(self.warmup_steps >= 0, prefix, "warmup_steps", "must be >= 0")
+        for name in ("b1", "b2"):  # Adam's bias correction divides by 1 - b ** t
+            self.check(0.0 <= getattr(self, name) < 1.0, prefix, name, "must be in [0, 1)")
+        self.check(self.eps > 0, prefix, "eps", "must be > 0")
+        self.check(self.weight_decay >= 0, prefix, "weight_decay", "must be >= 0")
         self.check(self.schedule in LR_SCHEDULES, prefix, "schedule", f"must be one of {LR_SCHEDULES}")
         self.check(0.0 <= self.ema_decay < 1.0, prefix, "ema_decay", "must be in [0, 1)")
         self.check(self.grad_clip >= 0, prefix, "grad_clip", "must be >= 0 (0 disables clipping)")

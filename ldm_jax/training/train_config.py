@@ -50,6 +50,13 @@ class TrainConfig(config_lib.Section):
         self.check(self.profile_steps >= 0, prefix, "profile_steps", "must be >= 0 (0 = no profile)")
         self.check(self.profile_skip_steps >= 0, prefix, "profile_skip_steps", "must be >= 0")
         self.check(self.keep_every >= 0, prefix, "keep_every", "must be >= 0 (0 = keep only the last keep_checkpoints)")
+        self.check(
+            self.keep_every % self.checkpoint_every == 0,
+            prefix,
+            "keep_every",
+            f"must be a multiple of {prefix}checkpoint_every={self.checkpoint_every}: only saved steps can be kept "
+            f"(else one in lcm steps is)",
+        )
         self.check(self.restore_step >= -1, prefix, "restore_step", "must be >= 0, or -1 for the newest checkpoint")
         self.check(self.on_corrupt_checkpoint in ("fallback", "fail"), prefix, "on_corrupt_checkpoint",
                    "must be 'fallback' or 'fail'")  # fmt: skip

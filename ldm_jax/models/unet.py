@@ -101,6 +101,12 @@ class UNetConfig(config_lib.Section):
             "block_out_channels",
             f"every entry must be divisible by norm_groups={self.norm_groups}",
         )
+        self.check(
+            all(isinstance(a, bool) for a in self.attention_levels),
+            prefix,
+            "attention_levels",
+            "entries must be True or False (capitalised on the command line: --config.unet.attention_levels=False,True)",
+        )
         self.check(len(self.attention_levels) == n, prefix, "attention_levels", f"must have {n} entries, one per level")
         self.check(len(self.num_heads) == n, prefix, "num_heads", f"must have {n} entries, one per level")
         for lev, ch in enumerate(chans):

@@ -70,6 +70,8 @@ class TextEncoderConfig(config_lib.Section):
     def validate(self, prefix: str) -> None:
         self.check(self.max_length >= 2, prefix, "max_length", "must be >= 2")
         self.check(self.width >= 1, prefix, "width", "must be >= 1")
+        self.check(self.vocab_size >= 49408, prefix, "vocab_size",
+                   "must be >= 49408, the CLIP tokenizer's vocabulary (its token ids index the embedding)")  # fmt: skip
         self.check(self.layers >= 1, prefix, "layers", "must be >= 1")
         self.check(
             self.heads >= 1 and self.width % self.heads == 0,

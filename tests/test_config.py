@@ -61,6 +61,9 @@ def test_pod_scale_txt2img_describes_the_paper_setup():
         ("text_encoder.heads", 0, "text_encoder.heads=0: must be >= 1"),
         ("text_encoder.output_layer", -2, "text_encoder.output_layer=-2: -2 (the penultimate layer) needs"),
         ("data.shuffle_seed", -1, "data.shuffle_seed=-1: must be >= 0"),
+        # The embedded dataset's sizes: found now, not after the train state is built.
+        ("data.image_size", 32, "data.image_size=32: the embedded shapes_captions config 'tiny' has 16x16 images"),
+        ("data.global_batch_size", 512, "data.global_batch_size=512: larger than the embedded shapes_captions"),
         ("text_encoder.vocab_size", 1000, "text_encoder.vocab_size=1000: must be >= 49408"),
         ("unet.attention_levels", ("false,true",), "unet.attention_levels=('false,true',): entries must be True or"),
         ("optim.b2", 1.0, "optim.b2=1.0: must be in"),

@@ -25,6 +25,11 @@ from ldm_jax.data import latent_cache, photos, preprocess, shapes, sources
 from ldm_jax.data.tokenizer import CLIPTokenizer
 
 BUILDERS = {"shapes_captions": shapes.get_builder, "photo_crops": photos.get_builder}  # TFDS builders in data/
+# Their configurations, read without building or preparing anything (for validation).
+BUILDER_CONFIGS = {
+    "shapes_captions": {c.name: c for c in shapes.ShapesCaptions.BUILDER_CONFIGS},
+    "photo_crops": {c.name: c for c in photos.PhotoCrops.BUILDER_CONFIGS},
+}
 # Images only: no captions or class attributes, so no text- or class-conditioned task can train on them.
 UNLABELLED_DATASETS = ("photo_crops",)
 DATASET_CONFIGS = ("tiny", "32px", "64px", "256px")
@@ -74,6 +79,16 @@ class DataConfig(config_lib.Section):
         self.check(self.image_size >= 1, prefix, "image_size", "must be >= 1")
         self.check(self.crop in preprocess.CROPS, prefix, "crop", f"must be one of {preprocess.CROPS}")
         self.check(0.0 <= self.max_bad_fraction <= 1.0, prefix, "max_bad_fraction", "must be in [0, 1]")
+        if not self.source:  # the embedded dataset: its sizes are known now, not after the state is built
+            embedded = BUILDER_CONFIGS[self.name][self.config]
+            sizes = ", ".join(f"{c.name} {c.image_size}" for c in BUILDER_CONFIGS[self.name].values())
+            self.check(self.image_size == embedded.image_size, prefix, "image_size",
+                       f"the embedded {self.name} config {self.config!r} has {embedded.image_size}x"
+                       f"{embedded.image_size} images: set {prefix}config to the size's ({sizes}) or train on your "
+                       "own data (data.source)")  # fmt: skip
+            self.check(self.global_batch_size <= embedded.num_train, prefix, "global_batch_size",
+                       f"larger than the embedded {self.name} config {self.config!r}'s train split "
+                       f"({embedded.num_train} records)")  # fmt: skip
         if self.source == SOURCE_REQUIRED:
             raise ValueError(
                 f"{prefix}source={self.source!r}: this preset trains on your data; set it, e.g. "

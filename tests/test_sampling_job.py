@@ -213,8 +213,14 @@ def test_a_run_trained_before_the_eval_section_still_samples(jobs):
 
     config = config_lib.load_config(os.path.join(jobs["workdir"], "config.json"))
     del config["eval"]
-    request = build_task(config).sample_request(SampleInputs(prompts=("a red circle",)))
+    task = build_task(config)
+    request = task.sample_request(SampleInputs(prompts=("a red circle",)))
     assert request.conditions == ["a red circle"]
+    # Another resolution is named by its flag (tiny run: f=4 first stage, 2 UNet levels: multiples of 8), not as the
+    # run's data.image_size or unet.block_out_channels, which the user did not change.
+    assert task.sample_request(SampleInputs(prompts=("a red circle",), image_size=24)).conditions
+    with pytest.raises(ValueError, match=r"--image_size=20: must be a multiple of 8 .* e.g. 16 or 24"):
+        task.sample_request(SampleInputs(prompts=("a red circle",), image_size=20))
 
 
 def test_a_job_folder_refuses_other_settings_by_name(jobs, tmp_path):

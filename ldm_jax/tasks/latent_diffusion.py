@@ -539,6 +539,14 @@ class LatentDiffusionTask:
     def sample_request(self, inputs: SampleInputs) -> SampleRequest:
         """Checks and resolves the sampling inputs (ValueError naming the flag), before any weights load."""
         size = inputs.image_size or self.config.data.image_size
+        if inputs.image_size:  # named now by its flag, not later as the run's data.image_size or unet fields
+            f, down = self.latents.factor, 2 ** (len(self.config.unet.block_out_channels) - 1)
+            lo = max(f * down, size - size % (f * down))
+            if size % (f * down):
+                raise ValueError(
+                    f"--image_size={size}: must be a multiple of {f * down} (the first stage's f={f} x {down} for "
+                    f"the UNet's downsamplings), e.g. {lo} or {lo + f * down}"
+                )
         images, sources, strength, out_size = self.concat.sample_images(inputs, size)
         conditions, describe, negative, repeats = self.conditioner.sample_conditions(inputs, sources)
         describe = [dict(d, **self.concat.describe_source(inputs, i)) for i, d in enumerate(describe)]

@@ -809,3 +809,21 @@ def test_a_pndm_zero_snr_run_exports_a_scheduler_that_rescales():
     assert cfg["_class_name"] == "DDIMScheduler" and cfg["rescale_betas_zero_snr"] is True
     c.diffusion.rescale_betas_zero_snr = False
     assert diffusers_config.scheduler_to_diffusers(c.diffusion.to_dict(), sample)["_class_name"] == "PNDMScheduler"
+
+
+def test_scheduler_options_that_are_not_implemented_are_named_on_import(caplog):
+    """A converted pipeline whose scheduler sets an option ldm_jax's samplers lack samples differently from
+    diffusers: the import says which (SD's own configs set none of them)."""
+    import logging
+
+    from ldm_jax.interop import diffusers_config
+
+    sd15 = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "beta_end": 0.012, "skip_prk_steps": True, "steps_offset": 1, "thresholding": False,
+            "interpolation_type": "linear", "lambda_min_clipped": float("-inf")}  # fmt: skip
+    assert diffusers_config.unsupported_scheduler_options(sd15) == {}
+    dpm = dict(sd15, _class_name="DPMSolverMultistepScheduler", lambda_min_clipped=-5.1, use_lu_lambdas=True)
+    with caplog.at_level(logging.WARNING):
+        out = diffusers_config.scheduler_from_diffusers(dpm)
+    assert out["sample"]["sampler"] == "dpmpp_2m"
+    assert "lambda_min_clipped=-5.1, use_lu_lambdas=True" in caplog.text

@@ -355,7 +355,30 @@ def scheduler_from_diffusers(cfg: dict, what: str = "scheduler/scheduler_config.
         sample[field] = defaults[field] if value is None else value
     if sample["spacing"] not in ("leading", "trailing", "linspace"):
         raise ValueError(f"{what}: timestep_spacing={sample['spacing']!r}; supported: leading, trailing, linspace")
+    ignored = unsupported_scheduler_options(cfg)
+    if ignored:
+        logging.getLogger(__name__).warning(
+            "%s: options ldm_jax does not implement, so its %s samples differently from diffusers: %s",
+            what, name, ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
+        )  # fmt: skip
     return dict(diffusion=diffusion, sample=sample)
+
+
+# Scheduler options with a value that changes sampling, which ldm_jax does not implement: key -> its no-op values.
+_UNSUPPORTED_SCHEDULER_OPTIONS = {
+    "thresholding": (False, None),
+    "lambda_min_clipped": (float("-inf"), None),
+    "use_lu_lambdas": (False, None),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "timestep_type": ("discrete", None),
+    "interpolation_type": ("linear", None),
+}
+
+
+def unsupported_scheduler_options(cfg: dict) -> dict:
+    """The options of a diffusers scheduler config set to a value ldm_jax's samplers do not reproduce."""
+    return {k: cfg[k] for k, off in _UNSUPPORTED_SCHEDULER_OPTIONS.items() if k in cfg and cfg[k] not in off}
 
 
 def scheduler_to_diffusers(diffusion: dict, sample: dict) -> dict:

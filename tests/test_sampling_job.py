@@ -240,6 +240,11 @@ def test_a_job_folder_refuses_other_settings_by_name(jobs, tmp_path):
     proc = run_module("ldm_jax.sample", *_job_args(jobs["workdir"], jobs["tsv"], other))
     assert proc.returncode != 0 and "holds files and no job.json" in proc.stderr, proc.stderr[-2000:]
     assert sorted(os.listdir(other)) == ["notes.txt"]
+    # Seeds past uint32 are refused before the folder is written (its job.json had blocked the corrected rerun).
+    seeded = tmp_path / "seeded"
+    proc = run_module("ldm_jax.sample", *_job_args(jobs["workdir"], jobs["tsv"], seeded, f"--seed={2**32 - 1}"))
+    assert proc.returncode != 0 and f"--seed={2**32 - 1}: image i uses seed + i" in proc.stderr, proc.stderr[-2000:]
+    assert not seeded.exists()
 
 
 # ---------------------------------------------------------------------------------------------- metrics

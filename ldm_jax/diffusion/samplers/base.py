@@ -55,6 +55,9 @@ class Sampler:
     """
 
     stochastic = False
+    # (n_train, num_steps, spacing, steps_offset) -> the timesteps of the steps: this sampler's spacing rule, which
+    # diffusers' scheduler of the same name follows (SamplerOptions.validate checks them against the schedule).
+    spacing_rule = staticmethod(spaced_timesteps)
 
     def __init__(self, options: SamplerOptions, schedule: NoiseSchedule, first_step: int = 0):
         self.options = options

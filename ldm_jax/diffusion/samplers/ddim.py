@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import predict_x0_eps
-from ldm_jax.diffusion.samplers.base import Sampler, spaced_timesteps
+from ldm_jax.diffusion.samplers.base import Sampler
 
 
 def _predict(opts, a_t, x, out):
@@ -23,7 +23,7 @@ class DDPM(Sampler):
 
     def __init__(self, options, schedule, first_step=0):
         super().__init__(options, schedule, first_step)
-        ts = spaced_timesteps(self.n_train, options.num_steps, options.spacing, options.steps_offset)
+        ts = self.spacing_rule(self.n_train, options.num_steps, options.spacing, options.steps_offset)
         abar = self.abar.astype(np.float64)
         a_t = abar[ts]
         a_prev = np.append(abar[ts[1:]], 1.0)  # after the last listed step: alpha_bar = 1
@@ -55,7 +55,7 @@ class DDIM(Sampler):
     def __init__(self, options, schedule, first_step=0):
         super().__init__(options, schedule, first_step)
         self.stochastic = options.eta > 0
-        ts = spaced_timesteps(self.n_train, options.num_steps, options.spacing, options.steps_offset)
+        ts = self.spacing_rule(self.n_train, options.num_steps, options.spacing, options.steps_offset)
         abar = self.abar.astype(np.float64)
         prev = ts - self.n_train // options.num_steps
         final = 1.0 if options.set_alpha_to_one else abar[0]

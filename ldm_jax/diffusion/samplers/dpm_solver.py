@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_jax.diffusion.samplers.base import Sampler
+from ldm_jax.diffusion.samplers.base import Sampler, spaced_timesteps
 from ldm_jax.diffusion.samplers.sigmas import karras, schedule_sigmas, sigma_to_t, vp_coefficients
 
 
@@ -20,17 +20,18 @@ def dpm_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: int)
     if spacing == "leading":
         ratio = n_train // (num_steps + 1)
         return (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
-    ratio = n_train / num_steps  # trailing
-    return np.arange(n_train, 0, -ratio).round()[:num_steps].astype(np.int64) - 1  # base.spaced_timesteps says why
+    return spaced_timesteps(n_train, num_steps, "trailing", 0)
 
 
 class DPMSolverPP(Sampler):
+    spacing_rule = staticmethod(dpm_timesteps)
+
     def __init__(self, options, schedule, first_step=0, beta_schedule: str = ""):
         super().__init__(options, schedule, first_step)
         o = options
         full = schedule_sigmas(self.abar)
         log_sigmas = np.log(full)
-        ts = dpm_timesteps(self.n_train, o.num_steps, o.spacing, o.steps_offset)
+        ts = self.spacing_rule(self.n_train, o.num_steps, o.spacing, o.steps_offset)
         if o.karras_sigmas:
             sig = karras(float(full[0]), float(full[-1]), o.num_steps)
             ts = sigma_to_t(sig, log_sigmas)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.samplers.base import Sampler
+from ldm_jax.diffusion.samplers.base import Sampler, spaced_timesteps
 from ldm_jax.diffusion.samplers.sigmas import karras, schedule_sigmas, sigma_to_t
 
 
@@ -20,18 +20,18 @@ def euler_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: in
     if spacing == "leading":
         ratio = n_train // num_steps
         return (np.arange(num_steps) * ratio).round()[::-1].astype(np.float32) + steps_offset
-    ratio = n_train / num_steps  # trailing
-    return np.arange(n_train, 0, -ratio).round()[:num_steps].astype(np.float32) - 1  # base.spaced_timesteps says why
+    return spaced_timesteps(n_train, num_steps, "trailing", 0).astype(np.float32)
 
 
 class _SigmaSampler(Sampler):
     ancestral = False
+    spacing_rule = staticmethod(euler_timesteps)
 
     def __init__(self, options, schedule, first_step=0):
         super().__init__(options, schedule, first_step)
         o = options
         full = schedule_sigmas(self.abar)
-        ts = euler_timesteps(self.n_train, o.num_steps, o.spacing, o.steps_offset)
+        ts = self.spacing_rule(self.n_train, o.num_steps, o.spacing, o.steps_offset)
         sig = np.interp(ts, np.arange(len(full)), full)
         if o.karras_sigmas:
             sig = karras(float(sig[-1]), float(sig[0]), o.num_steps)

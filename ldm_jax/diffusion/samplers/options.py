@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES
-from ldm_jax.diffusion.samplers.base import SPACINGS, spaced_timesteps
+from ldm_jax.diffusion.samplers.base import SPACINGS
 from ldm_jax.diffusion.samplers.ddim import DDIM, DDPM
-from ldm_jax.diffusion.samplers.dpm_solver import DPMSolverPP, dpm_timesteps
-from ldm_jax.diffusion.samplers.euler import Euler, EulerAncestral, euler_timesteps
-from ldm_jax.diffusion.samplers.pndm import PNDM, base_timesteps as pndm_base_timesteps
+from ldm_jax.diffusion.samplers.dpm_solver import DPMSolverPP
+from ldm_jax.diffusion.samplers.euler import Euler, EulerAncestral
+from ldm_jax.diffusion.samplers.pndm import PNDM
 
 SAMPLERS = {
     "ddpm": DDPM,
@@ -28,14 +28,7 @@ FINAL_SIGMAS = ("zero", "sigma_min")
 
 def evaluated_timesteps(options: "SamplerOptions", num_steps: int, n_train: int) -> np.ndarray:
     """The timesteps ``options.name`` evaluates the model at, for ``num_steps`` steps (each sampler's own rule)."""
-    args = (n_train, num_steps, options.spacing, options.steps_offset)
-    if options.name == "pndm":
-        return np.asarray(pndm_base_timesteps(*args))
-    if options.name == "dpmpp_2m":
-        return np.asarray(dpm_timesteps(*args))
-    if options.name in ("euler", "euler_ancestral"):
-        return np.asarray(euler_timesteps(*args))
-    return spaced_timesteps(*args)
+    return np.asarray(SAMPLERS[options.name].spacing_rule(n_train, num_steps, options.spacing, options.steps_offset))
 
 
 def _timesteps_fit(options: "SamplerOptions", num_steps: int, n_train: int) -> bool:
@@ -92,13 +85,15 @@ class SamplerOptions:
         check(self.final_sigmas_type in FINAL_SIGMAS, "final_sigmas_type", f"must be one of {FINAL_SIGMAS}")
         SAMPLERS[self.name].check_options(self, prefix)
         if not _timesteps_fit(self, self.num_steps, num_train_timesteps):
-            fits = [n for n in range(self.num_steps - 1, 0, -1) if _timesteps_fit(self, n, num_train_timesteps)]
+            fits = next(
+                (n for n in range(self.num_steps - 1, 0, -1) if _timesteps_fit(self, n, num_train_timesteps)), 0
+            )
             ts = evaluated_timesteps(self, self.num_steps, num_train_timesteps)
             raise ValueError(
                 f"{prefix}num_steps={self.num_steps}: with {prefix}spacing={self.spacing!r} and "
                 f"{prefix}steps_offset={self.steps_offset}, {self.name}'s timesteps run from {int(ts.max())} down to "
                 f"{int(ts.min())} ({len(np.unique(ts))} distinct), outside the model's 0..{num_train_timesteps - 1} or "
-                f"repeated; use num_steps <= {fits[0] if fits else 0}, or {prefix}spacing='trailing'"
+                f"repeated; use num_steps <= {fits}, or {prefix}spacing='trailing'"
             )
 
     def replace(self, **changes) -> "SamplerOptions":

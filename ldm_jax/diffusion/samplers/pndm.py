@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.samplers.base import Sampler
+from ldm_jax.diffusion.samplers.base import Sampler, spaced_timesteps
 
 
 def base_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
@@ -27,8 +27,7 @@ def base_timesteps(n_train: int, num_steps: int, spacing: str, steps_offset: int
     if spacing == "leading":
         ratio = n_train // num_steps
         return (np.arange(num_steps) * ratio).round().astype(np.int64) + steps_offset
-    ratio = n_train / num_steps  # trailing
-    return np.round(np.arange(n_train, 0, -ratio))[:num_steps][::-1].astype(np.int64) - 1  # base.spaced_timesteps
+    return spaced_timesteps(n_train, num_steps, "trailing", 0)[::-1]
 
 
 def pndm_plan(n_train: int, num_steps: int, spacing: str, steps_offset: int, skip_prk_steps: bool) -> list[dict]:
@@ -81,6 +80,8 @@ def pndm_plan(n_train: int, num_steps: int, spacing: str, steps_offset: int, ski
 
 
 class PNDM(Sampler):
+    spacing_rule = staticmethod(base_timesteps)  # ascending; its plan evaluates these, one repeated (PLMS warm-up)
+
     @classmethod
     def check_options(cls, options, prefix):
         if options.prediction_type == "sample":

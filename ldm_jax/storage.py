@@ -156,9 +156,14 @@ def replace_folder(tmp: str, out: str, last: tuple[str, ...] = ()) -> None:
         for p in _epath(join(tmp, *filter(None, rel_folder.split("/")))).iterdir():
             rel = f"{rel_folder}/{p.name}".lstrip("/")
             (folders if p.is_dir() else files).append(rel)
-    for rel in sorted(files, key=lambda r: (last.index(r) if r in last else -1, r)):
+    for rel in _last_named_last(files, last):
         _epath(join(tmp, *rel.split("/"))).copy(_epath(join(out, *rel.split("/"))), overwrite=True)
     rmtree(tmp)
+
+
+def _last_named_last(files: list[str], last: tuple[str, ...]) -> list[str]:
+    """``files`` in name order, except those in ``last``, which come after all others and in ``last``'s order."""
+    return sorted(files, key=lambda r: (last.index(r) if r in last else -1, r))
 
 
 def upload_tree(local: str, url: str, last: tuple[str, ...] = ()) -> None:
@@ -168,7 +173,7 @@ def upload_tree(local: str, url: str, last: tuple[str, ...] = ()) -> None:
     files = []
     for folder, _, names in os.walk(local):
         files += [os.path.relpath(os.path.join(folder, n), local).replace(os.sep, "/") for n in names]
-    for rel in sorted(files, key=lambda r: (last.index(r) if r in last else -1, r)):
+    for rel in _last_named_last(files, last):
         with open(os.path.join(local, rel), "rb") as f:
             write_bytes(join(url, *rel.split("/")), f.read())
 
